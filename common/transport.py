@@ -1,0 +1,358 @@
+"""Redis Streams transport: consumer groups, batched reads, one MULTI/EXEC commit per batch,
+XAUTOCLAIM of stale entries, the dead-letter stream, the collector's join, and reconnects.
+
+Stages never see this module; the worker loop (common/worker.py) drives it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import redis
+
+from .errors import TransportError
+from .keys import Keys
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+FRAME_FIELD = b"f"  # frame id in plain text: known even when the payload is not decodable
+DATA_FIELD = b"d"  # the msgpack payload
+
+_CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
+
+# The commit of one batch: XADD every output, then XACK + XDEL every input. A script, not
+# MULTI/EXEC: Redis runs the rest of a MULTI after a command fails (WRONGTYPE, OOM), which
+# would ack inputs whose outputs were never written; a script stops at the first error, before
+# any ack, so the inputs stay pending and are retried (a partial write can only duplicate an
+# output, and the collector is idempotent by frame id).
+# KEYS: inbox, output streams...; ARGV: group, n_outputs, then per output (key index, n_fields,
+# field, value, ...), then the input ids to ack.
+_COMMIT = """
+local i = 3
+for _ = 1, tonumber(ARGV[2]) do
+  local key = KEYS[tonumber(ARGV[i])]
+  local n = tonumber(ARGV[i + 1])
+  local fields = {}
+  for j = 1, 2 * n do fields[j] = ARGV[i + 1 + j] end
+  redis.call('XADD', key, '*', unpack(fields))
+  i = i + 2 + 2 * n
+end
+local ids = {}
+for j = i, #ARGV do ids[#ids + 1] = ARGV[j] end
+if #ids > 0 then
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
+  redis.call('XDEL', KEYS[1], unpack(ids))
+end
+return #ids
+"""
+
+# Collector join: store one part; ack it unless it completes the frame (then the caller finishes
+# the frame and acks in FINISH, so a crash in between leaves the last part pending: no loss).
+# Returns {-1} when the frame already has a result (duplicate delivery), {0} when parts are
+# still missing, or {1, field, value, ...} with every part when the frame is complete.
+_JOIN = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
+  redis.call('XDEL', KEYS[3], ARGV[2])
+  return {-1}
+end
+redis.call('HSET', KEYS[1], ARGV[3], ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+if redis.call('HLEN', KEYS[1]) < tonumber(ARGV[4]) then
+  redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
+  redis.call('XDEL', KEYS[3], ARGV[2])
+  return {0}
+end
+local out = redis.call('HGETALL', KEYS[1])
+table.insert(out, 1, 1)
+return out
+"""
+
+# Publish one result exactly once (idempotent by frame id) and ack the entries that made it.
+_FINISH = """
+local created = 0
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'f', ARGV[6], 'd', ARGV[1])
+  redis.call('PUBLISH', ARGV[4], ARGV[1])
+  created = 1
+end
+redis.call('DEL', KEYS[3])
+for i = 7, #ARGV do
+  redis.call('XACK', KEYS[4], ARGV[5], ARGV[i])
+  redis.call('XDEL', KEYS[4], ARGV[i])
+end
+return created
+"""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One stream entry as read: its stream, id, fields and how often it was delivered."""
+
+    stream: str
+    id: str
+    fields: dict[bytes, bytes]
+    deliveries: int = 1
+
+    @property
+    def frame_id(self) -> str | None:
+        raw = self.fields.get(FRAME_FIELD)
+        try:
+            return raw.decode() if raw else None
+        except UnicodeDecodeError:
+            return None
+
+    @property
+    def payload(self) -> bytes:
+        return self.fields.get(DATA_FIELD, b"")
+
+
+@dataclass(frozen=True)
+class Output:
+    """A payload to XADD to a stream in the commit."""
+
+    stream: str
+    frame_id: str
+    payload: bytes
+
+
+def consumer_name(stage: str) -> str:
+    return f"{stage}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def connect(url: str) -> redis.Redis:
+    """A client for a Redis URL; keepalive so a dead server is noticed."""
+    return redis.Redis.from_url(url, socket_keepalive=True, socket_connect_timeout=5,
+                                health_check_interval=30)
+
+
+class Transport:
+    """All Redis work of a pipeline namespace. Every call retries on connection errors with
+    exponential backoff for up to ``settings.reconnect_max_s`` and logs the outage once."""
+
+    def __init__(self, settings: Settings, url: str | None = None,
+                 client: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        self.url = url or settings.redis_url
+        if client is None and not self.url:
+            raise TransportError("no Redis URL: start an embedded one or set SPOTLINE_REDIS_URL")
+        self.r = client or connect(self.url)
+        self._commit = self.r.register_script(_COMMIT)
+        self._join = self.r.register_script(_JOIN)
+        self._finish = self.r.register_script(_FINISH)
+        self.outages = 0  # connection outages survived (tests and metrics read it)
+
+    # --- reliability -----------------------------------------------------------------------
+    def call(self, fn: Callable[[], T], what: str) -> T:
+        """Run ``fn``; on a connection error back off and retry until reconnect_max_s passes."""
+        deadline = None
+        delay = 0.05
+        while True:
+            try:
+                result = fn()
+            except _CONNECTION_ERRORS as exc:
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.settings.reconnect_max_s
+                    self.outages += 1
+                    log.warning("redis unreachable during %s (%s); retrying for up to %.0fs",
+                                what, exc, self.settings.reconnect_max_s)
+                if now >= deadline:
+                    raise TransportError(f"redis unreachable for {self.settings.reconnect_max_s}s "
+                                         f"during {what}: {exc}") from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if deadline is not None:
+                log.warning("redis reachable again (%s)", what)
+            return result
+
+    # --- groups and reads ------------------------------------------------------------------
+    def ensure_group(self, stage: str) -> None:
+        """Create the stage's consumer group (and stream) if missing; idempotent."""
+        def create() -> None:
+            try:
+                self.r.xgroup_create(self.keys.inbox(stage), self.keys.group(stage), id="0",
+                                     mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        self.call(create, f"create group {stage}")
+
+    def read(self, stage: str, consumer: str, count: int, block_ms: int,
+             max_wait_ms: int) -> list[Entry]:
+        """Read up to ``count`` new entries: block up to ``block_ms`` for the first, then wait at
+        most ``max_wait_ms`` more to fill the batch (dynamic batching)."""
+        stream, group = self.keys.inbox(stage), self.keys.group(stage)
+        got = self._xread(stream, group, consumer, count, block_ms)
+        if got and len(got) < count and max_wait_ms > 0:
+            deadline = time.monotonic() + max_wait_ms / 1000
+            while len(got) < count:
+                left_ms = int((deadline - time.monotonic()) * 1000)
+                if left_ms <= 0:
+                    break
+                more = self._xread(stream, group, consumer, count - len(got), left_ms)
+                if not more:
+                    break
+                got += more
+        return got
+
+    def _xread(self, stream: str, group: str, consumer: str, count: int,
+               block_ms: int) -> list[Entry]:
+        reply = self.call(lambda: self.r.xreadgroup(group, consumer, {stream: ">"}, count=count,
+                                                    block=block_ms or None), "read")
+        entries = []
+        for _name, items in reply or []:
+            for entry_id, fields in items:
+                entries.append(Entry(stream, _s(entry_id), fields or {}))
+        return entries
+
+    def claim(self, stage: str, consumer: str, count: int) -> list[Entry]:
+        """Take over entries pending longer than the visibility timeout (a dead consumer's)."""
+        stream, group = self.keys.inbox(stage), self.keys.group(stage)
+        idle = self.settings.visibility_timeout_ms
+        reply = self.call(lambda: self.r.xautoclaim(stream, group, consumer, idle, "0-0",
+                                                    count=count), "claim")
+        items = reply[1] if len(reply) > 1 else []
+        deleted = reply[2] if len(reply) > 2 else []
+        if deleted:  # pending ids whose entries are gone: nothing to redo
+            self.call(lambda: self.r.xack(stream, group, *deleted), "ack deleted")
+        live = [(eid, fields) for eid, fields in items if fields]
+        if not live:
+            return []
+        counts = self._delivery_counts(stream, group, [_s(eid) for eid, _ in live])
+        return [Entry(stream, _s(eid), fields, counts.get(_s(eid), 1)) for eid, fields in live]
+
+    def _delivery_counts(self, stream: str, group: str, ids: list[str]) -> dict[str, int]:
+        rows = self.call(lambda: self.r.xpending_range(stream, group, min=ids[0], max=ids[-1],
+                                                       count=len(ids) + 1000), "pending")
+        return {_s(row["message_id"]): int(row["times_delivered"]) for row in rows}
+
+    def pending_count(self, stage: str) -> int:
+        info = self.call(lambda: self.r.xpending(self.keys.inbox(stage), self.keys.group(stage)),
+                         "pending")
+        return int(info["pending"])
+
+    def backlog(self, stage: str) -> int:
+        """Entries not yet read by the stage's group (lag), falling back to XLEN - pending."""
+        stream, group = self.keys.inbox(stage), self.keys.group(stage)
+
+        def lag() -> int:
+            for g in self.r.xinfo_groups(stream):
+                if _s(g["name"]) == group:
+                    if g.get("lag") is not None:
+                        return int(g["lag"])
+                    return max(0, int(self.r.xlen(stream)) - int(g["pending"]))
+            return int(self.r.xlen(stream))
+        try:
+            return self.call(lag, "backlog")
+        except redis.ResponseError:  # no such stream yet
+            return 0
+
+    # --- writes ----------------------------------------------------------------------------
+    def add(self, stream: str, frame_id: str, payload: bytes) -> str:
+        """XADD one entry (producers)."""
+        fields = {FRAME_FIELD: frame_id.encode(), DATA_FIELD: payload}
+        return _s(self.call(lambda: self.r.xadd(stream, fields), "publish"))
+
+    def commit(self, stage: str, outputs: Sequence[Output], done: Iterable[str]) -> None:
+        """In one atomic step: XADD every output, then XACK and XDEL every input id."""
+        records = [(o.stream, {FRAME_FIELD: o.frame_id.encode(), DATA_FIELD: o.payload})
+                   for o in outputs]
+        self._atomic(stage, records, list(done), "commit")
+
+    def dead_letter(self, stage: str, entry: Entry, reason: str,
+                    outputs: Sequence[Output] = ()) -> None:
+        """Move an entry to the dead-letter stream with its reason (plus any outputs, such as
+        the error answer for its frame) and ack it, in one atomic step."""
+        record = {
+            b"stream": self.keys.inbox(stage).encode(), b"stage": stage.encode(),
+            b"id": entry.id.encode(), b"reason": reason.encode("utf-8", "replace"),
+            b"deliveries": str(entry.deliveries).encode(),
+            b"frame": (entry.frame_id or "").encode(),
+            b"time": repr(time.time()).encode(), b"payload": entry.payload,
+        }
+        records = [(self.keys.dead, record)]
+        records += [(o.stream, {FRAME_FIELD: o.frame_id.encode(), DATA_FIELD: o.payload})
+                    for o in outputs]
+        self._atomic(stage, records, [entry.id], "dead-letter")
+        self.call(lambda: self.r.xtrim(self.keys.dead, maxlen=self.settings.dead_maxlen,
+                                       approximate=True), "trim dead letters")
+
+    def _atomic(self, stage: str, records: Sequence[tuple[str, dict[bytes, bytes]]],
+                done: list[str], what: str) -> None:
+        if not records and not done:
+            return
+        streams: list[str] = []
+        args: list[Any] = [self.keys.group(stage), len(records)]
+        for stream, fields in records:
+            if stream not in streams:
+                streams.append(stream)
+            args += [streams.index(stream) + 2, len(fields)]
+            for k, v in fields.items():
+                args += [k, v]
+        args += done
+        keys = [self.keys.inbox(stage), *streams]
+        self.call(lambda: self._commit(keys=keys, args=args), what)
+
+    # --- the collector's join --------------------------------------------------------------
+    def join(self, entry: Entry, frame_id: str, part: int, nparts: int) -> list[bytes] | None:
+        """Store one part of a frame. Returns every part's payload (ordered) when the frame is
+        complete, ``None`` when parts are missing, ``[]`` when the frame already has a result."""
+        k = self.keys
+        stage = "collect"
+        reply = self.call(lambda: self._join(
+            keys=[k.join(frame_id), k.result(frame_id), k.inbox(stage)],
+            args=[k.group(stage), entry.id, part, nparts, entry.payload,
+                  self.settings.result_ttl_s]), "join")
+        if reply[0] == -1:
+            return []
+        if reply[0] == 0:
+            return None
+        pairs = reply[1:]
+        parts = {int(pairs[i]): pairs[i + 1] for i in range(0, len(pairs), 2)}
+        return [parts[i] for i in sorted(parts)]
+
+    def finish(self, frame_id: str, payload: bytes, done: Sequence[str]) -> bool:
+        """Publish a frame's result once (stream, pub/sub, result key) and ack ``done``.
+        Returns False when the frame already had a result (nothing published)."""
+        k = self.keys
+        s = self.settings
+        created = self.call(lambda: self._finish(
+            keys=[k.result(frame_id), k.results, k.join(frame_id), k.inbox("collect")],
+            args=[payload, s.result_ttl_s, s.results_maxlen, k.channel, k.group("collect"),
+                  frame_id, *done]), "finish")
+        return bool(created)
+
+    # --- liveness --------------------------------------------------------------------------
+    def heartbeat(self, stage: str, consumer: str) -> None:
+        self.call(lambda: self.r.zadd(self.keys.heartbeat(stage), {consumer: time.time()}),
+                  "heartbeat")
+
+    def leave(self, stage: str, consumer: str) -> None:
+        try:
+            self.r.zrem(self.keys.heartbeat(stage), consumer)
+        except _CONNECTION_ERRORS:
+            pass
+
+    def workers_alive(self, stage: str, within_s: float = 30.0) -> int:
+        return int(self.call(lambda: self.r.zcount(self.keys.heartbeat(stage),
+                                                   time.time() - within_s, "+inf"), "workers"))
+
+    def close(self) -> None:
+        self.r.close()
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

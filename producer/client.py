@@ -1,0 +1,134 @@
+"""A small Python client: publish frames, await or subscribe to their results.
+
+    from spotline.producer.client import Client
+    client = Client.connect("redis://localhost:6379/0")
+    fid = client.publish(open("bus.jpg", "rb").read(), ["red bus", "man in a hat"])
+    result = client.await_result(fid, timeout=30)
+    print(result.boxes)  # one [left, top, width, height] per caption
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+
+from spotline.common.codec import decode, encode
+from spotline.common.envelope import Envelope, Result, new_frame_id
+from spotline.common.errors import DecodeError, InputError, SpotlineError
+from spotline.common.settings import Settings, load_settings
+from spotline.common.transport import Transport
+
+
+class ResultTimeout(SpotlineError):
+    """No result arrived in time."""
+
+
+class Client:
+    """Publish frames into a pipeline's frames stream and read its results."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.t = transport
+        self.keys = transport.keys
+        self.settings = transport.settings
+        self._group_ready = False
+
+    @classmethod
+    def connect(cls, url: str, settings: Settings | None = None) -> Client:
+        return cls(Transport(settings or load_settings(), url=url))
+
+    def publish(self, image: bytes, captions: Sequence[str], source_id: str = "default",
+                capture_time: float | None = None, frame_id: str | None = None,
+                image_size: tuple[int, int] = (0, 0)) -> str:
+        """Publish one encoded image (JPEG/PNG bytes) with its captions; returns the frame id."""
+        if not isinstance(image, bytes | bytearray) or not image:
+            raise InputError("image must be non-empty encoded bytes (JPEG/PNG)")
+        captions = tuple(captions)
+        if not captions:
+            raise InputError("a frame needs at least one caption")
+        if not self._group_ready:
+            self.t.ensure_group("detect")
+            self._group_ready = True
+        env = Envelope(frame_id=frame_id or new_frame_id(), source_id=source_id,
+                       capture_time=time.time() if capture_time is None else capture_time,
+                       captions=captions, image=bytes(image), image_size=image_size)
+        self.t.add(self.keys.inbox("detect"), env.frame_id, encode(env))
+        return env.frame_id
+
+    def get_result(self, frame_id: str) -> Result | None:
+        """The stored result of a frame, or None (not finished, or expired)."""
+        raw = self.t.call(lambda: self.t.r.get(self.keys.result(frame_id)), "get result")
+        return _as_result(raw) if raw else None
+
+    def await_result(self, frame_id: str, timeout: float = 60.0) -> Result:
+        """Wait for one frame's result."""
+        return self.await_results([frame_id], timeout)[frame_id]
+
+    def await_results(self, frame_ids: Iterable[str], timeout: float = 60.0) -> dict[str, Result]:
+        """Wait for the results of several frames; raises ResultTimeout naming the missing."""
+        wanted = set(frame_ids)
+        last = self._last_result_id()
+        found: dict[str, Result] = {}
+        for fid in list(wanted):
+            res = self.get_result(fid)
+            if res is not None:
+                found[fid] = res
+        deadline = time.monotonic() + timeout
+        while len(found) < len(wanted):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(wanted - set(found))
+                raise ResultTimeout(f"no result after {timeout:.0f}s for {len(missing)} frame(s): "
+                                    f"{missing[:5]}")
+            for entry_id, result in self._read_results(last, int(min(left, 1.0) * 1000) + 1):
+                last = entry_id
+                if result is not None and result.frame_id in wanted:
+                    found[result.frame_id] = result
+        return found
+
+    def subscribe(self, start: str = "$", block_ms: int = 1000,
+                  source_id: str | None = None) -> Iterator[tuple[str, Result]]:
+        """Yield (entry id, result) from the results stream, forever: from ``start`` ("$": new
+        ones only, "0": replay what the stream still holds)."""
+        last = self._last_result_id() if start == "$" else start
+        while True:
+            for entry_id, result in self._read_results(last, block_ms):
+                last = entry_id
+                if result is not None and (source_id is None or result.source_id == source_id):
+                    yield entry_id, result
+
+    def read_results(self, start: str = "0", count: int = 1000) -> list[tuple[str, Result]]:
+        """Results already in the stream after ``start`` (no waiting)."""
+        rows = self.t.call(lambda: self.t.r.xrange(self.keys.results, min=f"({start}"
+                                                    if start != "0" else "-", count=count),
+                           "results")
+        return [(_s(i), r) for i, f in rows if (r := _as_result(f.get(b"d", b""))) is not None]
+
+    def _last_result_id(self) -> str:
+        rows = self.t.call(lambda: self.t.r.xrevrange(self.keys.results, count=1), "results")
+        return _s(rows[0][0]) if rows else "0-0"
+
+    def _read_results(self, last: str, block_ms: int, count: int = 500
+                      ) -> list[tuple[str, Result | None]]:
+        """XREAD after ``last``; undecodable entries come back as None so the caller moves on."""
+        reply = self.t.call(lambda: self.t.r.xread({self.keys.results: last}, count=count,
+                                                   block=block_ms or None), "read results")
+        out = []
+        for _stream, items in reply or []:
+            for entry_id, fields in items:
+                out.append((_s(entry_id), _as_result(fields.get(b"d", b""))))
+        return out
+
+    def close(self) -> None:
+        self.t.close()
+
+
+def _as_result(raw: bytes) -> Result | None:
+    try:
+        msg = decode(raw)
+    except DecodeError:
+        return None
+    return msg if isinstance(msg, Result) else None
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,5 @@
+"""`python -m spotline` is the `spotline` command."""
+
+from spotline.cli import main
+
+main()

