@@ -1,0 +1,268 @@
+"""The competition's scorer: accuracy as the mean of round(IoU) over captions, and the speed score.
+
+Boxes are ``[left, top, width, height]`` in pixels. A hit needs IoU > 0.5: ``round(0.5)`` is 0
+in Python (half to even), exactly as the competition scored it; a missing box scores 0. The
+speed score is ``1 - min(t, t_max) / t_max`` over the whole test set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from spotline.common.errors import InputError
+
+DATASET_FILE = "vlm.jsonl"
+
+BoxLTWH = tuple[float, float, float, float]
+# identify_fn(images, captions per image) -> per image, one [l, t, w, h] per caption
+IdentifyFn = Callable[[list[bytes], list[list[str]]], Sequence[Sequence[Sequence[float]]]]
+
+
+@dataclass(frozen=True)
+class TilImage:
+    """One dataset image: its path and its (caption, [l, t, w, h]) ground truth."""
+
+    image_path: Path
+    annotations: tuple[tuple[str, BoxLTWH], ...]
+
+    @property
+    def captions(self) -> tuple[str, ...]:
+        """The captions, in annotation order."""
+        return tuple(c for c, _ in self.annotations)
+
+    @property
+    def boxes(self) -> tuple[BoxLTWH, ...]:
+        """The ground-truth boxes, in annotation order."""
+        return tuple(b for _, b in self.annotations)
+
+
+def iou_ltwh(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two [left, top, width, height] boxes (0 when both are empty)."""
+    al, at, aw, ah = (float(v) for v in a)
+    bl, bt, bw, bh = (float(v) for v in b)
+    aw, ah, bw, bh = max(aw, 0.0), max(ah, 0.0), max(bw, 0.0), max(bh, 0.0)
+    iw = max(0.0, min(al + aw, bl + bw) - max(al, bl))
+    ih = max(0.0, min(at + ah, bt + bh) - max(at, bt))
+    inter = iw * ih
+    union = aw * ah + bw * bh - inter
+    return inter / union if union > 0 else 0.0
+
+
+def hit(pred: Sequence[float] | None, gt: Sequence[float]) -> int:
+    """round(IoU) as the competition scored it: 1 for IoU > 0.5, 0 otherwise or without a box."""
+    if pred is None:
+        return 0
+    try:
+        iou = iou_ltwh(pred, gt)
+    except (TypeError, ValueError):  # not four numbers: scored like a missing box
+        return 0
+    return int(round(iou)) if math.isfinite(iou) else 0
+
+
+def accuracy(preds: Sequence[Sequence[float] | None], gts: Sequence[Sequence[float]]) -> float:
+    """Mean over ground-truth boxes of round(IoU); missing (None or absent) predictions score 0."""
+    if len(preds) > len(gts):
+        raise ValueError(f"{len(preds)} predictions for {len(gts)} ground-truth boxes")
+    if not gts:
+        return 0.0
+    padded = list(preds) + [None] * (len(gts) - len(preds))
+    return sum(hit(p, g) for p, g in zip(padded, gts, strict=True)) / len(gts)
+
+
+def speed_score(t: float, t_max: float = 30.0) -> float:
+    """1 - min(t, t_max) / t_max: 1 for instant, 0 at or beyond t_max seconds."""
+    if t_max <= 0:
+        raise ValueError(f"t_max must be > 0, got {t_max}")
+    return 1.0 - min(max(float(t), 0.0), t_max) / t_max
+
+
+def _parse_line(line: str, where: str, images_dir: Path, root: Path) -> TilImage:
+    try:
+        row = json.loads(line)
+        name = row["image"]
+        anns = tuple((str(a["caption"]), _box(a["bbox"])) for a in row["annotations"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{where}: not a TIL record ({type(exc).__name__}: {exc})") from None
+    if not isinstance(name, str) or not name:
+        raise InputError(f"{where}: 'image' must be a file name")
+    path = images_dir / name
+    if not path.is_file() and (root / name).is_file():
+        path = root / name
+    if not path.is_file():
+        raise InputError(f"{where}: image not found: {path}")
+    return TilImage(path, anns)
+
+
+def _box(values: Any) -> BoxLTWH:
+    box = tuple(float(v) for v in values)
+    if len(box) != 4 or not all(math.isfinite(v) for v in box) or box[2] < 0 or box[3] < 0:
+        raise ValueError(f"bbox must be [left, top, width >= 0, height >= 0], got {values!r}")
+    return box  # type: ignore[return-value]
+
+
+def load_til(path: str | Path) -> list[TilImage]:
+    """Read a TIL dataset: a folder with vlm.jsonl and images/, or the path of vlm.jsonl."""
+    path = Path(path)
+    jsonl = path / DATASET_FILE if path.is_dir() else path
+    if not jsonl.is_file():
+        raise InputError(f"no TIL dataset at {path} (expected {DATASET_FILE} and images/)")
+    root = jsonl.parent
+    try:
+        lines = jsonl.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {jsonl}: {exc}") from None
+    return [_parse_line(line, f"{jsonl}:{n}", root / "images", root)
+            for n, line in enumerate(lines, 1) if line.strip()]
+
+
+@dataclass
+class EvalReport:
+    """Accuracy, speed score and latency of one evaluation run."""
+
+    accuracy: float
+    speed_score: float
+    total_seconds: float
+    n_images: int
+    n_captions: int
+    latency_p50: float
+    latency_p95: float
+    latency_p99: float
+    latency_mean: float = 0.0
+    t_max: float = 30.0
+    per_caption: dict[str, dict[str, float]] = field(default_factory=dict)
+    errors: list[dict[str, str]] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)  # seconds, one per image
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict."""
+        out = asdict(self)
+        out["latencies"] = [round(v, 6) for v in self.latencies]
+        return out
+
+    def to_json(self) -> str:
+        """The report as indented JSON text."""
+        return json.dumps(self.as_dict(), indent=2)
+
+    def summary(self) -> str:
+        """One line for humans."""
+        return (f"accuracy {self.accuracy:.4f} ({self.n_captions} captions, {self.n_images} "
+                f"images), speed score {self.speed_score:.4f} ({self.total_seconds:.2f} s, "
+                f"t_max {self.t_max:g}), latency p50 {self.latency_p50 * 1000:.1f} ms, "
+                f"p95 {self.latency_p95 * 1000:.1f} ms, errors {len(self.errors)}")
+
+
+@dataclass
+class _Tally:
+    hits: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)
+    errors: list[dict[str, str]] = field(default_factory=list)
+
+    def add(self, img: TilImage, boxes: Sequence[Any] | None, latency: float) -> None:
+        """Score one image; None boxes (a failed call) score 0 like missing ones."""
+        self.latencies.append(latency)
+        preds = list(boxes) if boxes is not None else []
+        if boxes is not None and len(preds) != len(img.annotations):
+            self.error(img, f"expected {len(img.annotations)} boxes, got {len(preds)}")
+        preds += [None] * (len(img.annotations) - len(preds))
+        for (caption, gt), pred in zip(img.annotations, preds, strict=False):
+            self.counts[caption] = self.counts.get(caption, 0) + 1
+            self.hits[caption] = self.hits.get(caption, 0) + hit(pred, gt)
+
+    def error(self, img: TilImage, message: str) -> None:
+        self.errors.append({"image": str(img.image_path), "error": message})
+
+    def report(self, total: float, t_max: float) -> EvalReport:
+        n = sum(self.counts.values())
+        lat = np.asarray(self.latencies, dtype=np.float64)
+        p50, p95, p99 = (float(np.percentile(lat, q)) if lat.size else 0.0 for q in (50, 95, 99))
+        per_caption = {c: {"n": k, "hits": self.hits[c], "accuracy": self.hits[c] / k}
+                       for c, k in sorted(self.counts.items())}
+        return EvalReport(
+            accuracy=sum(self.hits.values()) / n if n else 0.0,
+            speed_score=speed_score(total, t_max), total_seconds=total,
+            n_images=len(self.latencies), n_captions=n, latency_p50=p50, latency_p95=p95,
+            latency_p99=p99, latency_mean=float(lat.mean()) if lat.size else 0.0, t_max=t_max,
+            per_caption=per_caption, errors=self.errors, latencies=list(self.latencies))
+
+
+def _run_batch(batch: list[TilImage], identify_fn: IdentifyFn, tally: _Tally
+               ) -> tuple[list[Any], float]:
+    """Call identify_fn on one batch: (per-image boxes or None, seconds); errors go to tally."""
+    started = time.perf_counter()
+    try:
+        images = [img.image_path.read_bytes() for img in batch]
+        started = time.perf_counter()
+        out = list(identify_fn(images, [list(img.captions) for img in batch]))
+        if len(out) != len(batch):
+            raise ValueError(f"identify returned {len(out)} results for {len(batch)} images")
+    except Exception as exc:  # one failing batch scores 0, the run goes on
+        for img in batch:
+            tally.error(img, f"{type(exc).__name__}: {exc}")
+        return [None] * len(batch), time.perf_counter() - started
+    return out, time.perf_counter() - started
+
+
+def evaluate(dataset: str | Path | Iterable[TilImage], identify_fn: IdentifyFn,
+             t_max: float = 30.0, progress: bool = True, batch_size: int = 1) -> EvalReport:
+    """Run identify_fn over a TIL dataset and score it; each batch's time is its images' latency."""
+    images = load_til(dataset) if isinstance(dataset, (str, Path)) else list(dataset)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    tally = _Tally()
+    started = time.perf_counter()
+    with tqdm(total=len(images), disable=not progress, unit="img", desc="eval") as bar:
+        for i in range(0, len(images), batch_size):
+            batch = images[i:i + batch_size]
+            results, seconds = _run_batch(batch, identify_fn, tally)
+            for img, boxes in zip(batch, results, strict=True):
+                tally.add(img, boxes, seconds)
+            bar.update(len(batch))
+    return tally.report(time.perf_counter() - started, t_max)
+
+
+def write_report(report: EvalReport, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write eval.json and eval.png (per-caption accuracy, latency histogram) into out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / "eval.json", out / "eval.png"
+    json_path.write_text(report.to_json() + "\n", encoding="utf-8")
+    _chart(report).savefig(png_path, dpi=100)
+    return json_path, png_path
+
+
+def _chart(report: EvalReport) -> Any:
+    """A matplotlib Figure (Agg canvas, no pyplot state) with the two panels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = sorted(report.per_caption.items(), key=lambda kv: (kv[1]["accuracy"], kv[0]))
+    fig = Figure(figsize=(12, max(4.0, 0.22 * len(rows) + 1.5)), layout="constrained")
+    FigureCanvasAgg(fig)
+    bars, hist = fig.subplots(1, 2, width_ratios=[3, 2])
+    bars.barh([c for c, _ in rows], [s["accuracy"] for _, s in rows], color="tab:blue")
+    bars.set_xlim(0, 1)
+    bars.tick_params(axis="y", labelsize=7)
+    bars.set_xlabel("accuracy (mean round(IoU))")
+    bars.set_title(f"per caption - accuracy {report.accuracy:.4f}")
+    ms = np.asarray(report.latencies, dtype=np.float64) * 1000.0
+    hist.hist(ms, bins=min(50, max(5, ms.size // 5)) if ms.size else 5, color="tab:gray")
+    for q, value, color in (("p50", report.latency_p50, "tab:green"),
+                            ("p95", report.latency_p95, "tab:orange"),
+                            ("p99", report.latency_p99, "tab:red")):
+        hist.axvline(value * 1000.0, color=color, linestyle="--",
+                     label=f"{q} {value * 1000:.1f} ms")
+    hist.set_xlabel("latency per image (ms)")
+    hist.set_ylabel("images")
+    hist.set_title(f"speed score {report.speed_score:.4f} ({report.total_seconds:.2f} s)")
+    hist.legend(fontsize=8)
+    return fig
