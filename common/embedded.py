@@ -68,7 +68,8 @@ class EmbeddedRedis:
                  port: int | None = None, maxmemory: str | None = None) -> None:
         self.persist = persist
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="spotline-redis-")
-        self.data_dir = Path(data_dir or self._tmp.name)  # type: ignore[union-attr]
+        # absolute: redis-server chdirs into --dir before opening its log file
+        self.data_dir = Path(data_dir or self._tmp.name).resolve()  # type: ignore[union-attr]
         self.port = port or free_port()
         self.maxmemory = maxmemory
         self.proc: subprocess.Popen[bytes] | None = None

@@ -33,7 +33,7 @@ class Settings:
     # --- model weights (local paths; empty: tiny random models under data_dir)
     detector_weights: str = field(default="", metadata={"help": "YOLO .pt or architecture .yaml"})
     upscaler_weights: str = field(default="", metadata={"help": "Real-ESRGAN .pth"})
-    scorer_dir: str = field(default="", metadata={"help": "SigLIP/CLIP directory (save_pretrained)"})
+    scorer_dir: str = field(default="", metadata={"help": "SigLIP/CLIP save_pretrained dir"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
     half: bool = field(default=True, metadata={"help": "fp16 on CUDA (ignored on CPU)"})
     torch_threads: int = field(default=0, metadata={"help": "threads per model worker; 0: auto"})

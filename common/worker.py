@@ -10,17 +10,18 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
+import redis
 from spotline.stages.base import RESULT, Routed, Stage
 
 from .codec import decode, encode
 from .envelope import Envelope, Result, error_result
 from .errors import DecodeError, TransportError
-from .metrics import Metrics
-from .settings import Settings
+from .metrics import Metrics, Poller
+from .settings import STAGES, Settings
 from .transport import Entry, Output, Transport, consumer_name
 
 log = logging.getLogger(__name__)
@@ -361,9 +362,13 @@ def run_stage(stage: Stage, settings: Settings, url: str, burst: bool = False,
               metrics_port: int | None = None) -> Counts:
     """Entry point of `spotline worker STAGE`: connect, serve metrics, run until stopped."""
     metrics = Metrics()
+    transport = Transport(settings, url=url)
+    poller = None
     if metrics_port is not None:
         metrics.serve(metrics_port)
-    transport = Transport(settings, url=url)
+        # Gauges read Redis on their own connection, never the worker's.
+        poller = Poller(5.0, gauge_refresher(Transport(settings, url=url), metrics,
+                                             transport)).start()
     worker = Worker(stage, settings, transport, burst=burst, metrics=metrics)
     worker.install_signals()
     try:
@@ -371,3 +376,30 @@ def run_stage(stage: Stage, settings: Settings, url: str, burst: bool = False,
     except TransportError:
         log.exception("stage=%s giving up: redis unreachable", stage.name)
         raise
+    finally:
+        if poller:
+            poller.stop()
+
+
+def gauge_refresher(t: Transport, metrics: Metrics,
+                    worker_transport: Transport | None = None) -> Callable[[], None]:
+    """A function that sets backlog/pending/workers gauges from XINFO GROUPS and XPENDING, and
+    counts the Redis outages the worker's own connection survived."""
+    seen_outages = 0
+
+    def refresh() -> None:
+        nonlocal seen_outages
+        for stage in STAGES:
+            metrics.backlog.labels(stage).set(t.backlog(stage))
+            try:
+                metrics.pending.labels(stage).set(t.pending_count(stage))
+            except redis.ResponseError:  # stream or group not created yet
+                metrics.pending.labels(stage).set(0)
+            metrics.workers_alive.labels(stage).set(t.workers_alive(stage))
+        metrics.backlog.labels("results").set(t.r.xlen(t.keys.results))
+        metrics.backlog.labels("dead").set(t.r.xlen(t.keys.dead))
+        outages = (worker_transport or t).outages
+        if outages > seen_outages:
+            metrics.redis_outages.inc(outages - seen_outages)
+            seen_outages = outages
+    return refresh

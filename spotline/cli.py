@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -70,13 +71,10 @@ def worker(ctx: Ctx, stage: str, burst: bool, metrics_port: int | None,
 
     url = _need_url(ctx.settings)
     try:
-        counts = run_stage(load_stage(stage, ctx.settings, stage_class), ctx.settings, url,
-                           burst=burst, metrics_port=metrics_port)
+        run_stage(load_stage(stage, ctx.settings, stage_class), ctx.settings, url,
+                  burst=burst, metrics_port=metrics_port)
     except SpotlineError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"{stage}: {counts.entries} entries, {counts.outputs} outputs, "
-               f"{counts.results} results, {counts.errors} errors, {counts.dead} dead-lettered",
-               err=True)
 
 
 @cli.command()
@@ -185,6 +183,54 @@ def bench(ctx: Ctx, only: str, iterations: int, json_path: str | None) -> None:
     if json_path:
         Path(json_path).write_text(report.to_json())
         click.echo(f"wrote {json_path}")
+
+
+@cli.command()
+@click.option("--host", default=None, help="Bind address (default: http_host setting).")
+@click.option("--port", type=int, default=None, help="Port (default: http_port, 5004).")
+@click.option("--metrics-port", type=int, default=None,
+              help="Also serve /metrics on this port (it is always on the main port too).")
+@click.option("--timeout", default=120.0, show_default=True,
+              help="Seconds to wait for the pipeline before answering 504.")
+@pass_ctx
+def serve(ctx: Ctx, host: str | None, port: int | None, metrics_port: int | None,
+          timeout: float) -> None:
+    """HTTP gateway, compatible with the seed's container: GET /health, POST /identify
+    (plus GET /metrics and the OpenAPI page at /docs). Needs a running pipeline."""
+    import uvicorn
+
+    from spotline.common.metrics import Metrics
+    from spotline.producer.client import Client
+    from spotline.producer.gateway import create_app
+
+    s = ctx.settings
+    metrics = Metrics()
+    if metrics_port is not None:
+        metrics.serve(metrics_port)
+    app = create_app(s, Client.connect(_need_url(s), s), metrics, timeout_s=timeout)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal on its way out;
+    # this handler turns that second delivery into a clean exit 0 (what compose expects).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    uvicorn.run(app, host=host or s.http_host, port=port or s.http_port,
+                log_level=s.log_level.lower(), timeout_graceful_shutdown=5)
+
+
+@cli.command()
+@click.option("--out", "out_dir", default="out/demo", show_default=True,
+              type=click.Path(file_okay=False), help="Where annotated images go.")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for results.")
+@pass_ctx
+def demo(ctx: Ctx, out_dir: str, timeout: float) -> None:
+    """Run the pipeline on ultralytics' bundled bus.jpg and zidane.jpg with a few captions:
+    print the boxes and write annotated images. Uses a running `spotline up` (or
+    SPOTLINE_REDIS_URL) if there is one, else starts a local pipeline for the demo."""
+    from spotline.demo import run_demo
+    from spotline.up import running_url
+
+    try:
+        run_demo(ctx.settings, running_url(ctx.settings), Path(out_dir), timeout)
+    except SpotlineError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def main() -> None:

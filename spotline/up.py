@@ -156,3 +156,70 @@ def running_url(settings: Settings) -> str | None:
         return str(info["url"])
     except (OSError, ValueError, KeyError):
         return None
+
+
+class LocalPipeline:
+    """Redis (embedded unless configured) and supervised workers for the whole pipeline, as a
+    context manager: `spotline demo`, `bench`, `eval` and the end-to-end tests use it.
+
+        with LocalPipeline(settings) as url:
+            client = Client.connect(url, settings)
+    """
+
+    def __init__(self, settings: Settings, workers: dict[str, int] | None = None,
+                 metrics: bool = False, ready_timeout: float = 600.0,
+                 persist: bool = False) -> None:
+        self.settings = settings
+        self.workers = workers or {}
+        self.metrics = metrics
+        self.ready_timeout = ready_timeout
+        self.persist = persist
+        self.server: EmbeddedRedis | None = None
+        self.supervisor: Supervisor | None = None
+        self.url = ""
+
+    def __enter__(self) -> str:
+        from spotline.models import resolve_weights
+
+        resolve_weights(self.settings)  # tiny models made once here, not by every child
+        self.url, self.server = start_redis(self.settings, persist=self.persist)
+        self.supervisor = Supervisor(self.settings, self.url, workers=self.workers,
+                                     metrics=self.metrics).start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self.url
+
+    def wait_ready(self) -> None:
+        """Block until every worker has loaded its model and sent a heartbeat."""
+        from spotline.common.transport import Transport
+
+        assert self.supervisor is not None
+        t = Transport(self.settings, url=self.url)
+        deadline = time.monotonic() + self.ready_timeout
+        try:
+            for stage in pipeline_stages(self.settings):
+                want = self.workers.get(stage, 1)
+                while t.workers_alive(stage) < want:
+                    dead = [c for c in self.supervisor.children
+                            if c.stage == stage and c.proc and c.proc.poll() is not None]
+                    if dead:
+                        raise ConfigError(f"worker {dead[0].name} exited with "
+                                          f"{dead[0].proc.returncode} while starting; "  # type: ignore
+                                          "see its log above")
+                    if time.monotonic() > deadline:
+                        raise ConfigError(f"{stage} workers not ready after "
+                                          f"{self.ready_timeout:.0f}s")
+                    time.sleep(0.1)
+        finally:
+            t.close()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self.supervisor = None
+        if self.server is not None:
+            self.server.close()
+            self.server = None

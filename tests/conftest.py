@@ -24,11 +24,20 @@ def redis_server() -> Iterator[EmbeddedRedis]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data dir per session: the tiny models are written once."""
+    return tmp_path_factory.mktemp("spotline-data")
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def settings(data_dir: Path) -> Settings:
     """Settings in a namespace of their own, so tests never see each other's streams."""
-    return load_settings(env={}, namespace=f"t{uuid.uuid4().hex[:10]}",
-                         data_dir=str(tmp_path / "data"))
+    return load_settings(env={}, namespace=f"t{uuid.uuid4().hex[:10]}", data_dir=str(data_dir))
+
+
+# Small and quick, still the real code paths: tests run the seed's method at a lower resolution.
+FAST = {"imgsz": 320, "warmup": 1}
 
 
 @pytest.fixture

@@ -1,0 +1,54 @@
+"""collect: for each caption of a joined frame, the best-scoring box as [left, top, width,
+height]; a frame without boxes gets the configured fallback box and a flag."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from spotline.common.envelope import Envelope, Result
+from spotline.common.settings import Settings
+from spotline.stages.base import RESULT, Routed, Stage
+
+
+class Collect(Stage):
+    """Turns merged frames (all parts joined) into results."""
+
+    name = "collect"
+
+    def process(self, batch: list[Envelope]) -> list[Routed]:
+        """One result per merged frame."""
+        return [(RESULT, frame_result(env, self.settings)) for env in batch]
+
+
+def frame_result(env: Envelope, settings: Settings) -> Result:
+    """The argmax box per caption (or the fallback box when the frame has none)."""
+    boxes = env.boxes if env.boxes is not None else np.zeros((0, 4), np.float32)
+    n = len(env.captions)
+    if len(boxes) == 0:
+        fallback = tuple(float(v) for v in settings.fallback_box)
+        picks: list[tuple[tuple[float, ...], float]] = [(fallback, math.nan)] * n
+        return _result(env, picks, fallback=True)
+    picks = [(ltwh(boxes[i]), s) for i, s in best_boxes(env.scores, len(boxes), n)]
+    return _result(env, picks, fallback=False)
+
+
+def best_boxes(scores: np.ndarray | None, nboxes: int, ncaptions: int) -> list[tuple[int, float]]:
+    """(box index, score) per caption: the argmax of each row (first box if unscored)."""
+    if scores is None or scores.shape != (ncaptions, nboxes):
+        return [(0, math.nan)] * ncaptions
+    best = np.argmax(scores, axis=1) if ncaptions else np.zeros(0, np.int64)
+    return [(int(i), float(scores[row, i])) for row, i in enumerate(best)]
+
+
+def ltwh(box: np.ndarray) -> tuple[float, float, float, float]:
+    """xyxy → [left, top, width, height] (the seed's output: x1, y1, x2-x1, y2-y1)."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return (x1, y1, x2 - x1, y2 - y1)
+
+
+def _result(env: Envelope, picks: list[tuple[tuple[float, ...], float]], fallback: bool) -> Result:
+    return Result(frame_id=env.frame_id, source_id=env.source_id, capture_time=env.capture_time,
+                  captions=env.captions, boxes=tuple(b for b, _ in picks),  # type: ignore[misc]
+                  scores=tuple(s for _, s in picks), image_size=env.image_size,
+                  fallback=fallback, trace=env.trace)

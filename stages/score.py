@@ -1,0 +1,169 @@
+"""score: SigLIP (or CLIP) caption × crop scores. Caption embeddings are cached; the crops of
+every envelope in a batch go through the image tower together."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from spotline.common.envelope import Envelope
+from spotline.common.errors import ModelError
+from spotline.common.settings import Settings
+from spotline.stages.base import Routed, Stage
+
+from spotline import models
+
+log = logging.getLogger(__name__)
+
+# Crops per image-tower forward pass (bounds activation memory on big batches).
+IMAGE_CHUNK = 64
+
+
+class Score(Stage):
+    """Scores each crop against each caption: sigmoid(scale·cos + bias) for SigLIP."""
+
+    name = "score"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.model: Any = None
+        self.processor: Any = None
+        self.device = "cpu"
+        self.dtype: Any = None
+        self.max_length = 64
+        self.cache: OrderedDict[str, Any] = OrderedDict()
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    def setup(self) -> None:
+        """Load the model and processor from a local directory."""
+        import torch
+
+        paths = models.resolve_weights(self.settings)
+        self.device = models.resolve_device(self.settings)
+        models.set_threads(self.settings)
+        self.dtype = torch.float16 if models.use_half(self.settings, self.device) else torch.float32
+        self.model, self.processor = load_scorer(paths.scorer, self.device, self.dtype)
+        tok = self.processor.tokenizer
+        limit = getattr(self.model.config.text_config, "max_position_embeddings", 64)
+        self.max_length = min(int(tok.model_max_length or limit), int(limit))
+        self.model_name = paths.scorer.name
+        self.device_name = self.device
+
+    def process(self, batch: list[Envelope]) -> list[Routed]:
+        """All crops of the batch through the image tower at once; C×N scores per envelope."""
+        if self.model is None:
+            self.setup()
+        crops = [crop for env in batch for crop in env.crops]
+        images = self.image_embeds(crops)
+        out: list[Routed] = []
+        start = 0
+        for env in batch:
+            n = len(env.crops)
+            texts = self.text_embeds(env.captions)
+            scores = self.logits_to_scores(texts, images[start:start + n])
+            start += n
+            out.append(("collect", env.replace(crops=(), scores=scores)))
+        return out
+
+    # --- embeddings ----------------------------------------------------------------------------
+    def text_embeds(self, captions: tuple[str, ...]) -> Any:
+        """Normalised text embeddings (C×D, float32), from the LRU cache where possible."""
+        import torch
+
+        missing = list(dict.fromkeys(c for c in captions if c not in self.cache))
+        self.cache_hits += len(captions) - sum(1 for c in captions if c in missing)
+        self.cache_misses += len(missing)
+        if missing:
+            for caption, emb in zip(missing, self._encode_texts(missing), strict=True):
+                self.cache[caption] = emb
+        for caption in captions:
+            self.cache.move_to_end(caption)
+        embeds = [self.cache[c] for c in captions]
+        while len(self.cache) > self.settings.caption_cache_size:
+            self.cache.popitem(last=False)
+        if not embeds:
+            return torch.zeros((0, 1), dtype=torch.float32, device=self.device)
+        return torch.stack(embeds)
+
+    def _encode_texts(self, captions: list[str]) -> Any:
+        import torch
+
+        prompts = [self.settings.prompt.format(caption=c) for c in captions]
+        enc = self.processor.tokenizer(prompts, padding="max_length", truncation=True,
+                                       max_length=self.max_length, return_tensors="pt")
+        kwargs = {"input_ids": enc["input_ids"].to(self.device)}
+        if "attention_mask" in enc and not self.is_siglip:
+            kwargs["attention_mask"] = enc["attention_mask"].to(self.device)
+        with torch.inference_mode():
+            feats = _pooled(self.model.get_text_features(**kwargs))
+        return _normalise(feats)
+
+    def image_embeds(self, crops: list[np.ndarray]) -> Any:
+        """Normalised image embeddings (N×D, float32) of RGB crops, in chunks."""
+        import torch
+
+        if not crops:
+            return torch.zeros((0, 1), dtype=torch.float32, device=self.device)
+        parts = []
+        for i in range(0, len(crops), IMAGE_CHUNK):
+            chunk = [c if c.flags.writeable else c.copy() for c in crops[i:i + IMAGE_CHUNK]]
+            pixels = self.processor.image_processor(
+                images=chunk, return_tensors="pt",
+                input_data_format="channels_last")["pixel_values"]
+            with torch.inference_mode():
+                feats = self.model.get_image_features(
+                    pixel_values=pixels.to(self.device, self.dtype))
+            parts.append(_normalise(_pooled(feats)))
+        return torch.cat(parts)
+
+    # --- scores ---------------------------------------------------------------------------------
+    @property
+    def is_siglip(self) -> bool:
+        """SigLIP-family models have a logit bias and score with a sigmoid."""
+        return getattr(self.model, "logit_bias", None) is not None
+
+    def logits_to_scores(self, texts: Any, images: Any) -> np.ndarray:
+        """C×N float32: SiglipModel's logits_per_text through a sigmoid (CLIP: the logits)."""
+        import torch
+
+        if texts.shape[0] == 0 or images.shape[0] == 0:
+            return np.zeros((texts.shape[0], images.shape[0]), np.float32)
+        with torch.inference_mode():
+            logits = texts @ images.t() * self.model.logit_scale.float().exp()
+            if self.is_siglip:
+                logits = torch.sigmoid(logits + self.model.logit_bias.float())
+        return logits.cpu().numpy().astype(np.float32)
+
+
+def load_scorer(directory: Path | str, device: str = "cpu", dtype: Any = None) -> tuple[Any, Any]:
+    """(model, processor) from a local save_pretrained directory, offline."""
+    models.offline_env()
+    from transformers import AutoModel, AutoProcessor
+
+    try:
+        model = AutoModel.from_pretrained(str(directory), local_files_only=True, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(str(directory), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any load failure is a ModelError
+        raise ModelError(f"cannot load scorer {directory}: {type(exc).__name__}: {exc}") from exc
+    for attr in ("get_text_features", "get_image_features", "logit_scale"):
+        if not hasattr(model, attr):
+            raise ModelError(f"{directory}: {type(model).__name__} is not a CLIP/SigLIP model")
+    return model.to(device).eval(), processor
+
+
+def _pooled(out: Any) -> Any:
+    """transformers 5 returns an output object (pooler_output); 4.x a tensor."""
+    if hasattr(out, "pooler_output"):
+        return out.pooler_output
+    if isinstance(out, tuple):
+        return out[1]
+    return out
+
+
+def _normalise(feats: Any) -> Any:
+    feats = feats.float()
+    return feats / feats.norm(p=2, dim=-1, keepdim=True)

@@ -1,0 +1,133 @@
+"""upscale: Real-ESRGAN (SRVGGNetCompact x4v3, or RRDBNet x4plus) on every crop, then cap each
+crop at the scorer's input size so entries stay bounded."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from spotline.common.envelope import Envelope
+from spotline.common.errors import ModelError
+from spotline.common.settings import Settings
+from spotline.stages.base import Routed, Stage
+
+from spotline import models
+
+log = logging.getLogger(__name__)
+
+
+class Upscale(Stage):
+    """Super-resolves crops with the seed's pre_pad rule; tiny crops pass through."""
+
+    name = "upscale"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.upsampler: Any = None
+        self.crop_cap = 0
+
+    def setup(self) -> None:
+        """Load the Real-ESRGAN weights (architecture inferred from the state dict)."""
+        paths = models.resolve_weights(self.settings)
+        device = models.resolve_device(self.settings)
+        models.set_threads(self.settings)
+        self.upsampler = load_upscaler(paths.upscaler, device,
+                                       models.use_half(self.settings, device))
+        self.crop_cap = models.scorer_input_size(self.settings, paths.scorer)
+        self.model_name = paths.upscaler.name
+        self.device_name = device
+
+    def process(self, batch: list[Envelope]) -> list[Routed]:
+        """Upscale every crop of every envelope; route each envelope to score."""
+        if self.upsampler is None:
+            self.setup()
+        out: list[Routed] = []
+        for env in batch:
+            crops = tuple(models.cap_crop(upscale_crop(self.upsampler, crop, self.settings),
+                                          self.crop_cap) for crop in env.crops)
+            out.append(("score", env.replace(crops=crops)))
+        return out
+
+
+def pre_pad_for(crop: np.ndarray, settings: Settings) -> int:
+    """The seed's rule: pre_pad_large when both sides > pre_pad_min_side, else pre_pad_small
+    (never as large as a side, which reflect padding cannot do)."""
+    h, w = crop.shape[:2]
+    large = h > settings.pre_pad_min_side and w > settings.pre_pad_min_side
+    pad = settings.pre_pad_large if large else settings.pre_pad_small
+    return max(0, min(pad, h - 1, w - 1))
+
+
+def upscale_crop(upsampler: Any, crop: np.ndarray, settings: Settings) -> np.ndarray:
+    """One RGB crop upscaled by ``upscale_factor`` (RGB in, RGB out; enhance works in BGR)."""
+    if min(crop.shape[:2]) <= settings.upscale_skip_side:
+        return crop
+    upsampler.pre_pad = pre_pad_for(crop, settings)
+    out, _mode = upsampler.enhance(models.swap_rb(crop), outscale=settings.upscale_factor)
+    return models.swap_rb(out)
+
+
+def load_upscaler(path: Path | str, device: str = "cpu", half: bool = False) -> Any:
+    """A RealESRGANer for a .pth whose architecture is read from its state dict."""
+    import torch
+
+    models.torchvision_shim()
+    from realesrgan import RealESRGANer
+
+    path = Path(path)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any load failure is a ModelError
+        raise ModelError(f"cannot load upscaler {path}: {type(exc).__name__}: {exc}") from exc
+    net, scale = build_upscaler_net(_state_dict(loaded, path))
+    return RealESRGANer(scale=scale, model_path=str(path), model=net, tile=0, pre_pad=0,
+                        half=half, device=torch.device(device))
+
+
+def _state_dict(loaded: Any, path: Path) -> dict[str, Any]:
+    if isinstance(loaded, dict):
+        for key in ("params_ema", "params"):
+            if isinstance(loaded.get(key), dict):
+                return loaded[key]
+    raise ModelError(f"{path} is not a Real-ESRGAN checkpoint (no 'params' or 'params_ema')")
+
+
+def build_upscaler_net(state: dict[str, Any]) -> tuple[Any, int]:
+    """(network, scale) for an SRVGGNetCompact or RRDBNet state dict."""
+    if "conv_first.weight" in state:
+        return _rrdbnet(state)
+    if "body.0.weight" in state:
+        return _srvgg(state)
+    raise ModelError("unknown Real-ESRGAN architecture (neither SRVGGNetCompact nor RRDBNet)")
+
+
+def _srvgg(state: dict[str, Any]) -> tuple[Any, int]:
+    from realesrgan.archs.srvgg_arch import SRVGGNetCompact
+
+    convs = sorted(int(m.group(1)) for k in state
+                   if (m := re.fullmatch(r"body\.(\d+)\.weight", k)) and state[k].ndim == 4)
+    in_ch = int(state["body.0.weight"].shape[1])
+    out = int(state[f"body.{convs[-1]}.weight"].shape[0])
+    scale = math.isqrt(out // in_ch)
+    act = "prelu" if "body.1.weight" in state else "leakyrelu"
+    net = SRVGGNetCompact(num_in_ch=in_ch, num_out_ch=in_ch,
+                          num_feat=int(state["body.0.weight"].shape[0]),
+                          num_conv=len(convs) - 2, upscale=scale, act_type=act)
+    return net, scale
+
+
+def _rrdbnet(state: dict[str, Any]) -> tuple[Any, int]:
+    from basicsr.archs.rrdbnet_arch import RRDBNet
+
+    first_in = int(state["conv_first.weight"].shape[1])
+    out_ch = int(state["conv_last.weight"].shape[0])
+    scale = {out_ch * 16: 1, out_ch * 4: 2}.get(first_in, 4)
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"body\.(\d+)\.rdb1", k))}
+    net = RRDBNet(num_in_ch=out_ch, num_out_ch=out_ch,
+                  num_feat=int(state["conv_first.weight"].shape[0]), num_block=len(blocks),
+                  num_grow_ch=int(state["body.0.rdb1.conv1.weight"].shape[0]), scale=scale)
+    return net, scale
