@@ -38,53 +38,56 @@ class Settings:
     half: bool = field(default=True, metadata={"help": "fp16 on CUDA (ignored on CPU)"})
     torch_threads: int = field(default=0, metadata={"help": "threads per model worker; 0: auto"})
     # --- detect (seed: predict(imgsz=1600, conf=0.1, iou=0.1, max_det=10, augment=True))
-    imgsz: int = 1600
-    conf: float = 0.1
-    iou: float = 0.1
-    max_det: int = 10
-    tta: bool = True
+    imgsz: int = field(default=1600, metadata={"help": "YOLO inference size (seed: 1600)"})
+    conf: float = field(default=0.1, metadata={"help": "YOLO confidence threshold"})
+    iou: float = field(default=0.1, metadata={"help": "YOLO NMS IoU threshold"})
+    max_det: int = field(default=10, metadata={"help": "boxes per frame at most"})
+    tta: bool = field(default=True, metadata={"help": "YOLO test-time augmentation"})
     warmup: int = field(default=3, metadata={"help": "warm-up predictions at start (seed: 3)"})
     crops_per_part: int = field(default=10, metadata={"help": "fan-out: crops per entry"})
     # --- upscale (realesr-general-x4v3, pre_pad 10 when both sides > 10 px else 1)
-    upscale: bool = True
-    upscale_factor: int = 4
-    pre_pad_large: int = 10
-    pre_pad_small: int = 1
-    pre_pad_min_side: int = 10
+    upscale: bool = field(default=True, metadata={"help": "Real-ESRGAN stage on/off"})
+    upscale_factor: int = field(default=4, metadata={"help": "Real-ESRGAN outscale"})
+    pre_pad_large: int = field(default=10, metadata={"help": "pre_pad for larger crops"})
+    pre_pad_small: int = field(default=1, metadata={"help": "pre_pad for small crops"})
+    pre_pad_min_side: int = field(default=10, metadata={"help": "both sides > this: large"})
     upscale_skip_side: int = field(default=1, metadata={"help": "crops with a side <= this pass"})
     # --- score
-    prompt: str = "This is a photo of {caption}."
-    caption_cache_size: int = 4096
+    prompt: str = field(default="This is a photo of {caption}.",
+                        metadata={"help": "SigLIP text prompt"})
+    caption_cache_size: int = field(default=4096, metadata={"help": "cached text embeddings"})
     scorer_input_size: int = field(default=0, metadata={"help": "crop cap; 0: the processor's"})
     # --- collect
-    fallback_box: tuple[int, int, int, int] = (0, 0, 0, 0)
-    result_ttl_s: int = 3600
-    results_maxlen: int = 10000
+    fallback_box: tuple[int, int, int, int] = field(
+        default=(0, 0, 0, 0), metadata={"help": "[l, t, w, h] when a frame has no box"})
+    result_ttl_s: int = field(default=3600, metadata={"help": "life of result/join keys"})
+    results_maxlen: int = field(default=10000, metadata={"help": "results stream cap (~)"})
     # --- batching (dynamic: max entries or max wait, whichever first)
-    batch_detect: int = 4
-    batch_upscale: int = 8
-    batch_score: int = 8
-    batch_collect: int = 64
-    max_wait_ms: int = 5
+    batch_detect: int = field(default=4, metadata={"help": "max frames per YOLO call"})
+    batch_upscale: int = field(default=8, metadata={"help": "max entries per upscale batch"})
+    batch_score: int = field(default=8, metadata={"help": "max entries per SigLIP batch"})
+    batch_collect: int = field(default=64, metadata={"help": "max entries per collect batch"})
+    max_wait_ms: int = field(default=5, metadata={"help": "wait to fill a batch"})
     # --- delivery
-    visibility_timeout_ms: int = 60000
-    max_deliveries: int = 3
+    visibility_timeout_ms: int = field(default=60000,
+                                       metadata={"help": "pending this long: reclaimed"})
+    max_deliveries: int = field(default=3, metadata={"help": "more: dead-lettered"})
     block_ms: int = field(default=1000, metadata={"help": "XREADGROUP block when idle"})
     reconnect_max_s: float = field(default=30.0, metadata={"help": "give up after this long"})
-    dead_maxlen: int = 100000
+    dead_maxlen: int = field(default=100000, metadata={"help": "dead-letter stream cap (~)"})
     # --- producers
     backpressure: str = field(default="block", metadata={"help": "block or drop-oldest"})
     high_water: int = field(default=200, metadata={"help": "inbox backlog that triggers it"})
     # --- limits (checked at the producer/gateway and again at detect)
-    max_frame_bytes: int = 25 * 1024 * 1024
-    max_pixels: int = 50_000_000
-    max_captions: int = 32
-    max_caption_chars: int = 512
+    max_frame_bytes: int = field(default=25 * 1024 * 1024, metadata={"help": "encoded frame"})
+    max_pixels: int = field(default=50_000_000, metadata={"help": "width × height"})
+    max_captions: int = field(default=32, metadata={"help": "captions per frame"})
+    max_caption_chars: int = field(default=512, metadata={"help": "characters per caption"})
     # --- surfaces
-    http_host: str = "0.0.0.0"
-    http_port: int = 5004
+    http_host: str = field(default="0.0.0.0", metadata={"help": "gateway bind address"})
+    http_port: int = field(default=5004, metadata={"help": "gateway port (seed: 5004)"})
     metrics_port: int = field(default=0, metadata={"help": "base /metrics port; 0: off"})
-    log_level: str = "INFO"
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
 
     def __post_init__(self) -> None:
         _validate(self)

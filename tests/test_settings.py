@@ -57,3 +57,10 @@ def test_settings_env_round_trips() -> None:
     s = load_settings(env={}, imgsz=320, tta=False, fallback_box="0,0,5,5", namespace="x1")
     assert load_settings(env=settings_env(s)) == s
     assert isinstance(s, Settings)
+
+
+def test_settings_doc_is_current() -> None:
+    from tools.gen_settings_doc import render
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
+    assert doc.read_text() == render(), "run: python tools/gen_settings_doc.py"
