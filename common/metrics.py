@@ -111,11 +111,13 @@ class Poller:
         return self
 
     def _run(self) -> None:
-        while not self._stop.wait(self._every):
+        while True:
             try:
                 self._fn()
             except Exception as exc:  # a gauge refresh must never take the worker down
                 log.debug("gauge refresh failed: %s", exc)
+            if self._stop.wait(self._every):
+                return
 
     def stop(self) -> None:
         self._stop.set()
