@@ -27,9 +27,9 @@ TINY_NOTE = (
 
 def demo_images() -> dict[str, bytes]:
     """The two real photos that ultralytics ships."""
-    import ultralytics
+    from spotline.models import ultralytics_assets
 
-    assets = Path(ultralytics.__file__).parent / "assets"
+    assets = ultralytics_assets()
     return {name: (assets / name).read_bytes() for name in DEMO_FRAMES}
 
 
