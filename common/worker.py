@@ -250,6 +250,10 @@ class Worker:
         outputs = []
         for env_in, routed in pairs:
             enq = enqueue_time(by_frame[env_in.frame_id].id)
+            if name == "detect":
+                self.metrics.crops_per_frame.observe(sum(
+                    len(m.boxes) for _, m in routed
+                    if isinstance(m, Envelope) and m.boxes is not None))
             for target, msg in routed:
                 if isinstance(msg, Envelope):
                     msg = msg.traced(name, enq, started, finished)

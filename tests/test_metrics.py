@@ -79,6 +79,7 @@ def test_each_worker_serves_metrics_that_move(redis_server: EmbeddedRedis,
     assert total(detect, "spotline_batch_size_sum", stage="detect") == n
     assert total(detect, "spotline_stage_seconds_count", stage="detect", phase="model") >= 1
     assert total(detect, "spotline_entry_bytes_count") > 0
+    assert total(detect, "spotline_crops_per_frame_count") == n
     collect = scraped["collect"]
     assert total(collect, "spotline_results_published_total") == n
     assert total(collect, "spotline_end_to_end_seconds_count", source="cam1") == n
