@@ -233,6 +233,16 @@ def demo(ctx: Ctx, out_dir: str, timeout: float) -> None:
         raise click.ClickException(str(exc)) from None
 
 
+def _register_io_commands() -> None:
+    from spotline.cli_io import COMMANDS
+
+    for command in COMMANDS:
+        cli.add_command(command)
+
+
+_register_io_commands()
+
+
 def main() -> None:
     try:
         cli(prog_name="spotline")
