@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from .errors import TransportError
 from .keys import Keys
@@ -26,6 +28,9 @@ T = TypeVar("T")
 
 FRAME_FIELD = b"f"  # frame id in plain text: known even when the payload is not decodable
 DATA_FIELD = b"d"  # the msgpack payload
+
+# How often a worker polls to fill a batch during max_wait_ms (see Transport.read).
+FILL_POLL_S = 0.001
 
 _CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
 
@@ -131,9 +136,13 @@ def consumer_name(stage: str) -> str:
 
 
 def connect(url: str) -> redis.Redis:
-    """A client for a Redis URL; keepalive so a dead server is noticed."""
-    return redis.Redis.from_url(url, socket_keepalive=True, socket_connect_timeout=5,
-                                health_check_interval=30)
+    """A client for a Redis URL; TCP keepalive so a dead server is noticed (a unix socket
+    needs none: the peer's death closes it)."""
+    keepalive = {} if url.startswith("unix://") else {"socket_keepalive": True}
+    # No retries inside redis-py (it would retry silently, for up to a minute):
+    # Transport.call owns reconnects, with backoff, a bounded outage and one log line.
+    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30,
+                                retry=Retry(NoBackoff(), 0), **keepalive)
 
 
 class Transport:
@@ -178,6 +187,19 @@ class Transport:
                 log.warning("redis reachable again (%s)", what)
             return result
 
+    def grouped(self, stage: str, fn: Callable[[], T], what: str) -> T:
+        """``call`` for a command on the stage's consumer group; if the group is gone (a Redis
+        restarted without persistence forgets it) recreate it, say so, and run ``fn`` again."""
+        try:
+            return self.call(fn, what)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("stage=%s consumer group missing (Redis restarted without persistence?);"
+                        " recreating it", stage)
+            self.ensure_group(stage)
+            return self.call(fn, what)
+
     # --- groups and reads ------------------------------------------------------------------
     def ensure_group(self, stage: str) -> None:
         """Create the stage's consumer group (and stream) if missing; idempotent."""
@@ -193,25 +215,27 @@ class Transport:
     def read(self, stage: str, consumer: str, count: int, block_ms: int,
              max_wait_ms: int) -> list[Entry]:
         """Read up to ``count`` new entries: block up to ``block_ms`` for the first, then wait at
-        most ``max_wait_ms`` more to fill the batch (dynamic batching)."""
-        stream, group = self.keys.inbox(stage), self.keys.group(stage)
-        got = self._xread(stream, group, consumer, count, block_ms)
+        most ``max_wait_ms`` more to fill the batch (dynamic batching).
+
+        The fill-up wait polls without BLOCK: Redis checks BLOCK timeouts on its cron tick
+        (every 100 ms at the default ``hz`` 10), so a 5 ms BLOCK that finds nothing returns
+        after up to 100 ms (measured: docs/performance.md). An XADD still wakes the first,
+        long BLOCK at once."""
+        got = self._xread(stage, consumer, count, block_ms)
         if got and len(got) < count and max_wait_ms > 0:
             deadline = time.monotonic() + max_wait_ms / 1000
             while len(got) < count:
-                left_ms = int((deadline - time.monotonic()) * 1000)
-                if left_ms <= 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     break
-                more = self._xread(stream, group, consumer, count - len(got), left_ms)
-                if not more:
-                    break
-                got += more
+                time.sleep(min(FILL_POLL_S, left))
+                got += self._xread(stage, consumer, count - len(got), 0)
         return got
 
-    def _xread(self, stream: str, group: str, consumer: str, count: int,
-               block_ms: int) -> list[Entry]:
-        reply = self.call(lambda: self.r.xreadgroup(group, consumer, {stream: ">"}, count=count,
-                                                    block=block_ms or None), "read")
+    def _xread(self, stage: str, consumer: str, count: int, block_ms: int) -> list[Entry]:
+        stream, group = self.keys.inbox(stage), self.keys.group(stage)
+        reply = self.grouped(stage, lambda: self.r.xreadgroup(
+            group, consumer, {stream: ">"}, count=count, block=block_ms or None), "read")
         entries = []
         for _name, items in reply or []:
             for entry_id, fields in items:
@@ -222,10 +246,11 @@ class Transport:
         """Take over entries pending longer than the visibility timeout (a dead consumer's)."""
         stream, group = self.keys.inbox(stage), self.keys.group(stage)
         idle = self.settings.visibility_timeout_ms
-        reply = self.call(lambda: self.r.xautoclaim(stream, group, consumer, idle, "0-0",
-                                                    count=count), "claim")
+        reply = self.grouped(stage, lambda: self.r.xautoclaim(stream, group, consumer, idle,
+                                                              "0-0", count=count), "claim")
         items = reply[1] if len(reply) > 1 else []
-        deleted = reply[2] if len(reply) > 2 else []
+        deleted = list(reply[2] if len(reply) > 2 else [])
+        deleted += [eid for eid, fields in items if not fields]  # Redis 6.2 reports them so
         if deleted:  # pending ids whose entries are gone: nothing to redo
             self.call(lambda: self.r.xack(stream, group, *deleted), "ack deleted")
         live = [(eid, fields) for eid, fields in items if fields]
@@ -240,8 +265,14 @@ class Transport:
         return {_s(row["message_id"]): int(row["times_delivered"]) for row in rows}
 
     def pending_count(self, stage: str) -> int:
-        info = self.call(lambda: self.r.xpending(self.keys.inbox(stage), self.keys.group(stage)),
-                         "pending")
+        """Entries read but not acknowledged (0 when the group does not exist)."""
+        try:
+            info = self.call(lambda: self.r.xpending(self.keys.inbox(stage),
+                                                     self.keys.group(stage)), "pending")
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            return 0
         return int(info["pending"])
 
     def backlog(self, stage: str) -> int:

@@ -44,7 +44,7 @@ class Counts:
     reclaimed: int = 0
     duplicates: int = 0
     results: int = 0
-    by_frame: dict[str, int] = field(default_factory=dict)
+    by_frame: dict[str, int] = field(default_factory=dict, repr=False)  # not in the log line
 
 
 @dataclass
@@ -179,12 +179,7 @@ class Worker:
                   entry.id, reason)
         outputs: list[Output] = []
         if frame:
-            env = Envelope(frame_id=frame, source_id="unknown", error=f"dead-lettered in "
-                           f"{self.stage.name}: {reason}")
-            try:
-                env = decode(entry.payload).replace(error=env.error)  # type: ignore[union-attr]
-            except (DecodeError, AttributeError, TypeError):
-                pass
+            env = _dead_answer(entry, frame, f"dead-lettered in {self.stage.name}: {reason}")
             if self.stage.name == "collect":
                 result = error_result(env, env.error or reason, self.settings.fallback_box)
                 self.t.finish(frame, encode(result), ())
@@ -291,8 +286,7 @@ class Worker:
                 self.metrics.entries.labels("collect", "duplicate").inc()
                 log.info("frame=%s entry=%s already answered; dropped", env.frame_id, it.entry.id)
                 continue
-            merged = merge_parts([decode(p) for p in parts])  # type: ignore[misc]
-            complete[env.frame_id] = (merged, [it.entry.id])
+            complete[env.frame_id] = (_merge_or_error(env, parts), [it.entry.id])
         if not complete:
             return
         pairs = self._process([env for env, _ in complete.values()])
@@ -318,6 +312,19 @@ class Worker:
             self.metrics.e2e_seconds.labels(result.source_id).observe(result.latency)
 
 
+def _dead_answer(entry: Entry, frame: str, error: str) -> Envelope:
+    """The error envelope that answers a dead-lettered entry's frame: with the entry's own
+    fields (source, captions, capture time) when its payload is an envelope, else bare (an
+    undecodable payload, or a Result where an Envelope belongs)."""
+    try:
+        msg = decode(entry.payload)
+    except DecodeError:
+        msg = None
+    if isinstance(msg, Envelope):
+        return msg.replace(frame_id=frame, error=error)
+    return Envelope(frame_id=frame, source_id="unknown", error=error)
+
+
 def _strip(env: Envelope) -> Envelope:
     """An error envelope carries no pixels: the collector only needs the frame's identity."""
     return env.replace(image=None, crops=(), boxes=None, det_scores=None, scores=None, part=0,
@@ -331,6 +338,17 @@ def _group_by_frame(inputs: Sequence[Envelope], routed: list[Routed]) -> list[
         by_id.setdefault(msg.frame_id, []).append((target, msg))
     first = {e.frame_id: e for e in inputs}
     return [(first[fid], outs) for fid, outs in by_id.items() if fid in first]
+
+
+def _merge_or_error(env: Envelope, parts: list[bytes]) -> Envelope:
+    """The joined frame; parts that do not fit together (shapes that some other writer got
+    wrong) make an error envelope for the frame instead of killing the collector."""
+    try:
+        return merge_parts([decode(p) for p in parts])  # type: ignore[misc]
+    except Exception as exc:  # noqa: BLE001 - any failure here is this frame's, not the worker's
+        reason = f"collect cannot join the parts: {type(exc).__name__}: {exc}"
+        log.error("frame=%s %s", env.frame_id, reason)
+        return _strip(env.replace(error=reason))
 
 
 def merge_parts(parts: list[Envelope]) -> Envelope:

@@ -14,9 +14,11 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from spotline.common.codec import decode, encode
 from spotline.common.envelope import Envelope, Result, new_frame_id
-from spotline.common.errors import DecodeError, InputError, SpotlineError
+from spotline.common.errors import DecodeError, SpotlineError
 from spotline.common.settings import Settings, load_settings
 from spotline.common.transport import Transport
+from spotline.producer.sources import check_frame
+from spotline.producer.sources import image_size as read_image_size
 
 
 class ResultTimeout(SpotlineError):
@@ -39,12 +41,15 @@ class Client:
     def publish(self, image: bytes, captions: Sequence[str], source_id: str = "default",
                 capture_time: float | None = None, frame_id: str | None = None,
                 image_size: tuple[int, int] = (0, 0)) -> str:
-        """Publish one encoded image (JPEG/PNG bytes) with its captions; returns the frame id."""
-        if not isinstance(image, bytes | bytearray) or not image:
-            raise InputError("image must be non-empty encoded bytes (JPEG/PNG)")
+        """Publish one encoded image (JPEG/PNG bytes) with its captions; returns the frame id.
+
+        The frame must pass the limits every producer and the gateway check (size, pixels,
+        captions: ``sources.validate_frame``), else InputError; an ``image_size`` given means
+        the caller has already validated it, and only the cheap checks run again."""
+        check_frame(image, captions, self.settings)
+        if tuple(image_size) == (0, 0):
+            image_size = read_image_size(bytes(image), self.settings)
         captions = tuple(captions)
-        if not captions:
-            raise InputError("a frame needs at least one caption")
         if not self._group_ready:
             self.t.ensure_group("detect")
             self._group_ready = True

@@ -30,6 +30,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from spotline.common.errors import InputError, TransportError
 from spotline.common.settings import Settings, load_settings, settings_env
+from spotline.common.transport import connect
 from spotline.producer.client import Client
 from spotline.producer.publisher import BLOCK, PublishStats, publish_source
 from spotline.producer.sources import open_source
@@ -46,7 +47,7 @@ META_EVERY_S = 0.5  # how often a running job saves its progress
 
 def rq_connection(url: str) -> redis.Redis:
     """A Redis client for RQ (bytes replies, as RQ expects)."""
-    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_keepalive=True)
+    return connect(url)
 
 
 def ingest_queue(url: str, queue_name: str = DEFAULT_QUEUE,

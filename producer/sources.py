@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from spotline.common.errors import InputError
+from spotline.common.limits import check_captions
 from spotline.common.settings import Settings
 
 from spotline.evaluate import TilImage, load_til
@@ -464,28 +465,6 @@ def load_captions(captions: Iterable[str], captions_file: str | Path | None = No
             raise InputError(f"captions file {captions_file} is not UTF-8 text") from None
         out.extend(line.strip() for line in text.splitlines() if line.strip())
     return tuple(out)
-
-
-def check_captions(captions: Any, settings: Settings) -> None:
-    """Raise InputError unless captions is a non-empty list of usable strings within the limits."""
-    if isinstance(captions, (str, bytes)):
-        raise InputError("captions must be a list of strings, not a single string")
-    if not captions:
-        raise InputError("no captions")
-    if len(captions) > settings.max_captions:
-        raise InputError(f"too many captions: {len(captions)} > {settings.max_captions}")
-    for i, caption in enumerate(captions):
-        if not isinstance(caption, str):
-            raise InputError(f"caption {i} is not a string: {type(caption).__name__}")
-        if not caption.strip():
-            raise InputError(f"caption {i} is empty")
-        if len(caption) > settings.max_caption_chars:
-            raise InputError(f"caption {i} is too long: {len(caption)} > "
-                             f"{settings.max_caption_chars} characters")
-        try:
-            caption.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InputError(f"caption {i} is not valid Unicode text") from None
 
 
 def check_frame(image: Any, captions: Any, settings: Settings) -> None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,8 @@ from spotline.common.settings import Settings, settings_env
 log = logging.getLogger(__name__)
 
 UP_FILE = "up.json"  # where a running `spotline up` tells other commands its Redis URL
+SUPERVISE_EVERY_S = 0.5  # how often LocalPipeline looks for dead children
+QUICK_DEATH_S = 5.0  # a child dying this soon after a start, 3+ times: restart with backoff
 
 
 def pipeline_stages(settings: Settings) -> list[str]:
@@ -38,6 +42,7 @@ class Child:
     restarts: int = 0
     started: float = 0.0
     metrics_port: int | None = None
+    not_before: float = 0.0  # a child that keeps dying is restarted no sooner than this
 
     @property
     def name(self) -> str:
@@ -79,25 +84,34 @@ class Supervisor:
         return self
 
     def check(self) -> list[str]:
-        """Restart children that died; returns what happened, one line each."""
-        events = []
-        for child in self.children:
-            code = child.proc.poll() if child.proc else None
-            if code is None:
-                continue
-            if self.burst and code == 0:
-                continue
-            if time.monotonic() - child.started < 5 and child.restarts >= 3:
-                backoff = min(30, 2 ** child.restarts)
-                events.append(f"{child.name} keeps dying (exit {code}); waiting {backoff}s")
-                time.sleep(backoff)
-            child.restarts += 1
-            events.append(f"{child.name} (pid {child.proc.pid}) exited with {code}; "  # type: ignore
-                          f"restarting (restart #{child.restarts})")
-            child.start()
+        """Restart children that died (never blocks: one that keeps dying is restarted with
+        a growing delay); returns what happened, one line each, also logged as warnings."""
+        events = [line for child in self.children if (line := self._check_child(child))]
         for line in events:
             log.warning(line)
         return events
+
+    def _check_child(self, child: Child) -> str | None:
+        code = child.proc.poll() if child.proc else None
+        if child.proc is None or code is None or (self.burst and code == 0):
+            return None
+        now = time.monotonic()
+        pid = child.proc.pid
+        if not child.not_before and now - child.started < QUICK_DEATH_S and child.restarts >= 3:
+            backoff = min(30, 2 ** child.restarts)
+            child.not_before = now + backoff
+            return (f"worker {child.name} (pid {pid}) {describe_exit(code)} again, "
+                    f"{now - child.started:.1f}s after its start: it keeps dying; next restart "
+                    f"in {backoff}s")
+        if now < child.not_before:
+            return None
+        child.not_before = 0.0
+        child.restarts += 1
+        child.start()
+        return (f"worker {child.name} (pid {pid}) {describe_exit(code)}; restarted it as pid "
+                f"{child.proc.pid} (restart #{child.restarts}). A live {child.stage} worker "
+                f"takes over the entries it held after visibility_timeout_ms "
+                f"({self.settings.visibility_timeout_ms} ms)")
 
     def alive(self) -> bool:
         return any(c.proc is not None and c.proc.poll() is None for c in self.children)
@@ -117,6 +131,16 @@ class Supervisor:
                 log.warning("%s did not stop in time; killing", child.name)
                 child.proc.kill()
                 child.proc.wait()
+
+
+def describe_exit(code: int) -> str:
+    """``-9`` → "was killed by SIGKILL", ``1`` → "exited with status 1"."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
 
 
 def parse_workers(specs: tuple[str, ...]) -> dict[str, int]:
@@ -164,19 +188,25 @@ class LocalPipeline:
 
         with LocalPipeline(settings) as url:
             client = Client.connect(url, settings)
+
+    Once every worker is ready, a background thread restarts any that dies (like `spotline
+    up`), unless ``supervise`` is False.
     """
 
     def __init__(self, settings: Settings, workers: dict[str, int] | None = None,
                  metrics: bool = False, ready_timeout: float = 600.0,
-                 persist: bool = False) -> None:
+                 persist: bool = False, supervise: bool = True) -> None:
         self.settings = settings
         self.workers = workers or {}
         self.metrics = metrics
         self.ready_timeout = ready_timeout
         self.persist = persist
+        self.supervise = supervise
         self.server: EmbeddedRedis | None = None
         self.supervisor: Supervisor | None = None
         self.url = ""
+        self._done = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def __enter__(self) -> str:
         from spotline.models import resolve_weights
@@ -190,7 +220,20 @@ class LocalPipeline:
         except BaseException:
             self.__exit__(None, None, None)
             raise
+        if self.supervise:
+            self._done.clear()
+            self._watcher = threading.Thread(target=self._watch, args=(self.supervisor,),
+                                             daemon=True, name="spotline-supervisor")
+            self._watcher.start()
         return self.url
+
+    def _watch(self, supervisor: Supervisor) -> None:
+        """Restart dead workers until the pipeline stops."""
+        while not self._done.wait(SUPERVISE_EVERY_S):
+            try:
+                supervisor.check()
+            except Exception:  # supervision must outlive a failed restart; say why
+                log.exception("restarting a worker failed")
 
     def wait_ready(self) -> None:
         """Block until every worker has loaded its model and sent a heartbeat."""
@@ -217,6 +260,10 @@ class LocalPipeline:
             t.close()
 
     def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._watcher is not None:  # before stopping children: none is restarted any more
+            self._watcher.join()
+            self._watcher = None
         if self.supervisor is not None:
             self.supervisor.stop()
             self.supervisor = None

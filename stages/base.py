@@ -8,7 +8,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
+import numpy as np
 from spotline.common.envelope import Envelope, Result
+from spotline.common.errors import InputError
 from spotline.common.settings import Settings
 
 # Where an output goes: the name of the next stage ("upscale", "score", "collect"), or
@@ -37,3 +39,18 @@ class Stage(ABC):
         Raising fails the whole batch: the worker then retries item by item, and an item that
         fails alone is answered with an error result.
         """
+
+
+def check_crops(env: Envelope) -> None:
+    """Refuse crops a model cannot take (upscale and score read crops that detect cut, but
+    anything may write to their inboxes): InputError names the frame, the crop and why."""
+    if env.boxes is not None and len(env.boxes) != len(env.crops):
+        raise InputError(f"frame {env.frame_id}: {len(env.crops)} crops for "
+                         f"{len(env.boxes)} boxes")
+    for i, crop in enumerate(env.crops):
+        if crop.ndim != 3 or crop.shape[2] != 3 or crop.dtype != np.uint8:
+            raise InputError(f"frame {env.frame_id}: crop {i} is {crop.dtype} of shape "
+                             f"{crop.shape}, not uint8 H×W×3")
+        if min(crop.shape[:2]) == 0:
+            raise InputError(f"frame {env.frame_id}: crop {i} has a zero-size side "
+                             f"({crop.shape[1]}x{crop.shape[0]} px)")

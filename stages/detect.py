@@ -3,14 +3,17 @@ the crops and fan them out in parts of at most ``crops_per_part``."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from spotline.common.envelope import Envelope
 from spotline.common.errors import InputError, ModelError
+from spotline.common.limits import check_captions
 from spotline.common.settings import Settings
 from spotline.stages.base import Routed, Stage
 
@@ -41,8 +44,9 @@ class Detect(Stage):
         paths = models.resolve_weights(self.settings)
         self.device = models.resolve_device(self.settings)
         self.half = models.use_half(self.settings, self.device)
-        models.set_threads(self.settings)
         self.model = load_detector(paths.detector)
+        # after the import: importing Ultralytics turns OpenCV's threads off
+        models.set_threads(self.settings, self.name)
         self.model_name = paths.detector.name
         self.device_name = self.device
         if not self.settings.upscale:
@@ -52,9 +56,12 @@ class Detect(Stage):
             detect_frames(self.model, [blank], self.settings, self.device, self.half)
 
     def process(self, batch: list[Envelope]) -> list[Routed]:
-        """Decode all frames (a bad one raises InputError), predict once, split into parts."""
+        """Check and decode all frames (a bad one raises InputError), predict once, split into
+        parts."""
         if self.model is None:
             self.setup()
+        for env in batch:
+            check_input(env, self.settings)
         images = [decode_frame(env, self.settings) for env in batch]
         found = detect_frames(self.model, images, self.settings, self.device, self.half)
         out: list[Routed] = []
@@ -83,15 +90,33 @@ def detect_frames(model: Any, images: list[np.ndarray], settings: Settings, devi
     found: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros((0, 4), np.float32),
                                                    np.zeros(0, np.float32))] * len(images)
     for indices in predict_groups(images, device):
-        results = model.predict([images[i] for i in indices], imgsz=settings.imgsz,
-                                conf=settings.conf, iou=settings.iou, max_det=settings.max_det,
-                                augment=settings.tta, device=device, verbose=False,
-                                **_precision(half))
+        with _keep_threads():
+            results = model.predict([images[i] for i in indices], imgsz=settings.imgsz,
+                                    conf=settings.conf, iou=settings.iou,
+                                    max_det=settings.max_det, augment=settings.tta,
+                                    device=device, verbose=False, **_precision(half))
         for i, result in zip(indices, results, strict=True):
             boxes = result.boxes
             found[i] = (boxes.xyxy.float().cpu().numpy().astype(np.float32).reshape(-1, 4),
                         boxes.conf.float().cpu().numpy().astype(np.float32).reshape(-1))
     return found
+
+
+@contextlib.contextmanager
+def _keep_threads() -> Iterator[None]:
+    """Ultralytics' first predict sets torch to cores - 1 threads (at most 8) for the whole
+    process (1 on a 2-core machine), whatever the stage or the reference chose, and runs with
+    it: have it set ours instead (same threads, same bits), and put ours back regardless."""
+    import torch
+    from ultralytics.utils import torch_utils
+
+    threads = torch.get_num_threads()
+    torch_utils.NUM_THREADS = threads  # what its select_device sets on the CPU
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def predict_groups(images: list[np.ndarray], device: str) -> list[list[int]]:
@@ -116,6 +141,15 @@ def _precision(half: bool) -> dict[str, Any]:
     return {"quantize": 16} if "quantize" in DEFAULT_CFG_DICT else {"half": True}
 
 
+def check_input(env: Envelope, settings: Settings) -> None:
+    """The caption limits again (producers check them, but anything may write to the frames
+    stream): InputError names the frame and the problem."""
+    try:
+        check_captions(env.captions, settings)
+    except InputError as exc:
+        raise InputError(f"frame {env.frame_id}: {exc}") from None
+
+
 def decode_frame(env: Envelope, settings: Settings) -> np.ndarray:
     """The frame's image bytes as an 8-bit 3-channel BGR array; InputError names the frame."""
     data = env.image
@@ -127,7 +161,10 @@ def decode_frame(env: Envelope, settings: Settings) -> np.ndarray:
     _check_pixels(env.frame_id, data, settings.max_pixels)
     import cv2
 
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    # COLOR|ANYDEPTH: grey becomes 3-channel, alpha is dropped, 16-bit stays 16-bit (scaled in
+    # to_bgr8) and, unlike IMREAD_UNCHANGED, EXIF orientation is applied: boxes are in the
+    # coordinates of the upright photo, as every viewer (and annotate) shows it.
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
     if image is None or image.size == 0:
         raise InputError(f"frame {env.frame_id}: cannot decode the image ({len(data)} bytes)")
     if image.shape[0] * image.shape[1] > settings.max_pixels:
@@ -137,22 +174,29 @@ def decode_frame(env: Envelope, settings: Settings) -> np.ndarray:
 
 
 def _check_pixels(frame_id: str, data: bytes, max_pixels: int) -> None:
-    """Refuse oversized PNG/JPEG images from their header, before decoding them."""
-    size = header_size(data)
+    """Refuse zero-sized and oversized images from their header, before decoding them."""
+    try:
+        size = header_size(data)
+    except InputError as exc:
+        raise InputError(f"frame {frame_id}: {exc}") from None
+    if size and min(size) <= 0:
+        raise InputError(f"frame {frame_id}: the image is {size[0]}x{size[1]} pixels "
+                         "(zero-sized)")
     if size and size[0] * size[1] > max_pixels:
         raise InputError(f"frame {frame_id}: {size[0]}x{size[1]} is over max_pixels {max_pixels}")
 
 
 def header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG or JPEG header; None for other or unreadable data.
+    """(width, height) from the image header; None for unreadable data.
 
-    (Not PIL: Ultralytics patches ``PIL.Image.open`` to pip-install a HEIF plugin whenever
-    Pillow cannot identify some bytes.)"""
+    PNG and JPEG headers are parsed here; other formats (BMP, WebP, TIFF...) are read lazily by
+    Pillow, with Ultralytics' patch of ``PIL.Image.open`` undone first (it pip-installs a HEIF
+    plugin whenever Pillow cannot identify some bytes)."""
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
         width, height = struct.unpack(">II", data[16:24])
         return width, height
     if data[:2] != b"\xff\xd8":
-        return None
+        return _pillow_size(data)
     i = 2
     while i + 9 <= len(data):
         if data[i] != 0xFF:
@@ -166,6 +210,24 @@ def header_size(data: bytes) -> tuple[int, int] | None:
             continue
         i += 2 + struct.unpack(">H", data[i + 2:i + 4])[0]
     return None
+
+
+def _pillow_size(data: bytes) -> tuple[int, int] | None:
+    import io
+    import warnings
+
+    from PIL import Image
+
+    models.undo_ultralytics_pil_patch()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                return int(im.size[0]), int(im.size[1])
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"too many pixels: {exc}") from None
+    except Exception:  # noqa: BLE001 - unreadable here: OpenCV decides (and refuses) later
+        return None
 
 
 def to_bgr8(image: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ import numpy as np
 from spotline.common.envelope import Envelope
 from spotline.common.errors import ModelError
 from spotline.common.settings import Settings
-from spotline.stages.base import Routed, Stage
+from spotline.stages.base import Routed, Stage, check_crops
 
 from spotline import models
 
@@ -44,7 +44,7 @@ class Score(Stage):
 
         paths = models.resolve_weights(self.settings)
         self.device = models.resolve_device(self.settings)
-        models.set_threads(self.settings)
+        models.set_threads(self.settings, self.name)
         self.dtype = torch.float16 if models.use_half(self.settings, self.device) else torch.float32
         self.model, self.processor = load_scorer(paths.scorer, self.device, self.dtype)
         tok = self.processor.tokenizer
@@ -57,6 +57,8 @@ class Score(Stage):
         """All crops of the batch through the image tower at once; C×N scores per envelope."""
         if self.model is None:
             self.setup()
+        for env in batch:
+            check_crops(env)
         crops = [crop for env in batch for crop in env.crops]
         images = self.image_embeds(crops)
         out: list[Routed] = []

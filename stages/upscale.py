@@ -13,7 +13,7 @@ import numpy as np
 from spotline.common.envelope import Envelope
 from spotline.common.errors import ModelError
 from spotline.common.settings import Settings
-from spotline.stages.base import Routed, Stage
+from spotline.stages.base import Routed, Stage, check_crops
 
 from spotline import models
 
@@ -34,7 +34,7 @@ class Upscale(Stage):
         """Load the Real-ESRGAN weights (architecture inferred from the state dict)."""
         paths = models.resolve_weights(self.settings)
         device = models.resolve_device(self.settings)
-        models.set_threads(self.settings)
+        models.set_threads(self.settings, self.name)
         self.upsampler = load_upscaler(paths.upscaler, device,
                                        models.use_half(self.settings, device))
         self.crop_cap = models.scorer_input_size(self.settings, paths.scorer)
@@ -45,6 +45,8 @@ class Upscale(Stage):
         """Upscale every crop of every envelope; route each envelope to score."""
         if self.upsampler is None:
             self.setup()
+        for env in batch:
+            check_crops(env)
         out: list[Routed] = []
         for env in batch:
             crops = tuple(models.cap_crop(upscale_crop(self.upsampler, crop, self.settings),

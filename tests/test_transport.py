@@ -43,6 +43,16 @@ def test_batched_read_takes_max_entries_or_max_wait(transport: Transport) -> Non
     assert transport.read("detect", "c1", 10, 10, 0) == []
 
 
+def test_max_wait_is_kept_to_the_millisecond(transport: Transport) -> None:
+    """Redis checks a BLOCK timeout only on its 100 ms cron tick; the fill-up wait must not
+    inherit that (it made every stage wait ~100 ms on a batch that was not full)."""
+    transport.ensure_group("detect")
+    _fill(transport, "detect", 1)
+    t0 = time.monotonic()
+    assert len(transport.read("detect", "c1", 4, 100, 10)) == 1
+    assert 0.009 <= time.monotonic() - t0 < 0.06
+
+
 def test_commit_writes_outputs_and_acks_inputs_atomically(transport: Transport) -> None:
     k = transport.keys
     transport.ensure_group("detect")
