@@ -67,14 +67,14 @@ class EmbeddedRedis:
     embedded server keeps acknowledged frames; the default keeps everything in memory (tests,
     demos): a restart then loses whatever was in flight.
 
-    The server also listens on a unix socket in ``data_dir`` and ``url`` prefers it: every
-    client of an embedded server is on this machine, and a unix socket makes each Redis round
-    trip a little shorter (docs/performance.md). ``tcp_url`` stays available.
+    ``unix_socket=True`` also listens on a unix socket in ``data_dir`` (``unix_url``). ``url``
+    stays TCP: measured, a unix socket is faster for small entries but slower for the
+    pipeline's 100-500 kB ones (its default 208 kB buffer; docs/performance.md).
     """
 
     def __init__(self, data_dir: str | Path | None = None, persist: bool = False,
                  port: int | None = None, maxmemory: str | None = None,
-                 unix_socket: bool = True) -> None:
+                 unix_socket: bool = False) -> None:
         self.persist = persist
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="spotline-redis-")
         # absolute: redis-server chdirs into --dir before opening its log file
@@ -87,8 +87,7 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        """The URL local clients should use: the unix socket when there is one."""
-        return self.unix_url or self.tcp_url
+        return self.tcp_url
 
     @property
     def tcp_url(self) -> str:

@@ -36,7 +36,8 @@ class Settings:
     scorer_dir: str = field(default="", metadata={"help": "SigLIP/CLIP save_pretrained dir"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
     half: bool = field(default=True, metadata={"help": "fp16 on CUDA (ignored on CPU)"})
-    torch_threads: int = field(default=0, metadata={"help": "threads per model worker; 0: auto"})
+    torch_threads: int = field(default=0, metadata={
+        "help": "threads per model worker; 0: auto (a share of the cores, docs/performance.md)"})
     # --- detect (seed: predict(imgsz=1600, conf=0.1, iou=0.1, max_det=10, augment=True))
     imgsz: int = field(default=1600, metadata={"help": "YOLO inference size (seed: 1600)"})
     conf: float = field(default=0.1, metadata={"help": "YOLO confidence threshold"})
@@ -67,7 +68,8 @@ class Settings:
     batch_upscale: int = field(default=8, metadata={"help": "max entries per upscale batch"})
     batch_score: int = field(default=8, metadata={"help": "max entries per SigLIP batch"})
     batch_collect: int = field(default=64, metadata={"help": "max entries per collect batch"})
-    max_wait_ms: int = field(default=5, metadata={"help": "wait to fill a batch"})
+    max_wait_ms: int = field(default=0, metadata={
+        "help": "wait to fill a batch; 0: take what is queued (batches fill under load)"})
     # --- delivery
     visibility_timeout_ms: int = field(default=60000,
                                        metadata={"help": "pending this long: reclaimed"})

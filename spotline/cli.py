@@ -148,7 +148,7 @@ def dead_list(ctx: Ctx, count: int) -> None:
     if not rows:
         click.echo("no dead letters")
     for row in rows:
-        click.echo(f"{row.id}  {row.stage:<8} frame={row.frame or '?':<32} "
+        click.echo(f"{row.id}  stream={row.stream} frame={row.frame or '?'} "
                    f"deliveries={row.deliveries} age={row.age_s:.0f}s  {row.reason}")
 
 
@@ -168,21 +168,61 @@ def dead_retry(ctx: Ctx, ids: tuple[str, ...], all_: bool) -> None:
 
 
 @cli.command()
-@click.option("--only", type=click.Choice(["transport"]), default="transport",
-              show_default=True, help="Which benchmark to run.")
-@click.option("--iterations", default=300, show_default=True)
+@click.option("--quick", is_flag=True, help="Tiny models on 4 frames, fewer round trips and a "
+              "100-frame backlog: about a minute (tests).")
+@click.option("--frames", "n_frames", type=click.IntRange(1), default=None,
+              help="Tiny-model frames: the bundled photos, then synthetic 1520x870 ones "
+              "[default: 24; --quick: 4].")
+@click.option("--real/--no-real", default=False, show_default=True,
+              help="Also run real-size random architectures (YOLOv9c at imgsz with TTA, SRVGG "
+              "x4v3, SigLIP-large-384): ~40 s per frame per pass on 2 CPU cores, ~12 minutes "
+              "in all; written once under data_dir.")
+@click.option("--real-frames", type=click.IntRange(1), default=3, show_default=True,
+              help="Frames for the real-size part.")
+@click.option("--iterations", type=click.IntRange(1), default=None,
+              help="Transport hops per message [default: 300; --quick: 60].")
+@click.option("--rounds", type=click.IntRange(1), default=None,
+              help="Tiny-model measurements keep the best of this many rounds (a shared "
+              "machine only adds time) [default: 2; --quick: 1].")
+@click.option("--only", type=click.Choice(["all", "transport"]), default="all",
+              show_default=True, help="transport: only the hop micro-benchmark.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Also write the figures as JSON here.")
+              help="Write every figure as JSON here (fields: docs/performance.md).")
+@click.option("--png", "png_path", type=click.Path(dir_okay=False), default=None,
+              help="Draw throughput, latency percentiles and stage times here (PNG).")
 @pass_ctx
-def bench(ctx: Ctx, only: str, iterations: int, json_path: str | None) -> None:
-    """Benchmarks (figures, never pass/fail): the transport round trip on embedded Redis."""
-    from spotline.bench import transport_bench
+def bench(ctx: Ctx, quick: bool, n_frames: int | None, real: bool, real_frames: int,
+          iterations: int | None, rounds: int | None, only: str, json_path: str | None,
+          png_path: str | None) -> None:
+    """Measure this machine (figures, never pass/fail): the transport hop; the in-process
+    reference against the streaming pipeline (one worker per stage, then two for the slowest)
+    on the same frames with tiny models; light-load latency; Redis memory under a 1,000-frame
+    backlog; with --real, the same with real-size architectures. See docs/performance.md."""
+    from spotline import bench as b
 
-    report = transport_bench(ctx.settings, iterations=iterations)
-    click.echo(report.table())
+    opts = b.BenchOptions.quick_run() if quick else b.BenchOptions()
+    changes = {k: v for k, v in (("frames", n_frames), ("iterations", iterations),
+                                 ("rounds", rounds)) if v}
+    opts = b.BenchOptions(**{**opts.__dict__, **changes, "real": real,
+                             "real_frames": real_frames})
+    try:
+        if only == "transport":
+            report = {"transport": b.transport_bench(ctx.settings, opts.iterations)}
+            click.echo("\n".join(b.transport_lines(report)))
+        else:
+            if not real:
+                click.echo("(real-size architectures off: add --real for them, ~12 more "
+                           "minutes on 2 CPU cores)")
+            report = b.main(ctx.settings, opts, say=lambda m: click.echo(m, err=True))
+            click.echo(b.table(report))
+    except SpotlineError as exc:
+        raise click.ClickException(str(exc)) from None
     if json_path:
-        Path(json_path).write_text(report.to_json())
+        b.write_json(report, json_path)
         click.echo(f"wrote {json_path}")
+    if png_path and only == "all":
+        b.write_png(report, png_path)
+        click.echo(f"wrote {png_path}")
 
 
 @cli.command()
@@ -203,14 +243,14 @@ def serve(ctx: Ctx, host: str | None, port: int | None, metrics_port: int | None
     from spotline.producer.client import Client
     from spotline.producer.gateway import create_app
 
+    # A SIGTERM before uvicorn runs, or the one uvicorn re-raises after its graceful
+    # shutdown, is a clean exit 0 (what compose and supervisors expect).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     s = ctx.settings
     metrics = Metrics()
     if metrics_port is not None:
         metrics.serve(metrics_port)
     app = create_app(s, Client.connect(_need_url(s), s), metrics, timeout_s=timeout)
-    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal on its way out;
-    # this handler turns that second delivery into a clean exit 0 (what compose expects).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(app, host=host or s.http_host, port=port or s.http_port,
                 log_level=s.log_level.lower(), timeout_graceful_shutdown=5)
 

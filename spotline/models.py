@@ -107,12 +107,49 @@ def use_half(settings: Settings, device: str) -> bool:
     return bool(settings.half) and device.startswith("cuda")
 
 
-def set_threads(settings: Settings) -> None:
-    """Cap torch's intra-op threads when ``torch_threads`` > 0."""
-    if settings.torch_threads > 0:
-        import torch
+# How the cores are shared when ``torch_threads`` is 0 (auto) and each model stage is its own
+# process on one machine: score (SigLIP-large, the slowest real-size model) gets half, detect
+# and upscale a quarter each; with upscaling off, score two thirds and detect one third.
+THREAD_SHARES = {"detect": 1, "upscale": 1, "score": 2}
 
-        torch.set_num_threads(settings.torch_threads)
+
+def cpu_count() -> int:
+    """The cores this process may run on (its affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def threads_for(settings: Settings, stage: str | None = None) -> int:
+    """Intra-op threads for a stage's process: ``torch_threads`` when set; else (auto) the
+    stage's share of the cores, at least 1 (2 cores: 1 each; 16: detect 4, upscale 4,
+    score 8). ``stage=None`` is a process that runs every stage (the in-process reference):
+    all cores."""
+    if settings.torch_threads > 0:
+        return settings.torch_threads
+    cores = cpu_count()
+    if stage is None or stage not in THREAD_SHARES:
+        return cores
+    shares = {k: v for k, v in THREAD_SHARES.items() if k != "upscale" or settings.upscale}
+    return max(1, cores * shares.get(stage, 1) // sum(shares.values()))
+
+
+def set_threads(settings: Settings, stage: str | None = None) -> int:
+    """Set torch's (and OpenCV's) thread count for this process; returns it.
+
+    Stages on one CPU that each used every core would fight: an OpenMP team that shares its
+    cores with another busy process waits on its slowest thread (measured on 2 cores,
+    SigLIP-large: 2 threads 11 s alone but 22 s beside a busy process; 1 thread 20 s either
+    way; docs/performance.md)."""
+    import cv2
+    import torch
+
+    n = threads_for(settings, stage)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    cv2.setNumThreads(n)
+    return n
 
 
 # --- where the weights are --------------------------------------------------------------------
@@ -277,7 +314,12 @@ def write_yolo(path: Path, cfg: dict[str, Any] | str, calibrate_size: int = 256)
     undo_ultralytics_pil_patch()
     torch.manual_seed(SEED)
     model = DetectionModel(cfg, nc=1, verbose=False)
-    _calibrate_yolo(model, calibrate_size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # reductions sum in a thread-dependent order: same bits anywhere
+    try:
+        _calibrate_yolo(model, calibrate_size)
+    finally:
+        torch.set_num_threads(threads)
     ckpt = {"model": model.half(), "ema": None, "optimizer": None, "epoch": -1,
             "train_args": {"task": "detect", "imgsz": 640, "single_cls": True},
             "date": "1970-01-01T00:00:00", "version": "spotline-random"}
