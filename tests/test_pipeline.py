@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import cv2
 import numpy as np
 import pytest
 from spotline.common.codec import decode
@@ -13,23 +12,11 @@ from spotline.common.embedded import EmbeddedRedis
 from spotline.common.settings import Settings
 from spotline.producer.client import Client
 
+from spotline.bench import synthetic_frame
 from spotline.demo import DEMO_FRAMES, demo_images
 from spotline.reference import Reference
 from spotline.up import LocalPipeline
 from tests.conftest import FAST
-
-
-def synthetic_frame(seed: int) -> bytes:
-    """A 1520×870 frame with a few coloured shapes on a noisy sky."""
-    rng = np.random.default_rng(seed)
-    img = rng.integers(90, 140, (870, 1520, 3), dtype=np.uint8)
-    for _ in range(6):
-        x, y = int(rng.integers(0, 1400)), int(rng.integers(0, 780))
-        w, h = int(rng.integers(20, 120)), int(rng.integers(10, 90))
-        cv2.rectangle(img, (x, y), (x + w, y + h), [int(c) for c in rng.integers(0, 255, 3)], -1)
-    ok, buf = cv2.imencode(".jpg", img)
-    assert ok
-    return buf.tobytes()
 
 
 @pytest.fixture(scope="module")
