@@ -137,12 +137,32 @@ def consumer_name(stage: str) -> str:
 
 def connect(url: str) -> redis.Redis:
     """A client for a Redis URL; TCP keepalive so a dead server is noticed (a unix socket
-    needs none: the peer's death closes it)."""
+    needs none: the peer's death closes it). A URL with ``?cluster=true`` (any node of a Redis
+    Cluster) gives a cluster client: every key of a pipeline shares the ``{ns}`` hash tag, so
+    its scripts and transactions stay in one slot."""
     keepalive = {} if url.startswith("unix://") else {"socket_keepalive": True}
+    base, cluster = _cluster_flag(url)
+    if cluster:
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(base, socket_connect_timeout=5, **keepalive)  # type: ignore
     # No retries inside redis-py (it would retry silently, for up to a minute):
     # Transport.call owns reconnects, with backoff, a bounded outage and one log line.
     return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30,
                                 retry=Retry(NoBackoff(), 0), **keepalive)
+
+
+def _cluster_flag(url: str) -> tuple[str, bool]:
+    """(the URL without a ``cluster=`` query parameter, whether it asked for a cluster)."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query)
+    flags = [v for k, v in query if k == "cluster"]
+    if not flags:
+        return url, False
+    rest = urlencode([(k, v) for k, v in query if k != "cluster"])
+    return urlunsplit(parts._replace(query=rest)), flags[-1].lower() in ("1", "true", "yes")
 
 
 class Transport:
