@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -29,6 +29,8 @@ from spotline.producer.publisher import (
     publish_source,
 )
 from spotline.producer.sources import Reconnect, open_source
+
+from tests.faultlib import wait_for
 
 CAPS = ("grey missile", "yellow helicopter")
 
@@ -67,13 +69,6 @@ def write_til(root: Path, n: int = 2) -> Path:
             {"caption": "yellow helicopter", "bbox": [20, 10, 8, 8]}]}))
     (root / "vlm.jsonl").write_text("\n".join(lines) + "\n")
     return root
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def stream_envelopes(t: Transport) -> list[Envelope]:
@@ -199,7 +194,7 @@ def test_block_waits_for_the_backlog_then_loses_nothing(tmp_path: Path, redis_se
         open_source(str(folder), CAPS), client, s, policy="block", progress=False)))
     thread.start()
     stream = transport.keys.inbox("detect")
-    wait_until(lambda: transport.r.xlen(stream) == 2, what="two frames in the inbox")
+    wait_for(lambda: transport.r.xlen(stream) == 2, what="two frames in the inbox")
     assert thread.is_alive()  # blocked at high water, nothing dropped
     seen: list[Envelope] = []
     while len(seen) < 5:  # a consumer catches up; the producer goes on each time

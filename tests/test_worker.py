@@ -6,7 +6,6 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable
 
 from spotline.common.codec import decode, encode
 from spotline.common.embedded import EmbeddedRedis
@@ -16,17 +15,11 @@ from spotline.common.transport import Transport
 from spotline.common.worker import Worker
 
 from tests.conftest import spawn_worker
+from tests.faultlib import wait_for
 from tests.stagelib import FailOnBoom, PassThrough
 
 PASS = "tests.stagelib:PassThrough"
 SLOW = "tests.stagelib:SlowPassThrough"
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def publish(t: Transport, n: int, prefix: str = "f") -> list[str]:
