@@ -3,7 +3,9 @@ every key shares the {ns} hash tag, so the commit, join and finish scripts run u
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 from redis.cluster import RedisCluster
-from spotline.common.embedded import find_redis_server, free_port
+from spotline.common.embedded import find_redis_server
 from spotline.common.settings import Settings
 from spotline.producer.client import Client
 
@@ -31,7 +33,7 @@ def _cli(server: str) -> str:
 @pytest.fixture(scope="module")
 def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server = find_redis_server()
-    ports = [free_port() for _ in range(3)]
+    ports = cluster_ports(3)
     procs = []
     for port in ports:
         d = tmp_path_factory.mktemp(f"node{port}")
@@ -41,7 +43,7 @@ def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
              "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     try:
         for port in ports:
-            _await(lambda p=port: redis.Redis(port=p).ping())
+            _await(lambda p=port: redis.Redis(host="127.0.0.1", port=p).ping())
         subprocess.run([_cli(server), "--cluster", "create",
                         *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", "0",
                         "--cluster-yes"], check=True, capture_output=True, timeout=60)
@@ -52,6 +54,26 @@ def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         for p in procs:
             p.terminate()
             p.wait(timeout=10)
+
+
+def cluster_ports(n: int) -> list[int]:
+    """Free ports whose cluster bus ports (port + 10000) are free too, so below 55536."""
+    ports: list[int] = []
+    for port in range(31000 + os.getpid() % 5000, 45000):
+        if all(_free(p) for p in (port, port + 10000)) and len(ports) < n:
+            ports.append(port)
+        if len(ports) == n:
+            return ports
+    pytest.skip("no free ports for a cluster")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _await(fn, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
