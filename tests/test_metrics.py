@@ -4,6 +4,7 @@ and move (counts equal the frames sent, histograms non-empty)."""
 from __future__ import annotations
 
 import socket
+import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -43,6 +44,19 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
+def scrape_refreshed(port: int, stage: str, timeout: float = 15.0) -> dict[
+        tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Scrape once the worker's gauges have been refreshed since it was ready (its poller runs
+    every 5 s; a quick run can end before the first refresh)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(port)
+        if total(samples, "spotline_workers_alive", stage=stage) >= 1 or \
+                time.monotonic() > deadline:
+            return samples
+        time.sleep(0.2)
+
+
 def total(samples: dict, name: str, **labels: str) -> float:
     return sum(v for (n, lab), v in samples.items()
                if n == name and all((k, v2) in lab for k, v2 in labels.items()))
@@ -62,7 +76,7 @@ def test_each_worker_serves_metrics_that_move(redis_server: EmbeddedRedis,
         client.await_results(ids, timeout=300)
         assert pipeline.supervisor is not None
         ports = {c.stage: c.metrics_port for c in pipeline.supervisor.children}
-        scraped = {stage: scrape(port) for stage, port in ports.items()}
+        scraped = {stage: scrape_refreshed(port, stage) for stage, port in ports.items()}
     n = len(frames)
     for stage in stages:
         m = scraped[stage]
