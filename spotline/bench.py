@@ -585,18 +585,10 @@ def backlog_memory(settings: Settings, frames: Sequence[Frame], n: int) -> dict[
 # --- real-size architectures -----------------------------------------------------------------
 def ensure_real_size_models(data_dir: str | Path) -> dict[str, Path]:
     """Random models of the seed's real sizes under data_dir, written once (~1.5 min)."""
-    from spotline.models import _atomic_write_text, _locked, tiny_paths
-    from spotline.models import write_real_size_architectures as write
+    from spotline.models import ensure_written, write_real_size_architectures
 
-    directory = Path(data_dir) / REAL_DIR
-    directory.mkdir(parents=True, exist_ok=True)
-    marker = directory / ".complete"
-    with _locked(directory / ".lock"):
-        if not (marker.is_file() and marker.read_text().strip() == REAL_VERSION):
-            log.warning("writing real-size random architectures to %s (once)", directory)
-            write(directory)
-            _atomic_write_text(marker, REAL_VERSION)
-    return tiny_paths(directory)
+    return ensure_written(Path(data_dir) / REAL_DIR, REAL_VERSION,
+                          write_real_size_architectures, "real-size random architectures")
 
 
 def real_settings(settings: Settings) -> Settings:

@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,13 +193,20 @@ def _is_bundled_yaml(value: str) -> bool:
 
 def ensure_tiny_models(directory: Path) -> dict[str, Path]:
     """Write the tiny models once; a file lock lets concurrent processes share the result."""
+    return ensure_written(directory, TINY_VERSION, write_tiny_models, "tiny random models")
+
+
+def ensure_written(directory: Path, version: str, writer: Callable[[Path], object],
+                   what: str) -> dict[str, Path]:
+    """Run ``writer(directory)`` once per ``version`` (a marker file records it), under a file
+    lock so concurrent processes share the result; returns the model paths in it."""
     directory.mkdir(parents=True, exist_ok=True)
     marker = directory / ".complete"
     with _locked(directory / ".lock"):
-        if not (marker.is_file() and marker.read_text().strip() == TINY_VERSION):
-            log.info("writing tiny random models to %s", directory)
-            write_tiny_models(directory)
-            _atomic_write_text(marker, TINY_VERSION)
+        if not (marker.is_file() and marker.read_text().strip() == version):
+            log.warning("writing %s to %s (once)", what, directory)
+            writer(directory)
+            _atomic_write_text(marker, version)
     return tiny_paths(directory)
 
 
