@@ -1,0 +1,2 @@
+"""Synthetic datasets and dataset checks for training (application layer: nothing in the
+pipeline imports this package)."""
