@@ -1,0 +1,369 @@
+"""deploy/k8s validated offline (no cluster here):
+
+- every Kubernetes object against the API's JSON schemas (`kubernetes-validate`, strict: an
+  unknown field is an error), for the oldest and newest Kubernetes versions the package ships
+  and that the manifests target, with the GPU overlay's patches applied too;
+- the KEDA objects against the fields of KEDA's published CRDs (kedacore/keda
+  config/crd/bases/keda.sh_scaledobjects.yaml, v1alpha1, and the TriggerAuthentication CRD)
+  and the redis-streams scaler's metadata keys;
+- consistency with the code: the stream and consumer group of every ScaledObject are what
+  spotline.common.keys produces, the settings ConfigMap loads as settings, the Grafana
+  ConfigMap holds the dashboard file unchanged, and the workers' readiness probe is run for
+  real against a metrics server.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from spotline.common.embedded import free_port
+from spotline.common.keys import Keys
+from spotline.common.metrics import Metrics
+from spotline.common.settings import STAGES, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "deploy" / "k8s"
+GPU_OVERLAY = K8S / "overlays" / "gpu"
+sys.path.insert(0, str(ROOT / "tools"))
+from gen_k8s_dashboard import DASHBOARD, render  # noqa: E402
+
+# The manifests use nothing newer than 1.30 (the oldest release still widely run in 2026).
+K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
+GPU_STAGES = ("detect", "upscale", "score")
+METRICS_PORT = 9100
+KEDA_KINDS = ("ScaledObject", "TriggerAuthentication")
+
+# --- KEDA's CRDs, the fields this project uses or may use -------------------------------------
+# From kedacore/keda config/crd/bases/keda.sh_scaledobjects.yaml (apiextensions.k8s.io/v1,
+# version v1alpha1). A structural CRD schema prunes unknown fields silently, so here an unknown
+# field is an error (additionalProperties: false) rather than a setting that quietly does nothing.
+_INT32 = {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
+_HPA_RULES = {"type": "object", "additionalProperties": False, "properties": {
+    "policies": {"type": "array", "items": {
+        "type": "object", "additionalProperties": False,
+        "required": ["periodSeconds", "type", "value"],
+        "properties": {"periodSeconds": _INT32, "type": {"type": "string"}, "value": _INT32}}},
+    "selectPolicy": {"type": "string"},
+    "stabilizationWindowSeconds": {"type": "integer", "minimum": 0, "maximum": 3600}}}
+SCALEDOBJECT_SPEC = {
+    "type": "object", "additionalProperties": False,
+    "required": ["scaleTargetRef", "triggers"],
+    "properties": {
+        "advanced": {"type": "object", "additionalProperties": False, "properties": {
+            "horizontalPodAutoscalerConfig": {
+                "type": "object", "additionalProperties": False, "properties": {
+                    "behavior": {"type": "object", "additionalProperties": False,
+                                 "properties": {"scaleDown": _HPA_RULES, "scaleUp": _HPA_RULES}},
+                    "name": {"type": "string"}}},
+            "restoreToOriginalReplicaCount": {"type": "boolean"}}},
+        "cooldownPeriod": _INT32,
+        "fallback": {"type": "object", "required": ["failureThreshold", "replicas"],
+                     "properties": {"failureThreshold": _INT32, "replicas": _INT32}},
+        "idleReplicaCount": _INT32,
+        "maxReplicaCount": _INT32,
+        "minReplicaCount": _INT32,
+        "pollingInterval": _INT32,
+        "scaleTargetRef": {"type": "object", "additionalProperties": False,
+                           "required": ["name"], "properties": {
+                               "apiVersion": {"type": "string"},
+                               "envSourceContainerName": {"type": "string"},
+                               "kind": {"type": "string"}, "name": {"type": "string"}}},
+        "triggers": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "additionalProperties": False, "required": ["metadata", "type"],
+            "properties": {
+                "authenticationRef": {"type": "object", "additionalProperties": False,
+                                      "required": ["name"], "properties": {
+                                          "kind": {"type": "string"},
+                                          "name": {"type": "string"}}},
+                # metadata: additionalProperties string: every value must be a string
+                "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+                "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                "name": {"type": "string"},
+                "type": {"type": "string"}}}},
+    }}
+# keda.sh_triggerauthentications.yaml: secretTargetRef items need parameter, name, key.
+TRIGGERAUTH_SPEC = {
+    "type": "object", "properties": {
+        "secretTargetRef": {"type": "array", "items": {
+            "type": "object", "additionalProperties": False,
+            "required": ["key", "name", "parameter"],
+            "properties": {"key": {"type": "string"}, "name": {"type": "string"},
+                           "parameter": {"type": "string"}}}}}}
+KEDA_OBJECT = {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+               "properties": {"apiVersion": {"const": "keda.sh/v1alpha1"},
+                              "metadata": {"type": "object", "required": ["name"]}}}
+# The redis-streams scaler's trigger metadata (KEDA docs, scalers/redis-streams, 2.12+):
+# one of address / host(+port) / their *FromEnv forms; stream required; with consumerGroup,
+# lagCount selects the lag metric, else pendingEntriesCount; without a group, streamLength.
+REDIS_STREAMS_KEYS = {
+    "address", "addressFromEnv", "host", "hostFromEnv", "port", "portFromEnv",
+    "usernameFromEnv", "passwordFromEnv", "stream", "consumerGroup", "pendingEntriesCount",
+    "streamLength", "lagCount", "activationLagCount", "databaseIndex", "enableTLS", "unsafeSsl"}
+REDIS_STREAMS_AUTH_PARAMS = {"username", "password", "tls", "ca", "cert", "key", "keyPassword"}
+
+
+# --- loading ----------------------------------------------------------------------------------
+def docs_of(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d]
+
+
+def kustomization(path: Path) -> dict[str, Any]:
+    return docs_of(path / "kustomization.yaml")[0]
+
+
+def base_objects() -> list[dict[str, Any]]:
+    """Every object `kubectl apply -k deploy/k8s` creates, with the kustomization's namespace
+    and image applied as kustomize does."""
+    kust = kustomization(K8S)
+    image = kust["images"][0]
+    objs = []
+    for name in kust["resources"]:
+        for doc in docs_of(K8S / name):
+            if doc["kind"] != "Namespace":
+                doc["metadata"]["namespace"] = kust["namespace"]
+            for c in containers(doc):
+                if c["image"] == image["name"]:
+                    c["image"] = f"{image['newName']}:{image['newTag']}"
+            objs.append(doc)
+    return objs
+
+
+def containers(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    if obj["kind"] not in ("Deployment", "StatefulSet"):
+        return []
+    return list(obj["spec"]["template"]["spec"]["containers"])
+
+
+def by_kind(objs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for o in objs if o["kind"] == kind}
+
+
+def json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
+    """Apply the RFC 6902 ops the overlay uses (add, replace), with ~1 / ~0 escapes."""
+    out = copy.deepcopy(doc)
+    for op in ops:
+        *parents, last = [p.replace("~1", "/").replace("~0", "~")
+                          for p in op["path"].lstrip("/").split("/")]
+        node: Any = out
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if op["op"] == "add" and last == "-":
+            node.append(copy.deepcopy(op["value"]))
+        elif op["op"] in ("add", "replace"):
+            if op["op"] == "replace":
+                assert last in node, f"replace of a missing path {op['path']}"
+            node[last] = copy.deepcopy(op["value"])
+        else:
+            raise AssertionError(f"op {op['op']} not handled by this test")
+    return out
+
+
+def gpu_objects() -> list[dict[str, Any]]:
+    """The base objects with the GPU overlay's patches applied to the targets they name."""
+    import re
+
+    kust = kustomization(GPU_OVERLAY)
+    assert kust["resources"] == ["../.."]
+    objs = base_objects()
+    for patch in kust["patches"]:
+        ops = yaml.safe_load((GPU_OVERLAY / patch["path"]).read_text(encoding="utf-8"))
+        target = patch["target"]
+        hits = [i for i, o in enumerate(objs) if o["kind"] == target["kind"]
+                and re.fullmatch(target["name"], o["metadata"]["name"])]
+        assert hits, f"patch {patch['path']} matches nothing"
+        for i in hits:
+            objs[i] = json_patch(objs[i], ops)
+    return objs
+
+
+# --- Kubernetes schemas -----------------------------------------------------------------------
+def test_kustomization_lists_every_manifest() -> None:
+    listed = set(kustomization(K8S)["resources"])
+    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == on_disk, f"not in kustomization.yaml: {on_disk - listed}; " \
+                              f"missing files: {listed - on_disk}"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("overlay", ["base", "gpu"])
+def test_manifests_validate_against_kubernetes_schemas(version: str, overlay: str) -> None:
+    objs = base_objects() if overlay == "base" else gpu_objects()
+    checked = 0
+    for obj in objs:
+        if obj["kind"] in KEDA_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} ({version}): {exc.message} "
+                        f"at {'.'.join(str(p) for p in exc.path)}")
+        checked += 1
+    assert checked >= 11  # namespace, secret, 2 services, statefulset, 5 deployments, ...
+
+
+# --- KEDA -------------------------------------------------------------------------------------
+def test_keda_objects_match_the_crds() -> None:
+    objs = base_objects()
+    keda = [o for o in objs if o["kind"] in KEDA_KINDS]
+    assert {o["kind"] for o in keda} == set(KEDA_KINDS)
+    auths = by_kind(objs, "TriggerAuthentication")
+    secrets = by_kind(objs, "Secret")
+    for obj in keda:
+        jsonschema.validate(obj, KEDA_OBJECT)
+        spec_schema = SCALEDOBJECT_SPEC if obj["kind"] == "ScaledObject" else TRIGGERAUTH_SPEC
+        jsonschema.validate(obj["spec"], spec_schema)
+    for auth in auths.values():
+        for ref in auth["spec"]["secretTargetRef"]:
+            assert ref["parameter"] in REDIS_STREAMS_AUTH_PARAMS
+            assert ref["key"] in secrets[ref["name"]]["stringData"]
+    for so in by_kind(objs, "ScaledObject").values():
+        assert 1 <= so["spec"]["minReplicaCount"] <= so["spec"]["maxReplicaCount"]
+        for trig in so["spec"]["triggers"]:
+            assert trig["type"] == "redis-streams"
+            meta = trig["metadata"]
+            assert set(meta) <= REDIS_STREAMS_KEYS, set(meta) - REDIS_STREAMS_KEYS
+            assert "stream" in meta and ("address" in meta or "host" in meta)
+            assert trig["authenticationRef"]["name"] in auths
+            for key in ("lagCount", "pendingEntriesCount"):
+                if key in meta:
+                    assert int(meta[key]) > 0
+
+
+def test_scaledobjects_follow_each_stage_group_from_keys() -> None:
+    objs = base_objects()
+    settings = by_kind(objs, "ConfigMap")["spotline-settings"]["data"]
+    keys = Keys(settings["SPOTLINE_NAMESPACE"])
+    deployments = by_kind(objs, "Deployment")
+    redis_svc = by_kind(objs, "Service")["redis"]
+    ns = kustomization(K8S)["namespace"]
+    scaled = by_kind(objs, "ScaledObject")
+    assert set(scaled) == set(STAGES)
+    for stage, so in scaled.items():
+        target = so["spec"]["scaleTargetRef"]
+        assert (target["kind"], target["name"]) == ("Deployment", stage)
+        assert stage in deployments
+        metrics = set()
+        for trig in so["spec"]["triggers"]:
+            meta = trig["metadata"]
+            assert meta["stream"] == keys.inbox(stage)
+            assert meta["consumerGroup"] == keys.group(stage)
+            port = redis_svc["spec"]["ports"][0]["port"]
+            assert meta["address"] == f"redis.{ns}.svc.cluster.local:{port}"
+            metrics.add("lag" if "lagCount" in meta else "pending")
+        assert metrics == {"lag", "pending"}, f"{stage}: wants a lag and a pending trigger"
+        pending = next(t["metadata"]["pendingEntriesCount"] for t in so["spec"]["triggers"]
+                       if "pendingEntriesCount" in t["metadata"])
+        assert int(pending) == load_settings(env={}).batch_for(stage)  # one batch per replica
+
+
+# --- the workloads ----------------------------------------------------------------------------
+def env_of(container: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(container.get("env", []))
+
+
+def test_every_stage_and_the_gateway_run_the_cli_with_probes_and_scrape_annotations() -> None:
+    objs = base_objects()
+    deployments = by_kind(objs, "Deployment")
+    assert set(deployments) == {*STAGES, "gateway"}
+    for name, dep in deployments.items():
+        pod = dep["spec"]["template"]
+        (c,) = pod["spec"]["containers"]
+        args = c["args"]
+        assert args[:2] == (["worker", name] if name in STAGES else ["serve", "--port"])
+        metrics_port = int(args[args.index("--metrics-port") + 1])
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports["metrics"] == metrics_port == METRICS_PORT
+        ann = pod["metadata"]["annotations"]
+        assert ann["prometheus.io/scrape"] == "true"
+        assert int(ann["prometheus.io/port"]) == metrics_port
+        assert ann["prometheus.io/path"] == "/metrics"
+        assert "livenessProbe" in c and "readinessProbe" in c
+        # SPOTLINE_REDIS_URL expands $(REDIS_PASSWORD): Kubernetes expands only variables
+        # defined earlier in the list.
+        names = [e["name"] for e in env_of(c)]
+        assert names.index("REDIS_PASSWORD") < names.index("SPOTLINE_REDIS_URL")
+        url = next(e["value"] for e in env_of(c) if e["name"] == "SPOTLINE_REDIS_URL")
+        assert url.startswith("redis://:$(REDIS_PASSWORD)@redis:6379/")
+        assert c["envFrom"][0]["configMapRef"]["name"] == "spotline-settings"
+    gw = deployments["gateway"]["spec"]["template"]["spec"]["containers"][0]
+    assert gw["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert gw["livenessProbe"]["httpGet"]["path"] == "/health"
+
+
+def test_settings_configmap_is_valid_settings() -> None:
+    data = by_kind(base_objects(), "ConfigMap")["spotline-settings"]["data"]
+    settings = load_settings(env=data)
+    assert settings.namespace == data["SPOTLINE_NAMESPACE"]
+
+
+def test_redis_keeps_an_aof_on_a_claim_and_its_password_in_a_secret() -> None:
+    objs = base_objects()
+    sts = by_kind(objs, "StatefulSet")["redis"]
+    (c,) = sts["spec"]["template"]["spec"]["containers"]
+    args = c["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    data_dir = args[args.index("--dir") + 1]
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts[claim["metadata"]["name"]] == data_dir
+    secret = by_kind(objs, "Secret")["spotline-redis"]
+    for e in env_of(c):
+        if e["name"] in ("REDIS_PASSWORD", "REDISCLI_AUTH"):
+            ref = e["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == "spotline-redis" and ref["key"] in secret["stringData"]
+    for dep in by_kind(objs, "Deployment").values():
+        (wc,) = dep["spec"]["template"]["spec"]["containers"]
+        ref = next(e for e in env_of(wc) if e["name"] == "REDIS_PASSWORD")["valueFrom"]
+        assert ref["secretKeyRef"] == {"name": "spotline-redis", "key": "password"}
+
+
+def test_gpu_overlay_requests_a_gpu_for_the_model_stages_only() -> None:
+    deployments = by_kind(gpu_objects(), "Deployment")
+    for name, dep in deployments.items():
+        (c,) = dep["spec"]["template"]["spec"]["containers"]
+        gpus = c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
+        if name in GPU_STAGES:
+            assert gpus == 1 and c["image"].endswith(":cuda")
+            assert {"name": "SPOTLINE_DEVICE", "value": "cuda"} in env_of(c)
+        else:
+            assert gpus is None and c["image"].endswith(":cpu")
+    base = by_kind(base_objects(), "Deployment")
+    assert all("nvidia.com/gpu" not in str(d) for d in base.values())
+
+
+def test_grafana_dashboard_configmap_is_the_dashboard_file() -> None:
+    path = K8S / "grafana-dashboard.yaml"
+    assert path.read_text(encoding="utf-8") == render(), \
+        "stale: run python tools/gen_k8s_dashboard.py"
+    cm = docs_of(path)[0]
+    assert cm["data"]["spotline.json"] == DASHBOARD.read_text(encoding="utf-8")
+
+
+def test_worker_readiness_probe_reads_model_loaded_from_real_metrics() -> None:
+    """The exec probe of the stages, run against a real metrics server: not ready before the
+    model is loaded, ready after."""
+    dep = by_kind(base_objects(), "Deployment")["score"]
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    cmd = c["readinessProbe"]["exec"]["command"]
+    assert cmd == c["startupProbe"]["exec"]["command"] and cmd[:2] == ["python", "-c"]
+    metrics = Metrics()
+    port = metrics.serve(free_port(), addr="127.0.0.1")
+    code = cmd[2].replace(f":{METRICS_PORT}/", f":{port}/")
+    assert code != cmd[2]
+
+    def probe() -> int:
+        return subprocess.run([sys.executable, "-c", code], timeout=30).returncode
+
+    assert probe() == 1
+    metrics.model_loaded.labels("score", "siglip", "cpu").set(1)
+    assert probe() == 0
