@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup tools demo up test lint bench clean
+.PHONY: setup tools demo up test fuzz lint bench clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ tools:
 
 test: setup tools
 	$(BIN)/python -m pytest -q
+
+# Property tests with random seeds and 20x the examples (make test runs them derandomized).
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q -p no:cacheprovider \
+	  --hypothesis-show-statistics tests/test_codec.py tests/test_gateway_fuzz.py
 
 lint: setup
 	$(BIN)/ruff check .

@@ -95,6 +95,28 @@ def decode(raw: bytes, max_bytes: int | None = None) -> Envelope | Result:
     return _build(obj, raw)
 
 
+def encode_state(state: dict[str, Any]) -> bytes:
+    """A stage's state kept in Redis between frames (a source's tracker and evidence) → bytes.
+    Plain values only: str, int, float, bool, None, lists, str-keyed dicts, numpy arrays."""
+    if not isinstance(state, dict):
+        raise TypeError(f"a state is a dict, not {type(state).__name__}")
+    return msgpack.packb(state, default=_default, use_bin_type=True)
+
+
+def decode_state(raw: bytes) -> dict[str, Any]:
+    """bytes of ``encode_state`` → the state dict (arrays are read-only views); DecodeError
+    for anything else."""
+    try:
+        obj = msgpack.unpackb(raw, ext_hook=_ext_hook, use_list=True, raw=False,
+                              strict_map_key=True)
+    except Exception as exc:  # as in decode: every msgpack failure is a DecodeError
+        raise DecodeError(f"not a spotline state: {type(exc).__name__}: {exc}",
+                          bytes(raw)) from None
+    if not isinstance(obj, dict):
+        raise DecodeError(f"not a spotline state: a {type(obj).__name__}", bytes(raw))
+    return obj
+
+
 def _build(obj: Any, raw: bytes) -> Envelope | Result:
     if not (isinstance(obj, tuple) and len(obj) == 2 and obj[0] in _KINDS
             and isinstance(obj[1], dict)):
@@ -116,24 +138,73 @@ def _build(obj: Any, raw: bytes) -> Envelope | Result:
     return msg
 
 
-def _check_types(msg: Envelope | Result, raw: bytes) -> None:
-    """Reject payloads whose fields have the wrong types, so stages can trust them."""
-    def bad(name: str) -> DecodeError:
-        return DecodeError(f"field {name!r} has the wrong type", raw)
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
-    if not all(isinstance(c, str) for c in msg.captions):
-        raise bad("captions")
-    if not (isinstance(msg.image_size, tuple) and len(msg.image_size) == 2):
-        raise bad("image_size")
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_trace(v: Any) -> bool:
+    return isinstance(v, tuple) and all(
+        isinstance(row, tuple) and len(row) == 4 and isinstance(row[0], str)
+        and all(_is_num(t) for t in row[1:]) for row in v)
+
+
+def _is_array(v: Any, ndim: int | None = None, optional: bool = True) -> bool:
+    if v is None:
+        return optional
+    return isinstance(v, np.ndarray) and (ndim is None or v.ndim == ndim)
+
+
+# Checks shared by envelopes and results: every one a plain predicate on the field's value, so a
+# lying value (a 0-d array where a tuple belongs, a str for a time) is refused here and nothing
+# past decode meets a type it does not expect.
+_COMMON_CHECKS: dict[str, Any] = {
+    "source_id": lambda v: isinstance(v, str),
+    "capture_time": _is_num,
+    "captions": lambda v: isinstance(v, tuple) and all(isinstance(c, str) for c in v),
+    "image_size": lambda v: (isinstance(v, tuple) and len(v) == 2
+                             and all(_is_int(n) and n >= 0 for n in v)),
+    "error": lambda v: v is None or isinstance(v, str),
+    "trace": _is_trace,
+}
+_ENVELOPE_CHECKS: dict[str, Any] = {
+    "image": lambda v: v is None or isinstance(v, bytes),
+    # xyxy rows, one score per box, captions × boxes: the shapes stages index by.
+    "boxes": lambda v: _is_array(v, 2) and (v is None or v.shape[1] == 4),
+    "det_scores": lambda v: _is_array(v, 1),
+    "scores": lambda v: _is_array(v, 2),
+    # each crop's shape and dtype are the stages' to judge (check_crops answers the frame with
+    # an error naming the crop); here only that crops is a tuple of arrays.
+    "crops": lambda v: isinstance(v, tuple) and all(isinstance(c, np.ndarray) for c in v),
+    "part": _is_int,
+    "nparts": _is_int,
+}
+_RESULT_CHECKS: dict[str, Any] = {
+    "boxes": lambda v: isinstance(v, tuple) and all(
+        isinstance(b, tuple) and len(b) == 4 and all(_is_num(x) for x in b) for b in v),
+    "scores": lambda v: isinstance(v, tuple) and all(_is_num(x) for x in v),
+    "fallback": lambda v: isinstance(v, bool),
+    "finished_time": _is_num,
+}
+
+
+def _check_types(msg: Envelope | Result, raw: bytes) -> None:
+    """Reject payloads whose fields have the wrong types or shapes, so stages can trust them."""
+    def bad(name: str) -> DecodeError:
+        return DecodeError(f"field {name!r} has the wrong type or shape", raw)
+
+    extra = _ENVELOPE_CHECKS if isinstance(msg, Envelope) else _RESULT_CHECKS
+    for name, ok in (*_COMMON_CHECKS.items(), *extra.items()):
+        if not ok(getattr(msg, name)):
+            raise bad(name)
     if isinstance(msg, Envelope):
-        if msg.image is not None and not isinstance(msg.image, bytes):
-            raise bad("image")
-        for name in ("boxes", "det_scores", "scores"):
-            value = getattr(msg, name)
-            if value is not None and not isinstance(value, np.ndarray):
-                raise bad(name)
-        if not all(isinstance(c, np.ndarray) for c in msg.crops):
-            raise bad("crops")
-        if not (isinstance(msg.part, int) and isinstance(msg.nparts, int)
-                and 0 <= msg.part < msg.nparts):
+        if not 0 <= msg.part < msg.nparts:
             raise bad("part")
+        if (msg.boxes is not None and msg.det_scores is not None
+                and len(msg.det_scores) != len(msg.boxes)):
+            raise bad("det_scores")
+    elif not len(msg.boxes) == len(msg.scores) == len(msg.captions):
+        raise bad("boxes")

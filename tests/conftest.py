@@ -10,10 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from spotline.common.embedded import EmbeddedRedis
 from spotline.common.settings import Settings, load_settings, settings_env
 from spotline.common.transport import Transport
+from tests import hypo
 
+hypo.load()  # hypothesis: derandomized "ci" unless HYPOTHESIS_PROFILE=fuzz (see tests/hypo.py)
 ROOT = Path(__file__).resolve().parents[1]
 
 

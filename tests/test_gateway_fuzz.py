@@ -14,18 +14,19 @@ from typing import Any
 import msgpack
 import pytest
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
+
 from spotline.common.codec import NDARRAY_EXT, decode
 from spotline.common.embedded import EmbeddedRedis
 from spotline.common.errors import DecodeError
 from spotline.common.settings import load_settings
 from spotline.producer.client import Client
 from spotline.producer.gateway import create_app
-
 from tests.faultlib import small_frame
+from tests.hypo import examples
 
-FUZZ = settings(max_examples=150, deadline=None,
+FUZZ = settings(max_examples=examples(150),
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
 VALID_B64 = base64.b64encode(small_frame(5, 64, 48)).decode()
@@ -119,10 +120,19 @@ def array_exts(draw: st.DrawFn) -> msgpack.ExtType:
     return msgpack.ExtType(code, body)
 
 
-@settings(max_examples=400, deadline=None)
+ZERO_D_U2 = msgpack.ExtType(1, b"\x03<u2\x00\x00\x00")  # a 0-d array: hypothesis found these
+
+
+@settings(max_examples=examples(400))
 @given(field=st.sampled_from(["boxes", "det_scores", "scores", "crops", "image", "captions",
-                              "trace", "image_size"]),
+                              "trace", "image_size", "source_id", "capture_time", "error",
+                              "part", "nparts"]),
        value=array_exts() | st.lists(array_exts(), max_size=3))
+@example(field="captions", value=ZERO_D_U2)
+@example(field="crops", value=ZERO_D_U2)
+@example(field="trace", value=ZERO_D_U2)
+@example(field="trace", value=[ZERO_D_U2])
+@example(field="capture_time", value=ZERO_D_U2)
 def test_codec_refuses_lying_arrays_with_decode_errors(field: str, value: Any) -> None:
     raw = msgpack.packb(["envelope", {"frame_id": "x", "v": 1, field: value}],
                         use_bin_type=True)
