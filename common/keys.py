@@ -50,6 +50,18 @@ class Keys:
         """Hash holding the parts of one frame until all have arrived."""
         return f"{self.tag}:join:{frame_id}"
 
+    def track_state(self, source_id: str) -> str:
+        """Hash of a source's tracking state (tracker, evidence) and its sequence number."""
+        return f"{self.tag}:track:{source_id}"
+
+    def embeds(self, source_id: str) -> str:
+        """Hash of a source's cached image embeddings, one field per track id."""
+        return f"{self.tag}:embeds:{source_id}"
+
+    def embeds_order(self, source_id: str) -> str:
+        """Sorted set of the cached tracks of a source by the frame last scored (for the cap)."""
+        return f"{self.tag}:embeds-order:{source_id}"
+
     def heartbeat(self, stage: str) -> str:
         """Sorted set of live consumers of a stage, scored by last beat (unix seconds)."""
         return f"{self.tag}:workers:{stage}"

@@ -1,0 +1,130 @@
+"""Where a source's tracking lives between frames: Redis, so any worker can continue a source
+and a worker's death loses nothing (docs/architecture.md, "Tracks").
+
+- ``TrackStore``: one hash per source with the tracking state (the tracker's arrays and the
+  evidence, as the codec's ``encode_state`` bytes) and the sequence number of the frame that
+  made it. ``save`` is a compare-and-set on that number: a state only replaces an older one,
+  so a worker that took a frame over from a dead or slow one can never be overwritten by it.
+- ``EmbeddingCache``: per source, each track's last image embedding with the frame and box it
+  was computed on, kept with a TTL and at most ``max_tracks`` tracks per source (the tracks
+  scored longest ago go first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .codec import decode_state, encode_state
+from .keys import Keys
+
+# KEYS[1] state hash; ARGV: seq, state bytes, ttl ms. 1 saved, 0 a newer state is there.
+_SAVE = """
+local cur = redis.call('HGET', KEYS[1], 'seq')
+if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'state', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS[1] embeddings hash, KEYS[2] order zset; ARGV: ttl ms, max tracks, then per track:
+# field, value, seq. Returns how many tracks the cap evicted.
+_PUT = """
+for i = 3, #ARGV, 3 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('ZADD', KEYS[2], ARGV[i + 2], ARGV[i])
+end
+local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[2])
+if over > 0 then
+  local old = redis.call('ZRANGE', KEYS[2], 0, over - 1)
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, over - 1)
+  redis.call('HDEL', KEYS[1], unpack(old))
+else
+  over = 0
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return over
+"""
+
+
+class TrackStore:
+    """The tracking state of each source, saved after each frame of it."""
+
+    def __init__(self, client: Any, keys: Keys, ttl_s: float = 3600.0) -> None:
+        self.r = client
+        self.keys = keys
+        self.ttl_ms = int(ttl_s * 1000)
+        self._save = client.register_script(_SAVE)
+
+    def load(self, source_id: str) -> tuple[int, dict[str, Any] | None]:
+        """(sequence number of the last frame saved, its state); (-1, None) for a new source."""
+        seq, raw = self.r.hmget(self.keys.track_state(source_id), ["seq", "state"])
+        if seq is None or raw is None:
+            return -1, None
+        return int(seq), decode_state(raw)
+
+    def save(self, source_id: str, seq: int, state: dict[str, Any]) -> bool:
+        """Store the state after frame ``seq``; False (nothing written) if a state of that or a
+        later frame is already stored."""
+        key = self.keys.track_state(source_id)
+        return bool(self._save(keys=[key], args=[int(seq), encode_state(state), self.ttl_ms]))
+
+
+@dataclass(frozen=True)
+class CachedEmbedding:
+    """A track's image embedding, and the frame and box (xyxy) it was computed on."""
+
+    seq: int
+    box: np.ndarray
+    embedding: np.ndarray
+
+    def to_bytes(self) -> bytes:
+        return encode_state({"seq": int(self.seq),
+                             "box": np.asarray(self.box, np.float32).reshape(4),
+                             "emb": np.asarray(self.embedding, np.float32).reshape(-1)})
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> CachedEmbedding:
+        data = decode_state(raw)
+        return cls(int(data["seq"]), data["box"], data["emb"])
+
+
+class EmbeddingCache:
+    """Image embeddings of a source's tracks, reused while the crop has not changed."""
+
+    def __init__(self, client: Any, keys: Keys, ttl_s: float = 600.0,
+                 max_tracks: int = 256) -> None:
+        if max_tracks < 1:
+            raise ValueError(f"max_tracks must be >= 1, got {max_tracks}")
+        self.r = client
+        self.keys = keys
+        self.ttl_ms = int(ttl_s * 1000)
+        self.max_tracks = max_tracks
+        self._put = client.register_script(_PUT)
+
+    def get(self, source_id: str, track_ids: Iterable[int]) -> dict[int, CachedEmbedding]:
+        """The cached embeddings of those tracks that have one."""
+        ids = [int(t) for t in track_ids]
+        if not ids:
+            return {}
+        raws = self.r.hmget(self.keys.embeds(source_id), [str(t) for t in ids])
+        return {t: CachedEmbedding.from_bytes(raw) for t, raw in zip(ids, raws, strict=True)
+                if raw is not None}
+
+    def put(self, source_id: str, entries: Mapping[int, CachedEmbedding]) -> int:
+        """Cache embeddings (track id → entry); returns how many old tracks the cap evicted."""
+        if not entries:
+            return 0
+        args: list[Any] = [self.ttl_ms, self.max_tracks]
+        for track, entry in entries.items():
+            args += [str(int(track)), entry.to_bytes(), int(entry.seq)]
+        keys = [self.keys.embeds(source_id), self.keys.embeds_order(source_id)]
+        return int(self._put(keys=keys, args=args))
+
+    def size(self, source_id: str) -> int:
+        """Tracks cached for a source."""
+        return int(self.r.hlen(self.keys.embeds(source_id)))

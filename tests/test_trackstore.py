@@ -1,0 +1,82 @@
+"""Tracking state and embedding cache in a real Redis: compare-and-set by sequence number,
+TTL and cap, and a tracker continued by another "worker" from what Redis holds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from spotline.common.keys import Keys
+from spotline.common.trackstore import CachedEmbedding, EmbeddingCache, TrackStore
+from spotline.common.transport import connect
+from spotline.stages.evidence import Evidence
+from spotline.stages.tracker import SourceTracker
+from tests.test_tracker import scene
+
+
+@pytest.fixture
+def client(redis_server, settings):
+    r = connect(redis_server.url)
+    yield r
+    r.close()
+
+
+def test_state_is_saved_only_forward(client, settings):
+    store = TrackStore(client, Keys(settings.namespace), ttl_s=60)
+    assert store.load("cam1") == (-1, None)
+    assert store.save("cam1", 3, {"v": 1, "x": np.arange(3)})
+    assert not store.save("cam1", 3, {"v": 1, "x": np.arange(5)})  # same frame again
+    assert not store.save("cam1", 2, {"v": 1})  # a stale worker
+    seq, state = store.load("cam1")
+    assert seq == 3 and state["x"].tolist() == [0, 1, 2]
+    assert store.save("cam1", 4, {"v": 1})
+    assert store.load("cam2") == (-1, None)  # sources are separate
+    ttl = client.pttl(Keys(settings.namespace).track_state("cam1"))
+    assert 0 < ttl <= 60_000
+
+
+def test_two_workers_alternating_keep_one_tracker(client, settings):
+    """Frames of one source handled by two workers in turn, each rebuilding the tracker and
+    the evidence from Redis: the ids equal those of one tracker kept in memory."""
+    store = TrackStore(client, Keys(settings.namespace))
+    memory = SourceTracker()
+    for seq, (boxes, scores, _) in enumerate(scene(30, seed=4)):
+        expected = memory.update(boxes, scores)
+        last, state = store.load("drone")
+        assert last == seq - 1
+        tracker = SourceTracker.from_state(state["tracker"] if state else None)
+        evidence = Evidence.from_state(state["evidence"] if state else None)
+        ids = tracker.update(boxes, scores)
+        evidence.update(seq, "a plane", {int(t): float(s)
+                                         for t, s in zip(ids, scores, strict=True) if t >= 0})
+        assert ids.tolist() == expected.tolist()
+        assert store.save("drone", seq, {"tracker": tracker.state(),
+                                         "evidence": evidence.to_state()})
+
+
+def test_embedding_cache_round_trip_ttl_and_cap(client, settings):
+    keys = Keys(settings.namespace)
+    cache = EmbeddingCache(client, keys, ttl_s=30, max_tracks=3)
+    rng = np.random.default_rng(0)
+    embs = {t: rng.standard_normal(16).astype(np.float32) for t in range(1, 6)}
+    box = np.array([1, 2, 30, 40], np.float32)
+    assert cache.put("cam", {1: CachedEmbedding(0, box, embs[1]),
+                             2: CachedEmbedding(1, box, embs[2])}) == 0
+    got = cache.get("cam", [1, 2, 9])
+    assert set(got) == {1, 2}
+    assert got[2].seq == 1 and np.array_equal(got[2].embedding, embs[2])
+    assert np.array_equal(got[1].box, box)
+    # Re-scoring track 1 later makes 2 the oldest: the cap of 3 evicts 2, then 3.
+    assert cache.put("cam", {1: CachedEmbedding(5, box, embs[1]),
+                             3: CachedEmbedding(2, box, embs[3])}) == 0
+    assert cache.put("cam", {4: CachedEmbedding(6, box, embs[4])}) == 1
+    assert set(cache.get("cam", range(1, 6))) == {1, 3, 4}
+    assert cache.put("cam", {5: CachedEmbedding(7, box, embs[5])}) == 1
+    assert set(cache.get("cam", range(1, 6))) == {1, 4, 5}
+    assert cache.size("cam") == 3
+    assert client.zcard(keys.embeds_order("cam")) == 3
+    assert 0 < client.pttl(keys.embeds("cam")) <= 30_000
+    assert 0 < client.pttl(keys.embeds_order("cam")) <= 30_000
+    assert cache.get("cam", []) == {} and cache.put("cam", {}) == 0
+    with pytest.raises(ValueError):
+        EmbeddingCache(client, keys, max_tracks=0)
