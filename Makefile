@@ -31,6 +31,11 @@ tools:
 	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus \
 	  >/dev/null) ; } || echo "promtool not installed: its test will be skipped"
+	@# mosquitto (the MQTT sink's tests) and chromium (the live view's browser test), the same way
+	@{ command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; } && command -v chromium \
+	  >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && (apt-get update -qq \
+	  && apt-get install -y -qq --no-install-recommends mosquitto chromium >/dev/null) ; } \
+	  || echo "mosquitto/chromium not installed: their tests will be skipped"
 
 test: setup tools
 	$(BIN)/python -m pytest -q

@@ -281,6 +281,7 @@ def _register_io_commands() -> None:
 
 
 _register_io_commands()
+cli.add_command(__import__("spotline.cli_sink", fromlist=["sink"]).sink)  # spotline sink
 
 
 def main() -> None:

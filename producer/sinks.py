@@ -1,0 +1,432 @@
+"""Result sinks: push every result to another system (`spotline sink webhook|mqtt URL`).
+
+A sink is a consumer group of its own on the results stream (``sink-<name>``), so it sees every
+result the collector publishes, at its own pace, and acknowledges a result only once the
+receiver has taken it (HTTP 2xx; MQTT PUBACK at QoS 1). A sink that is down (killed, restarted,
+its machine lost) loses nothing: on start it first re-sends what it had read but not
+acknowledged, takes over what other consumers of its group left pending longer than the
+visibility timeout, then reads new results. Delivery is at least once; the frame id is the
+idempotency key (webhook header ``X-Spotline-Frame``, field ``frame_id`` of every payload).
+
+A receiver that fails is retried with exponential backoff; after ``max_attempts`` failures (or
+at once for an answer that cannot succeed, such as HTTP 400) the result is moved to the
+dead-letter stream with the reason (``spotline dead list``), so one bad receiver never stalls
+the sink forever and nothing disappears silently. ``spotline dead retry`` puts it back on the
+results stream (where every sink group sees it once more).
+
+Limits: the results stream is capped (``results_maxlen``, ~10,000 by default); a sink that stays
+down while more results than that are published misses the oldest. The ``spotline_sink_lag``
+gauge shows how far behind a sink is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
+
+import redis
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from spotline.common.codec import decode
+from spotline.common.envelope import Result
+from spotline.common.errors import DecodeError, SpotlineError
+from spotline.common.transport import DATA_FIELD, FRAME_FIELD, Transport
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-Spotline-Signature"  # "sha256=<hex HMAC-SHA256 of the body>"
+FRAME_HEADER = "X-Spotline-Frame"
+DEFAULT_TOPIC = "spotline/{source_id}/results"
+LAG_EVERY_S = 2.0
+
+
+class DeliveryError(SpotlineError):
+    """A receiver did not take a result. ``permanent``: retrying cannot help (HTTP 4xx)."""
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class Target(Protocol):
+    """Where a sink delivers: raises DeliveryError when the receiver did not take it."""
+
+    kind: str
+
+    def send(self, result: Result, payload: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def result_payload(result: Result) -> bytes:
+    """The JSON body every sink sends: ``Result.as_json()`` (boxes as [left, top, w, h])."""
+    return json.dumps(result.as_json(), separators=(",", ":"), allow_nan=False).encode()
+
+
+def sign(secret: bytes, body: bytes) -> str:
+    """The signature header's value: ``sha256=`` + hex HMAC-SHA256 of the body."""
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+# --- targets --------------------------------------------------------------------------------
+class WebhookTarget:
+    """JSON POST to a URL, signed with HMAC-SHA256 when a secret is given."""
+
+    kind = "webhook"
+
+    def __init__(self, url: str, secret: bytes | None = None, timeout_s: float = 10.0) -> None:
+        import httpx
+
+        if urlsplit(url).scheme not in ("http", "https"):
+            raise SpotlineError(f"webhook URL must be http:// or https://, got {url!r}")
+        self.url = url
+        self.secret = secret
+        self._http = httpx.Client(timeout=timeout_s)
+        self._httpx = httpx
+
+    def send(self, result: Result, payload: bytes) -> None:
+        headers = {"Content-Type": "application/json", FRAME_HEADER: result.frame_id,
+                   "User-Agent": "spotline-sink"}
+        if self.secret:
+            headers[SIGNATURE_HEADER] = sign(self.secret, payload)
+        try:
+            resp = self._http.post(self.url, content=payload, headers=headers)
+        except self._httpx.HTTPError as exc:  # timeouts, refused, reset
+            raise DeliveryError(f"{type(exc).__name__}: {exc}") from None
+        if resp.is_success:
+            return
+        # 408 (timeout) and 429 (slow down) are worth retrying; any other 4xx is not.
+        permanent = 400 <= resp.status_code < 500 and resp.status_code not in (408, 429)
+        raise DeliveryError(f"HTTP {resp.status_code}: {resp.text[:200]}", permanent=permanent)
+
+    def close(self) -> None:
+        self._http.close()
+
+
+class MqttTarget:
+    """Publish to an MQTT broker at QoS 1, one topic per source (``{source_id}`` in the
+    template); a result counts as delivered when the broker's PUBACK arrives."""
+
+    kind = "mqtt"
+
+    def __init__(self, url: str, topic: str = DEFAULT_TOPIC, client_id: str = "",
+                 timeout_s: float = 10.0) -> None:
+        import paho.mqtt.client as mqtt
+
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp") or not parts.hostname:
+            raise SpotlineError(f"MQTT URL must be mqtt://[user:password@]host[:port], "
+                                f"got {url!r}")
+        try:
+            topic.format(source_id="x")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise SpotlineError(f"topic template {topic!r}: only {{source_id}} may be used "
+                                f"({exc})") from None
+        self.topic = topic
+        self.timeout_s = timeout_s
+        self._connected = threading.Event()
+        self._mqtt = mqtt
+        client_id = client_id or f"spotline-sink-{socket.gethostname()}"
+        c = self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+        if parts.username:
+            c.username_pw_set(unquote(parts.username), unquote(parts.password or ""))
+        if parts.scheme == "mqtts":
+            c.tls_set()
+        c.reconnect_delay_set(min_delay=1, max_delay=30)
+        c.on_connect = lambda *a: self._on_connect(*a)
+        c.on_disconnect = lambda *_a: self._connected.clear()
+        c.connect_async(parts.hostname, parts.port or (8883 if parts.scheme == "mqtts" else 1883))
+        c.loop_start()  # network thread: connects, reconnects with backoff, resends in flight
+
+    def _on_connect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _p: Any = None) -> None:
+        if not reason.is_failure:
+            self._connected.set()
+        else:
+            log.warning("mqtt broker refused the connection: %s", reason)
+
+    def send(self, result: Result, payload: bytes) -> None:
+        if not self._connected.wait(self.timeout_s):
+            raise DeliveryError(f"not connected to the MQTT broker after {self.timeout_s:.0f}s")
+        topic = self.topic.format(source_id=result.source_id)
+        info = self._client.publish(topic, payload, qos=1)
+        if info.rc != self._mqtt.MQTT_ERR_SUCCESS:
+            raise DeliveryError(f"publish to {topic}: {self._mqtt.error_string(info.rc)}")
+        try:
+            info.wait_for_publish(self.timeout_s)
+        except (RuntimeError, ValueError) as exc:
+            raise DeliveryError(f"publish to {topic}: {exc}") from None
+        if not info.is_published():
+            raise DeliveryError(f"no PUBACK for {topic} within {self.timeout_s:.0f}s")
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+# --- metrics --------------------------------------------------------------------------------
+class SinkMetrics:
+    """delivered, retried, failed (dead-lettered) and lag of each sink, on a registry of its own
+    (served on ``--metrics-port``)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.delivered = Counter("spotline_sink_delivered", "Results a receiver took",
+                                 ["sink"], registry=r)
+        self.retried = Counter("spotline_sink_retried", "Delivery attempts that failed and were "
+                               "retried", ["sink"], registry=r)
+        self.failed = Counter("spotline_sink_failed", "Results dead-lettered after the last "
+                              "failed attempt", ["sink"], registry=r)
+        self.lag = Gauge("spotline_sink_lag", "Results published but not yet delivered "
+                         "(unread + in flight)", ["sink"], registry=r)
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
+        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        return int(server.server_address[1])
+
+
+# --- the consumer loop ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class SinkOptions:
+    """How a sink reads and retries."""
+
+    name: str  # consumer group: sink-<name>
+    consumer: str = ""  # stable per host by default: a restart resumes its own pending entries
+    start: str = "new"  # where a new group starts: "new" results, or "all" the stream holds
+    max_attempts: int = 5
+    backoff_s: float = 0.5
+    backoff_max_s: float = 30.0
+    batch: int = 32
+    block_ms: int = 1000
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c in self.name for c in "{}: "):
+            raise SpotlineError(f"sink name must be non-empty without braces, colons or "
+                                f"spaces: {self.name!r}")
+        if self.start not in ("new", "all"):
+            raise SpotlineError(f"start must be 'new' or 'all', got {self.start!r}")
+        if self.max_attempts < 1 or self.backoff_s < 0 or self.batch < 1:
+            raise SpotlineError("max_attempts and batch must be >= 1, backoff_s >= 0")
+
+    @property
+    def group(self) -> str:
+        return f"sink-{self.name}"
+
+
+@dataclass
+class SinkCounts:
+    delivered: int = 0
+    retried: int = 0
+    failed: int = 0
+
+
+class Sink:
+    """Runs one target against the results stream until stopped."""
+
+    def __init__(self, transport: Transport, target: Target, opts: SinkOptions,
+                 metrics: SinkMetrics | None = None) -> None:
+        self.t = transport
+        self.target = target
+        self.opts = opts
+        self.metrics = metrics or SinkMetrics()
+        self.consumer = opts.consumer or f"{opts.name}-{socket.gethostname()}"
+        self.counts = SinkCounts()
+        self._stop = threading.Event()
+        self._last_lag = 0.0
+        self._last_claim = 0.0
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
+        """Finish the result in hand, then return from run()."""
+        if not self._stop.is_set():
+            log.info("sink=%s stopping (signal %s)", self.opts.group, signum)
+        self._stop.set()
+
+    def install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def ensure_group(self) -> None:
+        stream, group = self.t.keys.results, self.opts.group
+
+        def create() -> None:
+            try:
+                self.t.r.xgroup_create(stream, group, id="$" if self.opts.start == "new" else "0",
+                                       mkstream=True)
+                log.info("sink=%s created on %s (from %s results)", group, stream,
+                         self.opts.start)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        self.t.call(create, f"create group {group}")
+
+    def run(self, until: Callable[[], bool] | None = None) -> SinkCounts:
+        """Deliver until stopped (or until ``until()`` holds, checked between batches)."""
+        self.ensure_group()
+        log.info("sink=%s consumer=%s delivering to %s", self.opts.group, self.consumer,
+                 self.target.kind)
+        own_pending = True  # first re-send what this consumer read before a crash
+        try:
+            while not self.stopping and not (until and until()):
+                self._refresh_lag()
+                if own_pending:
+                    rows = self._read("0")
+                    own_pending = bool(rows)
+                else:
+                    rows = self._claim() or self._read(">")
+                for entry_id, fields in rows:
+                    if self.stopping:
+                        break
+                    self._handle(entry_id, fields)
+        finally:
+            self._refresh_lag(force=True)
+            self.target.close()
+        log.info("sink=%s done: %s", self.opts.group, self.counts)
+        return self.counts
+
+    # --- reading -------------------------------------------------------------------------
+    def _read(self, start: str) -> list[tuple[str, dict[bytes, bytes]]]:
+        stream, group = self.t.keys.results, self.opts.group
+        block = None if start == "0" else self.opts.block_ms
+
+        def read() -> Any:
+            return self.t.r.xreadgroup(group, self.consumer, {stream: start},
+                                       count=self.opts.batch, block=block)
+        try:
+            reply = self.t.call(read, "sink read")
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("sink=%s group missing (Redis restarted without persistence?); "
+                        "recreating it", group)
+            self.ensure_group()
+            return []
+        return [(_s(i), f or {}) for _name, items in reply or [] for i, f in items]
+
+    def _claim(self) -> list[tuple[str, dict[bytes, bytes]]]:
+        """Entries another consumer of this group read and left pending (it died)."""
+        now = time.monotonic()
+        if now - self._last_claim < self.t.settings.visibility_timeout_ms / 4000:
+            return []
+        self._last_claim = now
+        stream, group = self.t.keys.results, self.opts.group
+        reply = self.t.call(lambda: self.t.r.xautoclaim(
+            stream, group, self.consumer, self.t.settings.visibility_timeout_ms, "0-0",
+            count=self.opts.batch), "sink claim")
+        items = reply[1] if len(reply) > 1 else []
+        gone = [i for i, f in items if not f]  # trimmed away while pending: nothing to send
+        if gone:
+            self.t.call(lambda: self.t.r.xack(stream, group, *gone), "sink ack trimmed")
+        return [(_s(i), f) for i, f in items if f]
+
+    def _refresh_lag(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_lag < LAG_EVERY_S:
+            return
+        self._last_lag = now
+        try:
+            self.metrics.lag.labels(self.opts.name).set(self.lag())
+        except (SpotlineError, redis.RedisError) as exc:
+            log.debug("sink lag not refreshed: %s", exc)
+
+    def lag(self) -> int:
+        """Results of the stream this sink has not delivered yet: unread plus in flight."""
+        stream, group = self.t.keys.results, self.opts.group
+        for g in self.t.call(lambda: self.t.r.xinfo_groups(stream), "sink lag"):
+            if _s(g["name"]) == group:
+                unread = g.get("lag")
+                if unread is None:  # Redis < 7, or after a trim it cannot count across
+                    unread = 0
+                return int(unread) + int(g["pending"])
+        return 0
+
+    # --- delivering ----------------------------------------------------------------------
+    def _handle(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
+        if not fields:  # trimmed from the stream while pending: nothing left to send
+            log.warning("sink=%s entry=%s was trimmed before delivery", self.opts.group, entry_id)
+            self._ack(entry_id)
+            return
+        try:
+            result = decode(fields.get(DATA_FIELD, b""))
+        except DecodeError as exc:
+            self._dead(entry_id, fields, f"undecodable result: {exc}", 0)
+            return
+        if not isinstance(result, Result):
+            self._dead(entry_id, fields, f"a {type(result).__name__} is not a result", 0)
+            return
+        attempts, error = self._deliver(entry_id, result)
+        if error is None:
+            self._ack(entry_id)
+            self.counts.delivered += 1
+            self.metrics.delivered.labels(self.opts.name).inc()
+        elif attempts:
+            self._dead(entry_id, fields, f"{self.target.kind} failed after {attempts} "
+                       f"attempt(s): {error}", attempts)
+        # else: stopped between retries; left pending, re-sent when the sink starts again
+
+    def _deliver(self, entry_id: str, result: Result) -> tuple[int, DeliveryError | None]:
+        """Send with retries and exponential backoff: (attempts made, the last error or None).
+        Attempts 0 with an error: stopped before giving up."""
+        payload = result_payload(result)
+        delay = self.opts.backoff_s
+        for attempt in range(1, self.opts.max_attempts + 1):
+            try:
+                self.target.send(result, payload)
+                return attempt, None
+            except DeliveryError as exc:
+                if exc.permanent or attempt == self.opts.max_attempts:
+                    return attempt, exc
+                if self.stopping:
+                    return 0, exc
+                self.counts.retried += 1
+                self.metrics.retried.labels(self.opts.name).inc()
+                log.warning("sink=%s frame=%s entry=%s attempt %d failed (%s); retrying in "
+                            "%.2fs", self.opts.group, result.frame_id, entry_id, attempt, exc,
+                            delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, self.opts.backoff_max_s)
+        raise AssertionError("unreachable")
+
+    def _ack(self, entry_id: str) -> None:
+        stream, group = self.t.keys.results, self.opts.group
+        # XACK only, never XDEL: the results stream is shared with other groups and readers.
+        self.t.call(lambda: self.t.r.xack(stream, group, entry_id), "sink ack")
+
+    def _dead(self, entry_id: str, fields: dict[bytes, bytes], reason: str,
+              attempts: int) -> None:
+        """Move a result to the dead-letter stream with its reason and ack it, atomically."""
+        keys, group = self.t.keys, self.opts.group
+        frame = fields.get(FRAME_FIELD) or b""
+        log.error("sink=%s frame=%s entry=%s dead-lettered: %s", group,
+                  frame.decode("utf-8", "replace"), entry_id, reason)
+        record = {b"stream": keys.results.encode(), b"stage": group.encode(),
+                  b"id": entry_id.encode(), b"reason": reason.encode("utf-8", "replace"),
+                  b"deliveries": str(attempts).encode(), b"frame": frame,
+                  b"time": repr(time.time()).encode(), b"payload": fields.get(DATA_FIELD, b"")}
+
+        def move() -> None:
+            pipe = self.t.r.pipeline(transaction=True)
+            pipe.xadd(keys.dead, record, maxlen=self.t.settings.dead_maxlen, approximate=True)
+            pipe.xack(keys.results, group, entry_id)
+            pipe.execute()
+        self.t.call(move, "sink dead-letter")
+        self.counts.failed += 1
+        self.metrics.failed.labels(self.opts.name).inc()
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
