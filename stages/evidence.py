@@ -100,7 +100,8 @@ class Evidence:
         self.config = config or EvidenceConfig()
         self.captions: dict[str, _Caption] = {}
 
-    def _logit(self, score: float) -> float:
+    def logit(self, score: float) -> float:
+        """A score as evidence: its log-odds (clipped), or the score itself for logits."""
         if self.config.scores_are_logits:
             return float(score)
         p = min(max(float(score), EPS), 1.0 - EPS)
@@ -114,7 +115,7 @@ class Evidence:
         self.captions[caption] = cap  # most recently used last
         for track, score in scores.items():
             if score == score:  # nan: no evidence
-                cap.pairs.setdefault(int(track), _Pair()).add(seq, self._logit(score),
+                cap.pairs.setdefault(int(track), _Pair()).add(seq, self.logit(score),
                                                               self.config.decay)
         cap.seq = max(cap.seq, seq)
         self._forget(cap)
