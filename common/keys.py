@@ -66,6 +66,10 @@ class Keys:
         """Sorted set of live consumers of a stage, scored by last beat (unix seconds)."""
         return f"{self.tag}:workers:{stage}"
 
+    def preview(self, frame_id: str) -> str:
+        """A small JPEG of a sampled frame (with a TTL), for the gateway's live view."""
+        return f"{self.tag}:preview:{frame_id}"
+
     @property
     def counters(self) -> str:
         """Hash of pipeline-wide counters (drops by source, published frames)."""
