@@ -96,15 +96,41 @@ class SourceTracker:
         """Frames this tracker has seen."""
         return int(self.tracker.frame_id)
 
-    def update(self, boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        """Track ids (int64, NO_TRACK for a box no track took) for the xyxy boxes of a frame."""
+    def update(self, boxes: np.ndarray, scores: np.ndarray, skipped: int = 0) -> np.ndarray:
+        """Track ids (int64, NO_TRACK for a box no track took) for the xyxy boxes of a frame.
+
+        ``skipped``: frames of the source that never came (dropped by a drop-oldest producer,
+        or given up on by the reorder window) since the last update; lost tracks age by them
+        (ByteTrack counts its ``track_buffer`` in frames). The Kalman filter still takes one
+        step: ByteTrack's motion model has no notion of time between frames.
+        """
+        if skipped < 0:
+            raise ValueError(f"skipped must be >= 0, got {skipped}")
         dets = _Detections(boxes, scores)
+        if self.tracker.frame_id > 0 and skipped:
+            self._skip(skipped)
         self.tracker.update(dets)
         ids = np.full(len(dets), NO_TRACK, dtype=np.int64)
         for track in self.tracker.tracked_stracks:
             if track.frame_id == self.tracker.frame_id and 0 <= int(track.idx) < len(ids):
                 ids[int(track.idx)] = int(track.track_id)
         return ids
+
+    def _skip(self, frames: int) -> None:
+        """What ``frames`` empty updates would have done: tracks unseen for longer than
+        ``track_buffer`` by then are removed. (Tracks still within it stay in their pool; the
+        Kalman filter does not take the missed steps.)"""
+        tracker = self.tracker
+        tracker.frame_id += frames
+        removed = [t for t in (*tracker.tracked_stracks, *tracker.lost_stracks)
+                   if tracker.frame_id - t.end_frame > tracker.max_frames_lost]
+        for track in removed:
+            track.mark_removed()
+        gone = {t.track_id for t in removed}
+        tracker.tracked_stracks = [t for t in tracker.tracked_stracks if t.track_id not in gone]
+        tracker.lost_stracks = [t for t in tracker.lost_stracks if t.track_id not in gone]
+        tracker.removed_stracks.extend(removed)
+        del tracker.removed_stracks[:-1000]  # Ultralytics' own cap on the removed pool
 
     def alive(self) -> int:
         """Tracks currently followed (not lost)."""

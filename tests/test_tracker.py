@@ -76,6 +76,23 @@ def test_low_scores_and_empty_frames():
         tracker.update(np.zeros((2, 4)), np.zeros(1))
 
 
+def test_skipped_frames_age_lost_tracks():
+    box = np.array([[10, 10, 40, 40]], np.float32)
+    far = np.array([[200, 200, 230, 230]], np.float32)
+    conf = np.array([0.9], np.float32)
+    kept, aged = SourceTracker(TrackerConfig(track_buffer=5)), SourceTracker(
+        TrackerConfig(track_buffer=5))
+    for t in (kept, aged):
+        first = t.update(box, conf)
+        t.update(box, conf)
+        t.update(far, conf)  # the object is lost; something else appears
+    # Back after 3 frames it is re-found; after 3 frames plus 6 skipped ones it is gone.
+    assert kept.update(box, conf, skipped=0).tolist() == first.tolist()
+    assert aged.update(box, conf, skipped=6).tolist() != first.tolist()
+    with pytest.raises(ValueError, match="skipped"):
+        kept.update(box, conf, skipped=-1)
+
+
 def test_state_refuses_other_versions_and_garbage():
     with pytest.raises(ValueError, match="version"):
         SourceTracker.from_state({"v": 99})
