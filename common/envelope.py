@@ -132,3 +132,30 @@ def error_result(env: Envelope, reason: str,
                   captions=env.captions, boxes=tuple(box for _ in env.captions),  # type: ignore[misc]
                   scores=tuple(float("nan") for _ in env.captions), image_size=env.image_size,
                   fallback=True, error=reason, trace=env.trace)
+
+
+def merge_parts(parts: list[Envelope]) -> Envelope:
+    """Join the parts of one frame (ordered by part index) into one envelope."""
+    parts = sorted(parts, key=lambda p: p.part)
+    head = parts[0]
+    with_boxes = [p for p in parts if p.boxes is not None and len(p.boxes)]
+    if with_boxes:
+        boxes = np.concatenate([p.boxes for p in with_boxes])  # type: ignore[misc]
+        det = np.concatenate([p.det_scores for p in with_boxes  # type: ignore[misc]
+                              if p.det_scores is not None]) if all(
+            p.det_scores is not None for p in with_boxes) else None
+        scores = np.concatenate([p.scores for p in with_boxes], axis=1) if all(  # type: ignore
+            p.scores is not None for p in with_boxes) else None
+    else:
+        boxes, det, scores = np.zeros((0, 4), np.float32), None, None
+    rows: dict[str, list[float]] = {}
+    for p in parts:
+        for stage, enq, start, end in p.trace:
+            if stage not in rows:
+                rows[stage] = [enq, start, end]
+            else:
+                r = rows[stage]
+                rows[stage] = [min(r[0], enq), min(r[1], start), max(r[2], end)]
+    trace = tuple((s, *v) for s, v in rows.items())
+    return head.replace(boxes=boxes, det_scores=det, scores=scores, crops=(), part=0, nparts=1,
+                        trace=trace)  # type: ignore[arg-type]

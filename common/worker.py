@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 import redis
-from spotline.stages.base import RESULT, Routed, Stage
 
 from .codec import decode, encode
-from .envelope import Envelope, Result, error_result
+from .envelope import Envelope, Result, error_result, merge_parts
 from .errors import DecodeError, TransportError
 from .metrics import Metrics, Poller
 from .settings import STAGES, Settings
+from .stage import RESULT, Routed, Stage
 from .transport import Entry, Output, Transport, consumer_name
 
 log = logging.getLogger(__name__)
@@ -349,35 +349,6 @@ def _merge_or_error(env: Envelope, parts: list[bytes]) -> Envelope:
         reason = f"collect cannot join the parts: {type(exc).__name__}: {exc}"
         log.error("frame=%s %s", env.frame_id, reason)
         return _strip(env.replace(error=reason))
-
-
-def merge_parts(parts: list[Envelope]) -> Envelope:
-    """Join the parts of one frame (ordered by part index) into one envelope."""
-    import numpy as np
-
-    parts = sorted(parts, key=lambda p: p.part)
-    head = parts[0]
-    with_boxes = [p for p in parts if p.boxes is not None and len(p.boxes)]
-    if with_boxes:
-        boxes = np.concatenate([p.boxes for p in with_boxes])  # type: ignore[misc]
-        det = np.concatenate([p.det_scores for p in with_boxes  # type: ignore[misc]
-                              if p.det_scores is not None]) if all(
-            p.det_scores is not None for p in with_boxes) else None
-        scores = np.concatenate([p.scores for p in with_boxes], axis=1) if all(  # type: ignore
-            p.scores is not None for p in with_boxes) else None
-    else:
-        boxes, det, scores = np.zeros((0, 4), np.float32), None, None
-    rows: dict[str, list[float]] = {}
-    for p in parts:
-        for stage, enq, start, end in p.trace:
-            if stage not in rows:
-                rows[stage] = [enq, start, end]
-            else:
-                r = rows[stage]
-                rows[stage] = [min(r[0], enq), min(r[1], start), max(r[2], end)]
-    trace = tuple((s, *v) for s, v in rows.items())
-    return head.replace(boxes=boxes, det_scores=det, scores=scores, crops=(), part=0, nparts=1,
-                        trace=trace)  # type: ignore[arg-type]
 
 
 def run_stage(stage: Stage, settings: Settings, url: str, burst: bool = False,

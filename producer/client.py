@@ -1,6 +1,6 @@
 """A small Python client: publish frames, await or subscribe to their results.
 
-    from spotline.producer.client import Client
+    from .client import Client
     client = Client.connect("redis://localhost:6379/0")
     fid = client.publish(open("bus.jpg", "rb").read(), ["red bus", "man in a hat"])
     result = client.await_result(fid, timeout=30)
@@ -12,13 +12,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
-from spotline.common.codec import decode, encode
-from spotline.common.envelope import Envelope, Result, new_frame_id
-from spotline.common.errors import DecodeError, SpotlineError
-from spotline.common.settings import Settings, load_settings
-from spotline.common.transport import Transport
-from spotline.producer.sources import check_frame
-from spotline.producer.sources import image_size as read_image_size
+from ..common.codec import decode, encode
+from ..common.envelope import Envelope, Result, new_frame_id
+from ..common.errors import DecodeError, SpotlineError
+from ..common.settings import Settings, load_settings
+from ..common.transport import Transport
+from .sources import check_frame
+from .sources import image_size as read_image_size
 
 
 class ResultTimeout(SpotlineError):
@@ -33,6 +33,9 @@ class Client:
         self.keys = transport.keys
         self.settings = transport.settings
         self._group_ready = False
+        from spotline.producer.previews import Previews
+
+        self.previews = Previews(transport)  # sampled frame images for the live view
 
     @classmethod
     def connect(cls, url: str, settings: Settings | None = None) -> Client:
@@ -57,6 +60,7 @@ class Client:
                        capture_time=time.time() if capture_time is None else capture_time,
                        captions=captions, image=bytes(image), image_size=image_size)
         self.t.add(self.keys.inbox("detect"), env.frame_id, encode(env))
+        self.previews.offer(env.frame_id, source_id, env.image or b"")
         return env.frame_id
 
     def get_result(self, frame_id: str) -> Result | None:

@@ -20,11 +20,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from spotline.common.errors import InputError, SpotlineError, TransportError
-from spotline.common.metrics import Metrics
-from spotline.common.settings import Settings
-from spotline.producer.client import Client, ResultTimeout
-from spotline.producer.sources import check_frame, image_size
+
+from ..common.errors import InputError, SpotlineError, TransportError
+from ..common.metrics import Metrics
+from ..common.settings import Settings
+from .client import Client, ResultTimeout
+from .sources import check_frame, image_size
 
 log = logging.getLogger(__name__)
 
@@ -151,4 +152,6 @@ def create_app(settings: Settings, client: Client, metrics: Metrics | None = Non
         log.exception("gateway error")
         return _error(500, f"internal error: {type(exc).__name__}")
 
+    from .live import live_router  # GET /live: the live view (producer/live.py)
+    app.include_router(live_router(settings, client))
     return app

@@ -28,12 +28,13 @@ import redis
 from rq import Queue, Retry, SimpleWorker, Worker, get_current_job
 from rq.job import Job
 from rq.serializers import JSONSerializer
-from spotline.common.errors import InputError, TransportError
-from spotline.common.settings import Settings, load_settings, settings_env
-from spotline.common.transport import connect
-from spotline.producer.client import Client
-from spotline.producer.publisher import BLOCK, PublishStats, publish_source
-from spotline.producer.sources import open_source
+
+from ..common.errors import InputError, TransportError
+from ..common.settings import Settings, load_settings, settings_env
+from ..common.transport import connect
+from .client import Client
+from .publisher import BLOCK, PublishStats, publish_source
+from .sources import open_source
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,8 @@ feed is lost and raise ``InputError`` once the attempts are spent. ``check_frame
 
 from __future__ import annotations
 
-import io
 import re
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,22 +18,16 @@ from typing import Any, ClassVar
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
-from spotline.common.errors import InputError
-from spotline.common.limits import check_captions
-from spotline.common.settings import Settings
 
-from spotline.evaluate import TilImage, load_til
+from ..common.errors import InputError
+from ..common.images import encode_jpeg, image_size
+from ..common.limits import check_captions
+from ..common.settings import Settings
+from .dataset import DATASET_FILE, TilImage, load_til
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "file")
-DATASET_FILE = "vlm.jsonl"
-JPEG_QUALITY = 95
 OPEN_TIMEOUT_MS = 10_000  # OpenCV/FFmpeg open and read timeouts for live feeds
-# Formats PIL identifies that OpenCV also decodes (MPO: camera JPEGs with extra frames).
-DECODABLE = frozenset({"JPEG", "MPO", "PNG", "BMP", "WEBP", "TIFF", "PPM", "JPEG2000"})
-# EXIF orientations that swap width and height; cv2.imdecode applies them.
-_ROTATED = frozenset({5, 6, 7, 8})
 
 Annotation = tuple[str, tuple[float, float, float, float]]
 
@@ -373,14 +365,6 @@ def open_capture(target: str | int) -> Any:
     return cap
 
 
-def encode_jpeg(frame: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
-    """A BGR frame as JPEG bytes."""
-    ok, buf = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise InputError("could not JPEG-encode a video frame")
-    return buf.tobytes()
-
-
 def read_bytes(path: Path) -> bytes:
     """A file's bytes; unreadable files are an InputError."""
     try:
@@ -476,33 +460,6 @@ def check_frame(image: Any, captions: Any, settings: Settings) -> None:
     if len(image) > settings.max_frame_bytes:
         raise InputError(f"image too large: {len(image)} bytes > {settings.max_frame_bytes}")
     check_captions(captions, settings)
-
-
-def image_size(image: bytes, settings: Settings | None = None) -> tuple[int, int]:
-    """(width, height) read from the image header only; InputError if undecodable or too big."""
-    max_pixels = (settings or Settings()).max_pixels
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(image)) as im:
-                fmt, (w, h) = im.format, im.size
-                rotated = _orientation(im) in _ROTATED
-    except Image.DecompressionBombError:
-        raise InputError(f"image has too many pixels (> {max_pixels})") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise InputError("image could not be decoded (not a JPEG/PNG/BMP/WebP/TIFF)") from None
-    if fmt not in DECODABLE or w <= 0 or h <= 0:
-        raise InputError(f"unsupported or empty image ({fmt} {w}x{h})")
-    if w * h > max_pixels:
-        raise InputError(f"image has too many pixels: {w}x{h} = {w * h} > {max_pixels}")
-    return (h, w) if rotated else (w, h)
-
-
-def _orientation(im: Image.Image) -> int:
-    try:
-        return int(im.getexif().get(0x0112, 1))
-    except Exception:  # a broken EXIF block does not make the image unusable
-        return 1
 
 
 def validate_frame(image: bytes, captions: Any, settings: Settings) -> tuple[int, int]:

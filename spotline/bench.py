@@ -495,10 +495,10 @@ def run_streaming(settings: Settings, frames: Sequence[Frame], workers: dict[str
             out["inbox_lengths_after"] = {st: int(client.t.r.xlen(client.keys.inbox(st)))
                                           for st in stages}
             client.close()
-    from spotline import models
+    from spotline.stages import runtime
 
     out.update({"mode": "streaming", "workers": {st: workers.get(st, 1) for st in stages},
-                "threads": {st: models.threads_for(settings, st) for st in stages[:-1]},
+                "threads": {st: runtime.threads_for(settings, st) for st in stages[:-1]},
                 "start_s": round(start_s, 2), "peak_rss_mb": rss.peak_mb(),
                 "load_avg_after": round(os.getloadavg()[0], 2),
                 "redis_url": "unix" if url.startswith("unix://") else "tcp"})
@@ -585,7 +585,7 @@ def backlog_memory(settings: Settings, frames: Sequence[Frame], n: int) -> dict[
 # --- real-size architectures -----------------------------------------------------------------
 def ensure_real_size_models(data_dir: str | Path) -> dict[str, Path]:
     """Random models of the seed's real sizes under data_dir, written once (~1.5 min)."""
-    from spotline.models import ensure_written, write_real_size_architectures
+    from spotline.stages.tiny import ensure_written, write_real_size_architectures
 
     return ensure_written(Path(data_dir) / REAL_DIR, REAL_VERSION,
                           write_real_size_architectures, "real-size random architectures")
@@ -604,22 +604,22 @@ def real_settings(settings: Settings) -> Settings:
 def machine_info() -> dict[str, Any]:
     import torch
 
-    from spotline import models
+    from spotline.stages import runtime
 
-    cpus = models.cpu_count()
+    cpus = runtime.cpu_count()
     return {"cpus": cpus, "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "cuda": torch.cuda.is_available(),
             "load_avg": [round(v, 2) for v in os.getloadavg()]}
 
 
 def settings_info(settings: Settings) -> dict[str, Any]:
-    from spotline import models
+    from spotline.stages import runtime
 
     keys = ("imgsz", "tta", "warmup", "upscale", "max_det", "crops_per_part", "batch_detect",
             "batch_upscale", "batch_score", "batch_collect", "max_wait_ms", "block_ms",
             "torch_threads", "device")
     out: dict[str, Any] = {k: getattr(settings, k) for k in keys}
-    out["threads"] = {st: models.threads_for(settings, st) for st in ("detect", "upscale",
+    out["threads"] = {st: runtime.threads_for(settings, st) for st in ("detect", "upscale",
                                                                        "score")}
     return out
 
@@ -630,7 +630,7 @@ def run_models(settings: Settings, frames: Sequence[Frame], light: int,
     """Reference, streaming with one worker per stage (with light load), streaming with two
     workers for the slowest stage, and (tiny) light load with the reference's thread count,
     on the same frames."""
-    from spotline import models
+    from spotline.stages import runtime
 
     say(f"[{label}] reference pipeline in-process on {len(frames)} frames...")
     ref = run_reference(settings, frames, batched=label == "tiny",
@@ -645,7 +645,7 @@ def run_models(settings: Settings, frames: Sequence[Frame], light: int,
         run["ratio_vs_reference"] = round(run["fps"] / ref["fps"], 4)
         run["steady_ratio_vs_reference"] = round(run["steady_fps"] / ref["fps"], 4)
     same = None
-    cores = models.cpu_count()
+    cores = runtime.cpu_count()
     if like_for_like and label == "tiny" and settings.torch_threads == 0 and cores > 1:
         say(f"[{label}] light load with every stage on {cores} threads (as the reference)...")
         same = run_streaming(settings.replace(torch_threads=cores), frames, {}, light=light,

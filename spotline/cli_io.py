@@ -432,7 +432,7 @@ def eval_cmd(dataset: str, reference: bool, t_max: float, out_dir: str, limit: i
     (mean round(IoU) over captions), speed score, latency p50/p95/p99 and accuracy per caption;
     writes eval.json and eval.png to --out. Uses the running pipeline (`spotline up` or
     SPOTLINE_REDIS_URL), else starts a local one; --reference runs in this process."""
-    from spotline.evaluate import load_til
+    from spotline.producer.dataset import load_til
 
     s = _ctx().settings
     if limit is not None and limit < 1:

@@ -27,7 +27,7 @@ TINY_NOTE = (
 
 def demo_images() -> dict[str, bytes]:
     """The two real photos that ultralytics ships."""
-    from spotline.models import ultralytics_assets
+    from spotline.stages.libs import ultralytics_assets
 
     assets = ultralytics_assets()
     return {name: (assets / name).read_bytes() for name in DEMO_FRAMES}

@@ -7,10 +7,10 @@ import logging
 import time
 from collections.abc import Sequence
 
-from spotline import models
 from spotline.common.envelope import Envelope, Result, error_result
 from spotline.common.settings import Settings
 from spotline.common.worker import merge_parts
+from spotline.stages import runtime
 from spotline.stages.base import RESULT, Stage
 from spotline.stages.collect import Collect
 from spotline.stages.detect import Detect
@@ -42,7 +42,7 @@ class Reference:
         """Load every model once (and warm up the detector)."""
         for stage in self.stages:
             stage.setup()
-        models.set_threads(self.settings)  # one process runs every stage: all cores (auto)
+        runtime.set_threads(self.settings)  # one process runs every stage: all cores (auto)
 
     def identify(self, images: Sequence[bytes], captions: Sequence[Sequence[str]],
                  frame_ids: Sequence[str] | None = None) -> list[Result]:

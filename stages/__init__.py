@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import importlib
 
-from spotline.common.errors import ConfigError
-from spotline.common.settings import Settings
-
+from ..common.errors import ConfigError
+from ..common.settings import Settings
 from .base import RESULT, Routed, Stage
 
 # Imported lazily: loading a stage pulls in its model library.

@@ -1,44 +1,14 @@
-"""The one stage contract: set up once, then turn a batch of decoded envelopes into outputs.
-
-Stages do model work only; reading, acking, claiming, retries and metrics live in common/.
-"""
+"""The stage contract (common/stage.py) and the checks every crop-reading stage shares."""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from typing import ClassVar
-
 import numpy as np
-from spotline.common.envelope import Envelope, Result
-from spotline.common.errors import InputError
-from spotline.common.settings import Settings
 
-# Where an output goes: the name of the next stage ("upscale", "score", "collect"), or
-# RESULT for a finished frame (collect only).
-RESULT = "result"
-Routed = tuple[str, Envelope | Result]
+from ..common.envelope import Envelope
+from ..common.errors import InputError
+from ..common.stage import RESULT, Routed, Stage
 
-
-class Stage(ABC):
-    """A pipeline stage. ``name`` is the stage whose inbox it reads."""
-
-    name: ClassVar[str]
-    model_name: str = ""
-    device_name: str = "cpu"
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-
-    def setup(self) -> None:  # noqa: B027 - optional hook
-        """Load models and warm up; called once before the first batch."""
-
-    @abstractmethod
-    def process(self, batch: list[Envelope]) -> list[Routed]:
-        """Model work on a batch of envelopes; returns routed outputs (any number per input).
-
-        Raising fails the whole batch: the worker then retries item by item, and an item that
-        fails alone is answered with an error result.
-        """
+__all__ = ["RESULT", "Routed", "Stage", "check_crops"]
 
 
 def check_crops(env: Envelope) -> None:

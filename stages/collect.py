@@ -6,9 +6,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from spotline.common.envelope import Envelope, Result
-from spotline.common.settings import Settings
-from spotline.stages.base import RESULT, Routed, Stage
+
+from ..common.envelope import Envelope, Result
+from ..common.settings import Settings
+from .base import RESULT, Routed, Stage
 
 
 class Collect(Stage):

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from spotline.common.envelope import Envelope
-from spotline.common.errors import ModelError
-from spotline.common.settings import Settings
-from spotline.stages.base import Routed, Stage, check_crops
 
-from spotline import models
+from ..common.envelope import Envelope
+from ..common.errors import ModelError
+from ..common.settings import Settings
+from . import runtime
+from .base import Routed, Stage, check_crops
+from .libs import offline_env
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,11 @@ class Score(Stage):
         """Load the model and processor from a local directory."""
         import torch
 
-        paths = models.resolve_weights(self.settings)
-        self.device = models.resolve_device(self.settings)
-        models.set_threads(self.settings, self.name)
-        self.dtype = torch.float16 if models.use_half(self.settings, self.device) else torch.float32
+        paths = runtime.resolve_weights(self.settings)
+        self.device = runtime.resolve_device(self.settings)
+        runtime.set_threads(self.settings, self.name)
+        half = runtime.use_half(self.settings, self.device)
+        self.dtype = torch.float16 if half else torch.float32
         self.model, self.processor = load_scorer(paths.scorer, self.device, self.dtype)
         tok = self.processor.tokenizer
         limit = getattr(self.model.config.text_config, "max_position_embeddings", 64)
@@ -143,7 +145,7 @@ class Score(Stage):
 
 def load_scorer(directory: Path | str, device: str = "cpu", dtype: Any = None) -> tuple[Any, Any]:
     """(model, processor) from a local save_pretrained directory, offline."""
-    models.offline_env()
+    offline_env()
     from transformers import AutoModel, AutoProcessor
 
     try:

@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from spotline.common.envelope import Envelope
-from spotline.common.errors import ModelError
-from spotline.common.settings import Settings
-from spotline.stages.base import Routed, Stage, check_crops
 
-from spotline import models
+from ..common.envelope import Envelope
+from ..common.errors import ModelError
+from ..common.images import cap_crop, swap_rb
+from ..common.settings import Settings
+from . import runtime
+from .base import Routed, Stage, check_crops
+from .libs import torchvision_shim
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +34,12 @@ class Upscale(Stage):
 
     def setup(self) -> None:
         """Load the Real-ESRGAN weights (architecture inferred from the state dict)."""
-        paths = models.resolve_weights(self.settings)
-        device = models.resolve_device(self.settings)
-        models.set_threads(self.settings, self.name)
+        paths = runtime.resolve_weights(self.settings)
+        device = runtime.resolve_device(self.settings)
+        runtime.set_threads(self.settings, self.name)
         self.upsampler = load_upscaler(paths.upscaler, device,
-                                       models.use_half(self.settings, device))
-        self.crop_cap = models.scorer_input_size(self.settings, paths.scorer)
+                                       runtime.use_half(self.settings, device))
+        self.crop_cap = runtime.scorer_input_size(self.settings, paths.scorer)
         self.model_name = paths.upscaler.name
         self.device_name = device
 
@@ -49,7 +51,7 @@ class Upscale(Stage):
             check_crops(env)
         out: list[Routed] = []
         for env in batch:
-            crops = tuple(models.cap_crop(upscale_crop(self.upsampler, crop, self.settings),
+            crops = tuple(cap_crop(upscale_crop(self.upsampler, crop, self.settings),
                                           self.crop_cap) for crop in env.crops)
             out.append(("score", env.replace(crops=crops)))
         return out
@@ -69,15 +71,15 @@ def upscale_crop(upsampler: Any, crop: np.ndarray, settings: Settings) -> np.nda
     if min(crop.shape[:2]) <= settings.upscale_skip_side:
         return crop
     upsampler.pre_pad = pre_pad_for(crop, settings)
-    out, _mode = upsampler.enhance(models.swap_rb(crop), outscale=settings.upscale_factor)
-    return models.swap_rb(out)
+    out, _mode = upsampler.enhance(swap_rb(crop), outscale=settings.upscale_factor)
+    return swap_rb(out)
 
 
 def load_upscaler(path: Path | str, device: str = "cpu", half: bool = False) -> Any:
     """A RealESRGANer for a .pth whose architecture is read from its state dict."""
     import torch
 
-    models.torchvision_shim()
+    torchvision_shim()
     from realesrgan import RealESRGANer
 
     path = Path(path)

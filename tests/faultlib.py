@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import cv2
 import numpy as np
+
 from spotline.common.codec import decode
 from spotline.common.envelope import Result
 from spotline.common.transport import Transport

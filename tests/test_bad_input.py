@@ -11,6 +11,8 @@ import msgpack
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
+from spotline.cli import cli
 from spotline.common.codec import encode
 from spotline.common.embedded import EmbeddedRedis
 from spotline.common.envelope import Envelope, Result
@@ -19,8 +21,6 @@ from spotline.common.settings import Settings
 from spotline.common.transport import DATA_FIELD, FRAME_FIELD, Transport
 from spotline.common.worker import Worker
 from spotline.producer.client import Client
-
-from spotline.cli import cli
 from tests.conftest import FAST, spawn_worker
 from tests.faultlib import (
     drained,
@@ -262,6 +262,7 @@ def test_detect_refuses_oversized_images_of_any_format_from_the_header(
     import io
 
     from PIL import Image
+
     from spotline.stages.detect import decode_frame
 
     buf = io.BytesIO()

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from spotline.common.settings import load_settings
 
-from spotline import models
 from spotline.cli import cli
+from spotline.common.settings import load_settings
+from spotline.stages import runtime
 
 STAGES = ("detect", "upscale", "score", "collect")
 
@@ -101,14 +101,14 @@ def test_targets_and_table(report: dict[str, Any]) -> None:
 def test_thread_shares() -> None:
     base = load_settings(env={})
     for cores, want in ((1, (1, 1, 1)), (2, (1, 1, 1)), (4, (1, 1, 2)), (16, (4, 4, 8))):
-        models_cpu = models.cpu_count
+        cpu_count = runtime.cpu_count
         try:
-            models.cpu_count = lambda c=cores: c  # type: ignore[assignment]
-            got = tuple(models.threads_for(base, st) for st in ("detect", "upscale", "score"))
+            runtime.cpu_count = lambda c=cores: c  # type: ignore[assignment]
+            got = tuple(runtime.threads_for(base, st) for st in ("detect", "upscale", "score"))
             assert got == want, cores
-            assert models.threads_for(base) == cores, "one process for every stage: all cores"
+            assert runtime.threads_for(base) == cores, "one process for every stage: all cores"
             no_up = base.replace(upscale=False)
-            assert models.threads_for(no_up, "detect") == max(1, cores // 3)
+            assert runtime.threads_for(no_up, "detect") == max(1, cores // 3)
         finally:
-            models.cpu_count = models_cpu  # type: ignore[assignment]
-    assert models.threads_for(base.replace(torch_threads=3), "score") == 3
+            runtime.cpu_count = cpu_count  # type: ignore[assignment]
+    assert runtime.threads_for(base.replace(torch_threads=3), "score") == 3

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import redis
 from redis.cluster import RedisCluster
+
 from spotline.common.embedded import find_redis_server
 from spotline.common.settings import Settings
 from spotline.producer.client import Client
-
 from spotline.up import LocalPipeline
 from tests.conftest import FAST
 

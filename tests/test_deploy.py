@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from spotline.common.embedded import EmbeddedRedis, free_port
 from spotline.common.metrics import Metrics
 from spotline.common.settings import STAGES, load_settings

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from spotline.common.settings import Settings, settings_env
 
 

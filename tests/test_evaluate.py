@@ -8,19 +8,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from spotline.common.errors import InputError
 
+from spotline.common.errors import InputError
 from spotline.evaluate import (
     EvalReport,
-    TilImage,
     accuracy,
     evaluate,
     hit,
     iou_ltwh,
-    load_til,
     speed_score,
     write_report,
 )
+from spotline.producer.dataset import TilImage, load_til
 
 # --- IoU and accuracy ----------------------------------------------------------------------
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
 from spotline.common.codec import encode
 from spotline.common.embedded import EmbeddedRedis, free_port
 from spotline.common.envelope import Envelope
 from spotline.common.settings import Settings
 from spotline.common.transport import Transport
 from spotline.producer.client import Client
-
 from spotline.up import Child, LocalPipeline, Supervisor, pipeline_stages
 from tests.conftest import FAST, spawn_worker
 from tests.faultlib import drained, held_by, results, results_by_frame, small_frame, wait_for

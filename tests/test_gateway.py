@@ -17,12 +17,12 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+
 from spotline.common.embedded import EmbeddedRedis, free_port
 from spotline.common.metrics import Metrics
 from spotline.common.settings import Settings, load_settings
 from spotline.producer.client import Client
 from spotline.producer.gateway import create_app
-
 from tests.conftest import ROOT, child_env
 
 # ultralytics' two bundled photos, read without importing ultralytics into this process

@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from rq.job import JobStatus
+
 from spotline.common.embedded import EmbeddedRedis, free_port
 from spotline.common.settings import Settings, settings_env
 from spotline.common.transport import Transport

@@ -8,11 +8,11 @@ import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
 from spotline.common.embedded import EmbeddedRedis
 from spotline.common.settings import Settings
-from spotline.producer.client import Client
-
 from spotline.demo import DEMO_FRAMES, demo_images
+from spotline.producer.client import Client
 from spotline.up import LocalPipeline, pipeline_stages
 from tests.conftest import FAST
 

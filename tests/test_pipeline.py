@@ -7,13 +7,13 @@ from collections import Counter
 
 import numpy as np
 import pytest
+
+from spotline.bench import synthetic_frame
 from spotline.common.codec import decode
 from spotline.common.embedded import EmbeddedRedis
 from spotline.common.settings import Settings
-from spotline.producer.client import Client
-
-from spotline.bench import synthetic_frame
 from spotline.demo import DEMO_FRAMES, demo_images
+from spotline.producer.client import Client
 from spotline.reference import Reference
 from spotline.up import LocalPipeline
 from tests.conftest import FAST

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from spotline.common.codec import decode
 from spotline.common.embedded import EmbeddedRedis
 from spotline.common.envelope import Envelope
@@ -29,7 +30,6 @@ from spotline.producer.publisher import (
     publish_source,
 )
 from spotline.producer.sources import Reconnect, open_source
-
 from tests.faultlib import wait_for
 
 CAPS = ("grey missile", "yellow helicopter")

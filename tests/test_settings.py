@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+
 from spotline.common.errors import ConfigError
 from spotline.common.settings import Settings, load_settings, settings_env
 

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 from PIL import Image
+
 from spotline.common.errors import InputError
 from spotline.common.settings import Settings
 from spotline.producer.sources import (

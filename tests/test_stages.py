@@ -10,9 +10,14 @@ import cv2
 import numpy as np
 import pytest
 import torch
+
+from spotline.common import images
 from spotline.common.envelope import Envelope
 from spotline.common.errors import InputError, ModelError
 from spotline.common.settings import Settings
+from spotline.reference import Reference
+from spotline.stages import libs, runtime
+from spotline.stages import tiny as tiny_models
 from spotline.stages.collect import Collect, frame_result, ltwh
 from spotline.stages.detect import (
     Detect,
@@ -30,17 +35,14 @@ from spotline.stages.upscale import (
     upscale_crop,
 )
 
-from spotline import models
-from spotline.reference import Reference
-
-ASSETS = models.ultralytics_assets()
+ASSETS = libs.ultralytics_assets()
 BUS = (ASSETS / "bus.jpg").read_bytes()  # 810×1080
 ZIDANE = (ASSETS / "zidane.jpg").read_bytes()  # 1280×720
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return models.write_tiny_models(tmp_path_factory.mktemp("tiny"))
+    return tiny_models.write_tiny_models(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +84,12 @@ def test_tiny_models_load_through_the_real_loaders(tiny: dict[str, Path], base: 
     assert load_upscaler(tiny["upscaler"]).scale == 4
     model, processor = load_scorer(tiny["scorer"])
     assert type(model).__name__ == "SiglipModel" and processor.tokenizer.pad_token == "<pad>"
-    assert models.scorer_input_size(base, tiny["scorer"]) == 64
-    assert models.scorer_input_size(base.replace(scorer_input_size=32), tiny["scorer"]) == 32
+    assert runtime.scorer_input_size(base, tiny["scorer"]) == 64
+    assert runtime.scorer_input_size(base.replace(scorer_input_size=32), tiny["scorer"]) == 32
 
 
 def test_detector_architecture_yaml_builds_offline(base: Settings) -> None:
-    paths = models.resolve_weights(base.replace(detector_weights="yolov8n.yaml"))
+    paths = runtime.resolve_weights(base.replace(detector_weights="yolov8n.yaml"))
     assert str(paths.detector) == "yolov8n.yaml" and not paths.tiny
     assert load_detector(paths.detector).task == "detect"
 
@@ -102,7 +104,7 @@ def test_ultralytics_pil_patch_is_undone(detect: Detect) -> None:
 
 
 def test_tiny_models_are_deterministic(tiny: dict[str, Path], tmp_path: Path) -> None:
-    again = models.write_tiny_models(tmp_path)
+    again = tiny_models.write_tiny_models(tmp_path)
     for key in ("upscaler",):
         a = torch.load(tiny[key], weights_only=True)["params"]
         b = torch.load(again[key], weights_only=True)["params"]
@@ -113,7 +115,7 @@ def test_tiny_models_are_deterministic(tiny: dict[str, Path], tmp_path: Path) ->
 
 
 def test_upscaler_architecture_is_read_from_the_state_dict() -> None:
-    models.torchvision_shim()
+    libs.torchvision_shim()
     from basicsr.archs.rrdbnet_arch import RRDBNet
     from realesrgan.archs.srvgg_arch import SRVGGNetCompact
 
@@ -131,9 +133,9 @@ def test_upscaler_architecture_is_read_from_the_state_dict() -> None:
 def test_resolve_weights(tmp_path: Path) -> None:
     settings = Settings(data_dir=str(tmp_path))
     with pytest.raises(ModelError, match="does not exist"):
-        models.resolve_weights(settings.replace(upscaler_weights=str(tmp_path / "nope.pth")))
-    found: list[models.ModelPaths] = []
-    threads = [threading.Thread(target=lambda: found.append(models.resolve_weights(settings)))
+        runtime.resolve_weights(settings.replace(upscaler_weights=str(tmp_path / "nope.pth")))
+    found: list[runtime.ModelPaths] = []
+    threads = [threading.Thread(target=lambda: found.append(runtime.resolve_weights(settings)))
                for _ in range(2)]
     for t in threads:
         t.start()
@@ -141,14 +143,15 @@ def test_resolve_weights(tmp_path: Path) -> None:
         t.join()
     assert len(found) == 2 and found[0] == found[1] and found[0].tiny
     assert found[0].detector.is_file() and (found[0].scorer / "config.json").is_file()
-    assert not list((tmp_path / models.TINY_DIR).glob(".*tmp*"))
+    assert not list((tmp_path / tiny_models.TINY_DIR).glob(".*tmp*"))
 
 
 def test_device_and_precision(base: Settings) -> None:
-    assert models.resolve_device(base.replace(device="cpu")) == "cpu"
-    assert models.resolve_device(base.replace(device="cuda")) == "cuda:0"
-    assert not models.use_half(base, "cpu")
-    assert models.use_half(base, "cuda:0") and not models.use_half(base.replace(half=False), "cuda")
+    assert runtime.resolve_device(base.replace(device="cpu")) == "cpu"
+    assert runtime.resolve_device(base.replace(device="cuda")) == "cuda:0"
+    assert not runtime.use_half(base, "cpu")
+    assert runtime.use_half(base, "cuda:0")
+    assert not runtime.use_half(base.replace(half=False), "cuda")
 
 
 # --- detect --------------------------------------------------------------------------------
@@ -274,7 +277,7 @@ def test_upscale_feeds_the_network_rgb(upscale: Upscale, base: Settings) -> None
     out = upscale_crop(upsampler, red, base)
     assert seen[0][0, 0].min() == 1.0 and seen[0][0, 2].max() == 0.0  # channel 0 is red
     assert out.shape == (48, 48, 3) and (out[..., 0] == 255).all() and (out[..., 2] == 0).all()
-    np.testing.assert_array_equal(models.swap_rb(red)[..., 2], red[..., 0])
+    np.testing.assert_array_equal(images.swap_rb(red)[..., 2], red[..., 0])
 
 
 # --- score ---------------------------------------------------------------------------------
@@ -315,7 +318,7 @@ def test_caption_cache_is_bounded(base: Settings) -> None:
 def test_clip_family_scores_are_its_logits(base: Settings, tmp_path: Path) -> None:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    tok = models.build_tokenizer(16)
+    tok = tiny_models.build_tokenizer(16)
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     torch.manual_seed(0)
     CLIPModel(CLIPConfig(text_config=dict(small, vocab_size=len(tok), max_position_embeddings=16,
@@ -326,7 +329,7 @@ def test_clip_family_scores_are_its_logits(base: Settings, tmp_path: Path) -> No
                                                      crop_size={"height": 32, "width": 32}),
                   tokenizer=tok).save_pretrained(tmp_path)
     settings = base.replace(scorer_dir=str(tmp_path))
-    assert models.scorer_input_size(settings, tmp_path) == 32
+    assert runtime.scorer_input_size(settings, tmp_path) == 32
     stage = Score(settings)
     stage.setup()
     crops = (np.zeros((10, 20, 3), np.uint8), np.full((5, 5, 3), 200, np.uint8))

@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+
 from spotline.common.codec import decode, encode
 from spotline.common.embedded import EmbeddedRedis
 from spotline.common.envelope import Envelope

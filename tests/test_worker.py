@@ -13,7 +13,6 @@ from spotline.common.envelope import Envelope
 from spotline.common.settings import Settings
 from spotline.common.transport import Transport
 from spotline.common.worker import Worker
-
 from tests.conftest import spawn_worker
 from tests.faultlib import wait_for
 from tests.stagelib import FailOnBoom, PassThrough

@@ -1,0 +1,40 @@
+"""The one stage contract: set up once, then turn a batch of decoded envelopes into outputs.
+
+Stages (stages/) do model work only; reading, acking, claiming, retries and metrics live in
+common/, which drives any Stage through this contract.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+from .envelope import Envelope, Result
+from .settings import Settings
+
+# Where an output goes: the name of the next stage ("upscale", "score", "collect"), or
+# RESULT for a finished frame (collect only).
+RESULT = "result"
+Routed = tuple[str, Envelope | Result]
+
+
+class Stage(ABC):
+    """A pipeline stage. ``name`` is the stage whose inbox it reads."""
+
+    name: ClassVar[str]
+    model_name: str = ""
+    device_name: str = "cpu"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def setup(self) -> None:  # noqa: B027 - optional hook
+        """Load models and warm up; called once before the first batch."""
+
+    @abstractmethod
+    def process(self, batch: list[Envelope]) -> list[Routed]:
+        """Model work on a batch of envelopes; returns routed outputs (any number per input).
+
+        Raising fails the whole batch: the worker then retries item by item, and an item that
+        fails alone is answered with an error result.
+        """

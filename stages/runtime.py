@@ -1,0 +1,159 @@
+"""Where the weights are and which device and threads run them.
+
+Real weights are local paths in the settings; nothing is downloaded. When a path is empty,
+the tiny random stand-ins of stages/tiny.py are written once under ``data_dir/tiny-models``
+and loaded by the same code as real weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..common.errors import ModelError
+from ..common.settings import Settings
+from .tiny import TINY_DIR, ensure_tiny_models
+
+log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class ModelPaths:
+    """The three model locations a pipeline loads."""
+
+    detector: Path
+    upscaler: Path
+    scorer: Path
+    tiny: bool = False
+
+
+def resolve_device(settings: Settings) -> str:
+    """The torch device string: 'auto' picks cuda when available, else cpu."""
+    if settings.device != "auto":
+        return "cuda:0" if settings.device == "cuda" else settings.device
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def use_half(settings: Settings, device: str) -> bool:
+    """fp16 only on CUDA, and only when the settings ask for it."""
+    return bool(settings.half) and device.startswith("cuda")
+
+
+# How the cores are shared when ``torch_threads`` is 0 (auto) and each model stage is its own
+# process on one machine: score (SigLIP-large, the slowest real-size model) gets half, detect
+# and upscale a quarter each; with upscaling off, score two thirds and detect one third.
+THREAD_SHARES = {"detect": 1, "upscale": 1, "score": 2}
+
+
+def cpu_count() -> int:
+    """The cores this process may run on (its affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def threads_for(settings: Settings, stage: str | None = None) -> int:
+    """Intra-op threads for a stage's process: ``torch_threads`` when set; else (auto) the
+    stage's share of the cores, at least 1 (2 cores: 1 each; 16: detect 4, upscale 4,
+    score 8). ``stage=None`` is a process that runs every stage (the in-process reference):
+    all cores."""
+    if settings.torch_threads > 0:
+        return settings.torch_threads
+    cores = cpu_count()
+    if stage is None or stage not in THREAD_SHARES:
+        return cores
+    shares = {k: v for k, v in THREAD_SHARES.items() if k != "upscale" or settings.upscale}
+    return max(1, cores * shares.get(stage, 1) // sum(shares.values()))
+
+
+def set_threads(settings: Settings, stage: str | None = None) -> int:
+    """Set torch's (and OpenCV's) thread count for this process; returns it.
+
+    Stages on one CPU that each used every core would fight: an OpenMP team that shares its
+    cores with another busy process waits on its slowest thread (measured on 2 cores,
+    SigLIP-large: 2 threads 11 s alone but 22 s beside a busy process; 1 thread 20 s either
+    way; docs/performance.md)."""
+    import cv2
+    import torch
+
+    n = threads_for(settings, stage)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    cv2.setNumThreads(n)
+    return n
+
+
+# --- where the weights are --------------------------------------------------------------------
+def resolve_weights(settings: Settings) -> ModelPaths:
+    """The configured model paths; empty ones fall back to tiny random models (written once)."""
+    given = {"detector_weights": settings.detector_weights,
+             "upscaler_weights": settings.upscaler_weights, "scorer_dir": settings.scorer_dir}
+    for key, value in given.items():
+        if value and not Path(value).exists() and not _is_bundled_yaml(value):
+            raise ModelError(f"{key} {value!r} does not exist (weights are local paths; "
+                             f"nothing is downloaded)")
+    tiny: dict[str, Path] = {}
+    if not all(given.values()):
+        tiny = ensure_tiny_models(Path(settings.data_dir) / TINY_DIR)
+        missing = [k for k, v in given.items() if not v]
+        _warn_once("using tiny RANDOM models for %s (from %s): boxes and scores are arbitrary; "
+                    "set SPOTLINE_DETECTOR_WEIGHTS / _UPSCALER_WEIGHTS / _SCORER_DIR for real "
+                    "results", ", ".join(missing), Path(settings.data_dir) / TINY_DIR)
+    return ModelPaths(
+        detector=Path(settings.detector_weights) if settings.detector_weights else tiny["detector"],
+        upscaler=Path(settings.upscaler_weights) if settings.upscaler_weights else tiny["upscaler"],
+        scorer=Path(settings.scorer_dir) if settings.scorer_dir else tiny["scorer"],
+        tiny=bool(tiny))
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str, *args: Any) -> None:
+    """Log a warning once per process (every stage resolves the weights)."""
+    text = message % args
+    if text not in _warned:
+        _warned.add(text)
+        log.warning(text)
+
+
+def _is_bundled_yaml(value: str) -> bool:
+    """An Ultralytics architecture name such as 'yolov9c.yaml' (built without a download)."""
+    return value.endswith((".yaml", ".yml")) and os.sep not in value
+
+
+def scorer_input_size(settings: Settings, scorer_dir: Path | str) -> int:
+    """The side crops are capped at: the setting, or the scorer processor's input size."""
+    if settings.scorer_input_size > 0:
+        return settings.scorer_input_size
+    directory = Path(scorer_dir)
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json",
+                                                           "image_processor")):
+        path = directory / name
+        if path.is_file():
+            config = json.loads(path.read_text(encoding="utf-8"))
+            config = config.get(key, {}) if key else config
+            size = _size_of(config)
+            if size:
+                return size
+    raise ModelError(f"cannot read the scorer input size from {directory}; set "
+                     f"SPOTLINE_SCORER_INPUT_SIZE")
+
+
+def _size_of(config: dict[str, Any]) -> int:
+    if config.get("do_center_crop") and isinstance(config.get("crop_size"), dict):
+        return max(int(v) for v in config["crop_size"].values())
+    size = config.get("size")
+    if isinstance(size, int):
+        return size
+    if isinstance(size, dict) and size:
+        return max(int(v) for v in size.values())
+    return 0
+
+
