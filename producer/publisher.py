@@ -26,13 +26,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from tqdm import tqdm
-
 from ..common.errors import InputError
 from ..common.metrics import Metrics
 from ..common.settings import BACKPRESSURE, Settings
 from .client import Client
 from .sources import Source, SourceFrame, validate_frame
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +144,6 @@ class _Publisher:
             log.warning("%s: frame %s rejected: %s", self.sid, frame.name, exc)
             if self.metrics is not None:
                 self.metrics.frames_dropped.labels(self.sid, "rejected").inc()
-            self.client.previews.count_drop(self.sid, "rejected")  # for the live view
             return None
 
     def publish(self, frame: SourceFrame, size: tuple[int, int]) -> None:
@@ -193,7 +191,6 @@ class _Publisher:
         self.stats.dropped += 1
         if self.metrics is not None:
             self.metrics.frames_dropped.labels(frame.source_id, "backpressure").inc()
-        self.client.previews.count_drop(frame.source_id, "dropped")  # for the live view
         now = time.monotonic()
         if self.stats.dropped == 1 or now - self._last_report >= REPORT_EVERY_S:
             self._last_report = now
