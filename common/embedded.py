@@ -16,6 +16,7 @@ from pathlib import Path
 
 import redis
 
+from .children import die_with_parent
 from .errors import TransportError
 
 log = logging.getLogger(__name__)
@@ -110,8 +111,11 @@ class EmbeddedRedis:
 
     def start(self) -> EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # its own session: a terminal's Ctrl-C to the group does not reach it, so whoever
+        # started it shuts it down last (saving with persist); and it dies with its parent.
         self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+                                     stderr=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=die_with_parent())
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 20
         while True:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -86,30 +85,14 @@ def worker(ctx: Ctx, stage: str, burst: bool, metrics_port: int | None,
 @pass_ctx
 def up(ctx: Ctx, worker_specs: tuple[str, ...], metrics: bool, persist: bool) -> None:
     """Run the whole pipeline here: Redis (embedded unless SPOTLINE_REDIS_URL) and supervised
-    workers for every stage. Ctrl-C stops it."""
-    from spotline.up import Supervisor, parse_workers, start_redis, write_up_file
+    workers for every stage. Ctrl-C or SIGTERM stops it (exit 0)."""
+    from spotline.up import parse_workers, run_up
 
-    s = ctx.settings
     try:
-        workers = parse_workers(worker_specs)
-        url, server = start_redis(s, persist=persist)
+        run_up(ctx.settings, parse_workers(worker_specs), metrics=metrics, persist=persist,
+               echo=click.echo)
     except SpotlineError as exc:
         raise click.ClickException(str(exc)) from None
-    up_file = write_up_file(s, url)
-    sup = Supervisor(s, url, workers=workers, metrics=metrics).start()
-    click.echo(f"spotline up: redis {url}{' (embedded)' if server else ''}; "
-               f"stages {', '.join(c.name for c in sup.children)}. Ctrl-C to stop.")
-    try:
-        while True:
-            sup.check()
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        click.echo("stopping...")
-    finally:
-        sup.stop()
-        up_file.unlink(missing_ok=True)
-        if server:
-            server.close()
 
 
 @cli.group()

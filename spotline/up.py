@@ -1,5 +1,11 @@
 """`spotline up`: Redis (embedded unless a URL is set) plus one supervised worker process per
-stage. A child that dies is reported and restarted (with backoff if it keeps dying)."""
+stage. A child that dies is reported and restarted (with backoff if it keeps dying); one that
+exits 0 was asked to stop and is not.
+
+SIGTERM and SIGINT (alone, or to the whole process group as a terminal's Ctrl-C sends it) take
+the same path: the workers finish their batch, the embedded Redis shuts down last (saving with
+``--persist``), exit 0. Children never outlive a killed `up` (common/children.py): workers get
+a SIGKILL when it dies, the embedded redis-server a SIGTERM (it saves and exits)."""
 
 from __future__ import annotations
 
@@ -11,11 +17,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
+from spotline.common.children import die_with_parent
 from spotline.common.embedded import EmbeddedRedis
 from spotline.common.errors import ConfigError
+from spotline.common.redact import redact_url
 from spotline.common.settings import Settings, settings_env
 
 log = logging.getLogger(__name__)
@@ -43,14 +54,19 @@ class Child:
     started: float = 0.0
     metrics_port: int | None = None
     not_before: float = 0.0  # a child that keeps dying is restarted no sooner than this
+    stopped: bool = False  # exited 0 (asked to stop): not restarted
 
     @property
     def name(self) -> str:
         return f"{self.stage}#{self.index}"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.args, env=self.env)
+        # SIGKILL when `up` dies: a worker still loading its model would take its time over
+        # a SIGTERM; what it held is reclaimed by live workers after visibility_timeout_ms.
+        self.proc = subprocess.Popen(self.args, env=self.env,
+                                     preexec_fn=die_with_parent(signal.SIGKILL))
         self.started = time.monotonic()
+        self.stopped = False
 
 
 @dataclass
@@ -63,6 +79,7 @@ class Supervisor:
     metrics: bool = False
     burst: bool = False
     children: list[Child] = field(default_factory=list)
+    stopping: bool = False  # set by stop() (and a signal handler): nothing is restarted
 
     def start(self) -> Supervisor:
         env = {**os.environ, **settings_env(self.settings), "SPOTLINE_REDIS_URL": self.url}
@@ -86,6 +103,8 @@ class Supervisor:
     def check(self) -> list[str]:
         """Restart children that died (never blocks: one that keeps dying is restarted with
         a growing delay); returns what happened, one line each, also logged as warnings."""
+        if self.stopping:
+            return []
         events = [line for child in self.children if (line := self._check_child(child))]
         for line in events:
             log.warning(line)
@@ -93,10 +112,14 @@ class Supervisor:
 
     def _check_child(self, child: Child) -> str | None:
         code = child.proc.poll() if child.proc else None
-        if child.proc is None or code is None or (self.burst and code == 0):
+        if child.proc is None or code is None or child.stopped or self.stopping:
             return None
-        now = time.monotonic()
         pid = child.proc.pid
+        if code == 0:  # a worker exits 0 only when asked to (a signal, or --burst's empty inbox)
+            child.stopped = True
+            return None if self.burst else (f"worker {child.name} (pid {pid}) stopped cleanly "
+                                            "(status 0, asked to by a signal); not restarting it")
+        now = time.monotonic()
         if not child.not_before and now - child.started < QUICK_DEATH_S and child.restarts >= 3:
             backoff = min(30, 2 ** child.restarts)
             child.not_before = now + backoff
@@ -118,6 +141,7 @@ class Supervisor:
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM every child (they finish their batch), SIGKILL stragglers."""
+        self.stopping = True
         for child in self.children:
             if child.proc and child.proc.poll() is None:
                 child.proc.terminate()
@@ -182,6 +206,61 @@ def running_url(settings: Settings) -> str | None:
         return None
 
 
+StopSignals = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextmanager
+def on_stop_signals(handler: Callable[[int, FrameType | None], None]) -> Iterator[bool]:
+    """Route SIGTERM and SIGINT to ``handler`` inside the block, then restore the previous
+    handlers. Signals can only be handled in the main thread: elsewhere this does nothing and
+    yields False."""
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in StopSignals}
+    try:
+        yield True
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def run_up(settings: Settings, workers: dict[str, int], metrics: bool = False,
+           persist: bool = False, echo: Callable[[str], None] = print) -> None:
+    """`spotline up` until SIGTERM or SIGINT: returns once every child has stopped and the
+    embedded Redis (if any) is shut down, so the command exits 0."""
+    stop = threading.Event()
+    received: list[int] = []
+    sup = Supervisor(settings, "", workers=workers, metrics=metrics)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)  # no printing here: a handler may interrupt a print
+        sup.stopping = True  # from now on nothing is restarted, whatever exits
+        stop.set()
+
+    server: EmbeddedRedis | None = None
+    up_file: Path | None = None
+    with on_stop_signals(on_signal):
+        try:
+            url, server = start_redis(settings, persist=persist)
+            up_file = write_up_file(settings, url)
+            sup.url = url
+            if not stop.is_set():
+                sup.start()
+                echo(f"spotline up: redis {redact_url(url)}{' (embedded)' if server else ''}; "
+                     f"stages {', '.join(c.name for c in sup.children)}. Ctrl-C to stop.")
+            while not stop.wait(1.0):
+                sup.check()
+            echo(f"{signal.Signals(received[0]).name}: stopping (workers finish their batch)...")
+        finally:
+            sup.stop()
+            if up_file is not None:
+                up_file.unlink(missing_ok=True)
+            if server is not None:
+                server.close()
+    echo("spotline up: stopped")
+
+
 class LocalPipeline:
     """Redis (embedded unless configured) and supervised workers for the whole pipeline, as a
     context manager: `spotline demo`, `bench`, `eval` and the end-to-end tests use it.
@@ -212,6 +291,7 @@ class LocalPipeline:
         from spotline.stages.runtime import resolve_weights
 
         resolve_weights(self.settings)  # tiny models made once here, not by every child
+        self._terminate_as_interrupt()
         self.url, self.server = start_redis(self.settings, persist=self.persist)
         self.supervisor = Supervisor(self.settings, self.url, workers=self.workers,
                                      metrics=self.metrics).start()
@@ -259,6 +339,14 @@ class LocalPipeline:
         finally:
             t.close()
 
+    def _terminate_as_interrupt(self) -> None:
+        """In the main thread, a SIGTERM takes Ctrl-C's path (KeyboardInterrupt, then
+        __exit__ stops every child and Redis) unless the program handles SIGTERM itself."""
+        self._old_sigterm = None
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+            self._old_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
+
     def __exit__(self, *exc: object) -> None:
         self._done.set()
         if self._watcher is not None:  # before stopping children: none is restarted any more
@@ -270,3 +358,10 @@ class LocalPipeline:
         if self.server is not None:
             self.server.close()
             self.server = None
+        if getattr(self, "_old_sigterm", None) is not None:
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+            self._old_sigterm = None
+
+
+def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"{signal.Signals(signum).name}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from spotline.common.children import die_with_parent
 from spotline.common.embedded import EmbeddedRedis
 from spotline.common.settings import Settings, load_settings, settings_env
 from spotline.common.transport import Transport
@@ -65,4 +67,6 @@ def spawn_worker(settings: Settings, url: str, stage: str, *extra: str,
     args = [sys.executable, "-m", "spotline", "worker", stage, *extra]
     if stage_class:
         args += ["--stage-class", stage_class]
-    return subprocess.Popen(args, env=child_env(settings, url), cwd=ROOT)
+    # killed with the test process (a crashed or timed-out run leaves no worker behind)
+    return subprocess.Popen(args, env=child_env(settings, url), cwd=ROOT,
+                            preexec_fn=die_with_parent(signal.SIGKILL))
