@@ -1,0 +1,136 @@
+"""Run an exported model by its file type: ``.xml`` through OpenVINO, ``.onnx`` through ONNX
+Runtime. Nothing here imports torch: a stage on an exported model stays a light process."""
+
+from __future__ import annotations
+
+import logging
+import platform
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...common.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("onnx", "openvino")
+SUFFIX = {".onnx": "onnx", ".xml": "openvino"}
+
+
+def available(engine: str) -> bool:
+    """Whether the runtime for ``engine`` is installed (imported only to find out)."""
+    import importlib.util
+
+    module = {"onnx": "onnxruntime", "openvino": "openvino"}.get(engine)
+    return module is not None and importlib.util.find_spec(module) is not None
+
+
+def x86_cpu() -> bool:
+    """OpenVINO's CPU plugin is at its best on Intel/AMD x86-64 CPUs."""
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+class Engine(ABC):
+    """One loaded model: named float/int inputs in, outputs (in the model's order) out."""
+
+    kind = ""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.input_names: list[str] = []
+        self.provider = ""
+
+    @abstractmethod
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """One inference: the model's outputs, in order."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path.name}, {self.provider})"
+
+
+class OnnxEngine(Engine):
+    """ONNX Runtime: the CPU provider, or CUDA / TensorRT where the installed build has them
+    and ``device`` is not the CPU."""
+
+    kind = "onnx"
+
+    def __init__(self, path: Path, threads: int = 0, device: str = "cpu") -> None:
+        super().__init__(path)
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads > 0:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        providers = onnx_providers(ort.get_available_providers(), device)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - any load failure is a ModelError
+            raise ModelError(f"cannot load {path} with onnxruntime: {exc}") from exc
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.provider = self.session.get_providers()[0]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return list(self.session.run(None, dict(feeds)))
+
+
+def onnx_providers(present: Sequence[str], device: str) -> list[str]:
+    """TensorRT, then CUDA, then the CPU (always last, the fallback) on a CUDA device; the CPU
+    provider alone otherwise."""
+    wanted = ["CPUExecutionProvider"]
+    if device.startswith("cuda") or device == "auto":
+        wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", *wanted]
+    return [p for p in wanted if p in present] or ["CPUExecutionProvider"]
+
+
+class OpenVinoEngine(Engine):
+    """OpenVINO's CPU plugin. fp32 exports run at f32 (the plugin's default on CPUs with bf16
+    units is bf16, which moves SigLIP's embeddings by about 1e-2); fp16 exports run at the
+    plugin's default precision (bf16 where the CPU has it)."""
+
+    kind = "openvino"
+
+    def __init__(self, path: Path, threads: int = 0, precision: str = "fp32",
+                 device: str = "cpu") -> None:
+        super().__init__(path)
+        import openvino as ov
+
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if threads > 0:
+            config["INFERENCE_NUM_THREADS"] = threads
+        if precision == "fp32":
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        target = "GPU" if device.startswith("cuda") and "GPU" in ov.Core().available_devices \
+            else "CPU"
+        try:
+            core = ov.Core()
+            self.compiled = core.compile_model(core.read_model(str(path)), target, config)
+        except Exception as exc:  # noqa: BLE001 - any load failure is a ModelError
+            raise ModelError(f"cannot load {path} with openvino: {exc}") from exc
+        self.input_names = [port.any_name for port in self.compiled.inputs]
+        self.request = self.compiled.create_infer_request()
+        self.provider = f"openvino-{target}"
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        result = self.request.infer(dict(feeds))
+        return [np.asarray(result[port]).copy() for port in self.compiled.outputs]
+
+
+def load_engine(path: Path | str, threads: int = 0, precision: str = "fp32",
+                device: str = "cpu") -> Engine:
+    """The engine for an exported file, chosen by its suffix."""
+    path = Path(path)
+    kind = SUFFIX.get(path.suffix.lower())
+    if kind is None:
+        raise ModelError(f"{path}: not an exported model (.onnx or .xml)")
+    if not path.is_file():
+        raise ModelError(f"exported model {path} does not exist")
+    if not available(kind):
+        raise ModelError(f"{path} needs the {kind} runtime, which is not installed")
+    if kind == "onnx":
+        return OnnxEngine(path, threads, device)
+    return OpenVinoEngine(path, threads, precision, device)
