@@ -78,7 +78,7 @@ class Manifest:
         if entry is None or part not in entry:
             have = ", ".join(sorted(self.files)) or "none"
             raise ModelError(f"{directory} has no {engine} {precision} export of {self.source} "
-                             f"(it has: {have}); run `spotline export --{engine} "
+                             f"(it has: {have}); run `spotline export --engine {engine} "
                              f"--precision {precision}`")
         return directory / entry[part]
 
