@@ -20,6 +20,8 @@ CONFIG_ENV = "SPOTLINE_CONFIG"
 
 STAGES = ("detect", "upscale", "score", "collect")
 BACKPRESSURE = ("block", "drop-oldest")
+BACKENDS = ("auto", "torch", "onnx", "openvino")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,11 @@ class Settings:
     half: bool = field(default=True, metadata={"help": "fp16 on CUDA (ignored on CPU)"})
     torch_threads: int = field(default=0, metadata={
         "help": "threads per model worker; 0: auto (a share of the cores, docs/performance.md)"})
+    backend: str = field(default="auto", metadata={
+        "help": "model runtime: auto (an export of the checkpoint when there is one: OpenVINO "
+                "on x86 CPUs, else ONNX Runtime; torch when none), torch, onnx, openvino"})
+    export_precision: str = field(default="fp32", metadata={
+        "help": "which export the onnx/openvino backends load: fp32, fp16, int8 (spotline export)"})
     # --- detect (seed: predict(imgsz=1600, conf=0.1, iou=0.1, max_det=10, augment=True))
     imgsz: int = field(default=1600, metadata={"help": "YOLO inference size (seed: 1600)"})
     conf: float = field(default=0.1, metadata={"help": "YOLO confidence threshold"})
@@ -120,6 +127,11 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"{key} must be >= 0, got {getattr(s, key)!r}")
     if s.backpressure not in BACKPRESSURE:
         raise ConfigError(f"backpressure must be one of {BACKPRESSURE}, got {s.backpressure!r}")
+    if s.backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {BACKENDS}, got {s.backend!r}")
+    if s.export_precision not in PRECISIONS:
+        raise ConfigError(f"export_precision must be one of {PRECISIONS}, got "
+                          f"{s.export_precision!r}")
     if "{caption}" not in s.prompt:
         raise ConfigError("prompt must contain '{caption}'")
     if not s.namespace or any(c in s.namespace for c in "{}: "):
