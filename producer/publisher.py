@@ -144,6 +144,7 @@ class _Publisher:
             log.warning("%s: frame %s rejected: %s", self.sid, frame.name, exc)
             if self.metrics is not None:
                 self.metrics.frames_dropped.labels(self.sid, "rejected").inc()
+            self.client.previews.count_drop(self.sid, "rejected")  # for the live view
             return None
 
     def publish(self, frame: SourceFrame, size: tuple[int, int]) -> None:
@@ -191,6 +192,7 @@ class _Publisher:
         self.stats.dropped += 1
         if self.metrics is not None:
             self.metrics.frames_dropped.labels(frame.source_id, "backpressure").inc()
+        self.client.previews.count_drop(frame.source_id, "dropped")  # for the live view
         now = time.monotonic()
         if self.stats.dropped == 1 or now - self._last_report >= REPORT_EVERY_S:
             self._last_report = now
