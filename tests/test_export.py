@@ -1,0 +1,208 @@
+"""spotline export and the exported backends, on tiny random models in the real formats.
+
+Parity with the torch path at fp32: detector boxes within 1 px (with and without TTA), SigLIP
+logits within 1e-3, Real-ESRGAN pixels within 1 level. int8 is reported, not asserted. A stale
+export (made from another checkpoint) is refused; a stage on an exported model never imports
+torch, Ultralytics or transformers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from spotline.common.errors import ModelError
+from spotline.common.settings import Settings, load_settings
+from spotline.export import export_model
+from spotline.stages import backends, libs
+from spotline.stages.backends.manifest import export_dir, read_manifest
+
+from .conftest import ROOT
+
+ENGINES = ("onnx", "openvino")
+PHOTOS = [cv2.imread(str(libs.ultralytics_assets() / name)) for name in ("bus.jpg", "zidane.jpg")]
+CAPTIONS = ("grey missile", "yellow helicopter",
+            "a very long caption about a zebra-striped qwzx object that the tokenizer truncates")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny models of their own (exports are written beside them), exported once: fp32 to both
+    engines, and int8 to ONNX for the report."""
+    from spotline.stages.tiny import write_tiny_models
+
+    paths = write_tiny_models(tmp_path_factory.mktemp("export") / "models")
+    for kind in ("detector", "scorer", "upscaler"):
+        export_model(kind, paths[kind], ENGINES, ("fp32",))
+    export_model("scorer", paths["scorer"], ("onnx",), ("int8",))
+    return paths
+
+
+def _settings(tiny: dict[str, Path], **changes: object) -> Settings:
+    return load_settings(env={}, detector_weights=str(tiny["detector"]),
+                         upscaler_weights=str(tiny["upscaler"]), scorer_dir=str(tiny["scorer"]),
+                         imgsz=320, warmup=0, **changes)
+
+
+def test_manifest_records_the_checkpoint(tiny: dict[str, Path]) -> None:
+    from spotline.stages.backends.manifest import source_hash
+
+    manifest = read_manifest(export_dir(tiny["scorer"]))
+    assert manifest.kind == "scorer" and manifest.source == "scorer"
+    assert manifest.sha256 == source_hash(tiny["scorer"])
+    assert {"onnx-fp32", "openvino-fp32", "onnx-int8"} <= set(manifest.files)
+    assert set(manifest.files["onnx-fp32"]) == {"vision", "text"}
+    assert manifest.meta["max_length"] == 16 and manifest.meta["image_size"] == [64, 64]
+    for entry in manifest.files.values():
+        for name in entry.values():
+            assert (export_dir(tiny["scorer"]) / name).is_file()
+
+
+@pytest.mark.parametrize("tta", [False, True], ids=["plain", "tta"])
+def test_detector_parity(tiny: dict[str, Path], tta: bool) -> None:
+    """Same boxes as Ultralytics' torch predict, to within 1 px, in the same order."""
+    from spotline.stages.detect import detect_frames, load_detector
+
+    settings = _settings(tiny, tta=tta)
+    reference = detect_frames(load_detector(tiny["detector"]), PHOTOS, settings)
+    assert sum(len(boxes) for boxes, _ in reference) > 0  # the tiny detector finds boxes
+    for engine in ENGINES:
+        model = backends.load_detector(tiny["detector"], engine)
+        for image, (ref_boxes, ref_scores) in zip(PHOTOS, reference, strict=True):
+            boxes, scores = model.predict(image, settings.imgsz, settings.conf, settings.iou,
+                                          settings.max_det, tta=tta)
+            assert boxes.shape == ref_boxes.shape, engine
+            assert np.abs(boxes - ref_boxes).max() <= 1.0, engine
+            assert np.abs(scores - ref_scores).max() <= 1e-3, engine
+
+
+def _crops() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    noise = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+             for h, w in [(10, 20), (64, 64), (100, 37), (5, 5), (200, 300), (1, 9)]]
+    photo = cv2.cvtColor(PHOTOS[0], cv2.COLOR_BGR2RGB)
+    return [*noise, np.ascontiguousarray(photo[200:420, 50:260]),
+            np.ascontiguousarray(photo[400:460, 600:700])]
+
+
+def test_scorer_parity(tiny: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """The same token ids, and logits within 1e-3 of SiglipModel's at fp32; int8 reported."""
+    import torch
+
+    from spotline.stages.score import Score
+
+    settings = _settings(tiny)
+    stage = Score(settings.replace(backend="torch"))
+    stage.setup()
+    crops = _crops()
+    prompts = [settings.prompt.format(caption=c) for c in CAPTIONS]
+    ref_ids = stage.processor.tokenizer(prompts, padding="max_length", truncation=True,
+                                        max_length=stage.max_length)["input_ids"]
+    texts, images = stage.text_embeds(CAPTIONS), stage.image_embeds(crops)
+    with torch.no_grad():
+        ref = (texts @ images.t() * stage.model.logit_scale.exp()
+               + stage.model.logit_bias).numpy()
+    for engine, precision in (("onnx", "fp32"), ("openvino", "fp32"), ("onnx", "int8")):
+        scorer = backends.load_scorer(tiny["scorer"], engine, precision)
+        assert scorer.tokenizer(prompts).tolist() == [list(ids) for ids in ref_ids]
+        t, i = scorer.text_embeds(prompts), scorer.image_embeds(crops)
+        logits = t @ i.T * np.exp(scorer.logit_scale) + scorer.logit_bias
+        gap = float(np.abs(logits - ref).max())
+        with capsys.disabled():
+            print(f"\nscorer {engine} {precision}: max |logit - torch| = {gap:.2e}")
+        if precision == "fp32":
+            assert gap <= 1e-3, engine
+            expected = stage.logits_to_scores(texts, images)
+            assert np.abs(scorer.scores(t, i) - expected).max() <= 1e-4
+
+
+def test_upscaler_parity(tiny: dict[str, Path]) -> None:
+    """The same pixels (±1 level) as RealESRGANer.enhance, pre-pads and sizes included."""
+    from spotline.stages.upscale import load_upscaler, pre_pad_for, upscale_crop
+
+    settings = _settings(tiny)
+    torch_upsampler = load_upscaler(tiny["upscaler"])
+    crops = [c for c in _crops() if min(c.shape[:2]) > settings.upscale_skip_side]
+    for engine in ENGINES:
+        model = backends.load_upscaler(tiny["upscaler"], engine)
+        for crop in crops:
+            ref = upscale_crop(torch_upsampler, crop, settings)
+            out = model.enhance(crop, pre_pad_for(crop, settings), settings.upscale_factor)
+            assert out.shape == ref.shape == (crop.shape[0] * 4, crop.shape[1] * 4, 3)
+            assert np.abs(out.astype(int) - ref).max() <= 1, (engine, crop.shape)
+
+
+def test_stale_export_is_refused(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """An export whose manifest hash is not the checkpoint's is refused, naming both hashes;
+    exporting again fixes it."""
+    import torch
+
+    source = tmp_path / "upscaler.pth"
+    shutil.copyfile(tiny["upscaler"], source)
+    export_model("upscaler", source, ("onnx",), ("fp32",))
+    backends.load_upscaler(source, "onnx")  # fresh: loads
+    state = torch.load(source, weights_only=True)
+    state["params"]["body.0.bias"] += 0.5  # another checkpoint under the same name
+    torch.save(state, source)
+    for engine in ("onnx", backends.choose_backend("auto", source)):
+        with pytest.raises(ModelError, match="stale export.*sha256.*sha256.*spotline export"):
+            backends.load_upscaler(source, engine)
+    export_model("upscaler", source, ("onnx",), ("fp32",))
+    backends.load_upscaler(source, "onnx")
+
+
+def test_missing_exports_are_clear_errors(tiny: dict[str, Path], tmp_path: Path) -> None:
+    source = tmp_path / "upscaler.pth"
+    shutil.copyfile(tiny["upscaler"], source)
+    assert backends.choose_backend("auto", source) == "torch"  # nothing exported: torch
+    with pytest.raises(ModelError, match="no manifest.json; run `spotline export`"):
+        backends.load_upscaler(source, "onnx")
+    with pytest.raises(ModelError, match="no onnx int8 export.*it has: onnx-fp32"):
+        backends.load_detector(tiny["detector"], "onnx", "int8")
+    with pytest.raises(ModelError, match="backend must be one of"):
+        backends.choose_backend("tensorflow", source)
+    export_model("upscaler", source, ("onnx",), ("fp32",))
+    assert backends.choose_backend("auto", source) == "onnx"  # the only export there
+    assert backends.choose_backend("auto", tiny["upscaler"]) == (
+        "openvino" if backends.x86_cpu() else "onnx")
+    (export_dir(source) / "manifest.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ModelError, match="unreadable.*run `spotline export` again"):
+        backends.load_upscaler(source, "onnx")
+    with pytest.raises(ModelError, match="does not exist"):
+        export_model("detector", tmp_path / "nope.pt")
+
+
+LIGHT_WORKER = """
+import json, sys
+import numpy as np
+from spotline.stages import backends
+paths = json.loads(sys.argv[1])
+for engine in ("onnx", "openvino"):
+    det = backends.load_detector(paths["detector"], engine)
+    boxes, scores = det.predict(np.full((90, 160, 3), 128, np.uint8), 320, 0.1, 0.1, 10, tta=True)
+    up = backends.load_upscaler(paths["upscaler"], engine)
+    assert up.enhance(np.zeros((12, 9, 3), np.uint8), 10, 4).shape == (48, 36, 3)
+    sc = backends.load_scorer(paths["scorer"], engine)
+    s = sc.scores(sc.text_embeds(["This is a photo of a bus."]),
+                  sc.image_embeds([np.zeros((30, 20, 3), np.uint8)]))
+    assert s.shape == (1, 1)
+heavy = sorted(m for m in ("torch", "ultralytics", "transformers", "torchvision")
+               if m in sys.modules)
+print(json.dumps(heavy))
+"""
+
+
+def test_exported_backends_do_not_import_torch(tiny: dict[str, Path]) -> None:
+    """Every exported model loads and runs in a process that never imports torch,
+    Ultralytics or transformers."""
+    arg = json.dumps({k: str(v) for k, v in tiny.items()})
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(LIGHT_WORKER), arg],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
