@@ -10,10 +10,12 @@ frame with that result becomes the source's shown frame. Every result updates th
 figures. Memory is bounded: one shown frame per source, at most ``max_sources`` sources (the
 least recently updated is forgotten), a bounded window of arrival times.
 
-Routes (all under the gateway's API keys when it has them):
-    GET /live                               the page (plain HTML + JS, no build, no CDN)
+Routes (the data ones under the gateway's API keys when it has them):
+    GET /live                               the page (plain HTML + JS, no build, no CDN; open:
+                                            it holds no data, and asks for a key when needed)
     GET /live/sources                       every source's state, JSON
-    GET /live/events                        SSE: event ``source`` with one source's state
+    GET /live/events                        SSE: event ``source`` with one source's state (and
+                                            its frame as a data URL when it is new to the page)
     GET /live/frames/{source}/{frame}.jpg   the shown frame's JPEG
 """
 
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from ..common.codec import decode
@@ -94,6 +96,7 @@ class _Listener:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.dirty: set[str] = set()
+        self.sent: dict[str, str] = {}  # source -> the frame whose image it has sent
         self.event = asyncio.Event()
 
     def mark(self, source_id: str) -> None:  # runs on the listener's loop
@@ -228,23 +231,41 @@ class LiveState:
         return self.previews.get(frame_id)  # a frame shown a moment ago, while its TTL lasts
 
 
+async def _guard(request: Request) -> None:
+    """The gateway's API-key check (and rate limit), when it has one (``app.state.access``,
+    producer/access.py): a key in ``X-API-Key`` or ``Authorization: Bearer``. The page itself
+    holds no data and is open; everything it loads goes through this."""
+    access = getattr(request.app.state, "access", None)
+    if access is None:
+        return
+    from starlette.concurrency import run_in_threadpool
+
+    from .access import API_KEY_HEADER, BEARER
+
+    await run_in_threadpool(access, request, await API_KEY_HEADER(request),
+                            await BEARER(request))
+
+
 def live_router(settings: Settings, client: Client) -> APIRouter:
-    """The live view's routes; the gateway includes them (with its API-key dependency)."""
+    """The live view's routes; the gateway includes them."""
     transport = Transport(settings, url=client.t.url) if client.t.url else client.t
     live = LiveState(transport)
     router = APIRouter(tags=["live view"], on_shutdown=[live.stop])
+    guarded = [Depends(_guard)]
 
     @router.get("/live", response_class=HTMLResponse, summary="Live view page")
     def page() -> HTMLResponse:
         live.ensure_started()
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
-    @router.get("/live/sources", summary="Every source's latest frame and figures")
+    @router.get("/live/sources", dependencies=guarded,
+                summary="Every source's latest frame and figures")
     def sources() -> JSONResponse:
         live.ensure_started()
         return JSONResponse(live.all_states())
 
-    @router.get("/live/frames/{source_id:path}/{frame_id}.jpg", summary="A shown frame (JPEG)")
+    @router.get("/live/frames/{source_id:path}/{frame_id}.jpg", dependencies=guarded,
+                summary="A shown frame (JPEG)")
     def frame(source_id: str, frame_id: str) -> Response:
         jpeg = live.frame(source_id, frame_id)
         if jpeg is None:
@@ -252,25 +273,27 @@ def live_router(settings: Settings, client: Client) -> APIRouter:
         return Response(jpeg, media_type="image/jpeg",
                         headers={"Cache-Control": "private, max-age=60"})
 
-    @router.get("/live/events", summary="Server-sent events: event 'source', one per update")
+    @router.get("/live/events", dependencies=guarded,
+                summary="Server-sent events: event 'source', one per update")
     async def events(request: Request) -> Any:
         from sse_starlette.sse import EventSourceResponse
 
         live.ensure_started()
         listener = _Listener(asyncio.get_running_loop())
         live.listeners.add(listener)
-        return EventSourceResponse(_stream(live, listener, request), ping=15)
+        return EventSourceResponse(_stream(live, listener, request), ping=15, sep="\n")
 
     return router
 
 
 async def _stream(live: LiveState, listener: _Listener,
                   request: Request) -> AsyncIterator[dict[str, str]]:
-    import json
-
+    """Every source's state at once, then each source again when it changes. A state carries
+    its frame as a data URL (``image_data``) the first time this connection sees that frame, so
+    the page makes no further (authenticated) requests."""
     try:
         for state in live.all_states():
-            yield {"event": "source", "data": json.dumps(state)}
+            yield _event(live, listener, state)
         while not await request.is_disconnected():
             try:
                 await asyncio.wait_for(listener.event.wait(), timeout=5.0)
@@ -281,6 +304,19 @@ async def _stream(live: LiveState, listener: _Listener,
             for source_id in sorted(dirty):
                 state = live.state(source_id)
                 if state is not None:
-                    yield {"event": "source", "data": json.dumps(state)}
+                    yield _event(live, listener, state)
     finally:
         live.listeners.discard(listener)
+
+
+def _event(live: LiveState, listener: _Listener, state: dict[str, Any]) -> dict[str, str]:
+    import base64
+    import json
+
+    source, frame = state["source_id"], state["frame_id"]
+    if frame and listener.sent.get(source) != frame:
+        jpeg = live.frame(source, frame)
+        if jpeg is not None:
+            state["image_data"] = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+            listener.sent[source] = frame
+    return {"event": "source", "data": json.dumps(state)}

@@ -14,6 +14,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,20 +40,30 @@ BUS = next(iter(Path(__import__("ultralytics").__file__).parent.glob("assets/bus
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (make tools)")
 
 
-@pytest.fixture
-def gateway(redis_server: EmbeddedRedis, settings: Settings) -> Iterator[tuple[str, Client]]:
-    client = Client.connect(redis_server.url, settings)
+@contextmanager
+def serving(settings: Settings, url: str) -> Iterator[tuple[str, Client]]:
+    """The real gateway app under uvicorn on a free port, in a thread."""
+    client = Client.connect(url, settings)
     client.previews.every_s = 0.0  # a preview of every frame: the test shows each one
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings, client), host="127.0.0.1",
-                                           port=port, log_level="warning"))
+                                           port=port, log_level="warning",
+                                           timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    wait_for(lambda: server.started, 20, "the gateway")
-    yield f"http://127.0.0.1:{port}", client
-    server.should_exit = True
-    thread.join(10)
-    client.close()
+    try:
+        wait_for(lambda: server.started, 20, "the gateway")
+        yield f"http://127.0.0.1:{port}", client
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        client.close()
+
+
+@pytest.fixture
+def gateway(redis_server: EmbeddedRedis, settings: Settings) -> Iterator[tuple[str, Client]]:
+    with serving(settings, redis_server.url) as served:
+        yield served
 
 
 @pytest.fixture
@@ -160,3 +171,33 @@ def test_live_sources_and_frames_over_http(gateway: tuple[str, Client]) -> None:
         assert img.status_code == 200 and img.headers["content-type"] == "image/jpeg"
         assert img.content[:2] == b"\xff\xd8"
         assert http.get("/live/frames/cam/nothing.jpg").status_code == 404
+
+
+def test_live_view_honours_the_api_keys(redis_server: EmbeddedRedis, settings: Settings,
+                                        page: Any) -> None:
+    import httpx
+
+    if not hasattr(settings, "api_keys"):
+        pytest.skip("this gateway has no API keys yet (settings.api_keys)")
+    keyed = settings.replace(api_keys="k-live-1")
+    with serving(keyed, redis_server.url) as (base, client):
+        fid = client.publish(small_frame(5), ["x"], source_id="cam-k")
+        collect(client, fid, "cam-k", ("x",), ((5.0, 5.0, 20.0, 20.0),), (0.7,), (320, 240))
+        with httpx.Client(base_url=base, timeout=10) as http:
+            assert http.get("/live").status_code == 200  # the page holds no data
+            assert http.get("/live/sources").status_code == 401
+            assert http.get("/live/sources", headers={"X-API-Key": "wrong"}).status_code == 401
+            ok = http.get("/live/sources", headers={"X-API-Key": "k-live-1"})
+            assert ok.status_code == 200
+        page.goto(f"{base}/live")  # no key: the page asks for one and shows nothing
+        page.wait_for_selector("#keyform:not([hidden])", timeout=20000)
+        assert page.query_selector_all(".card") == []
+        page.fill("#key", "k-live-1")
+        page.click("#keyform button")
+        page.wait_for_selector(f'{card("cam-k")}[data-frame="{fid}"] .box', timeout=20000)
+        fresh = page.context.browser.new_context().new_page()  # no key stored in this one
+        fresh.goto(f"{base}/live#key=k-live-1")  # a key in the fragment works too
+        fresh.wait_for_selector(f'{card("cam-k")}[data-frame="{fid}"] .box', timeout=20000)
+        assert "#key" not in fresh.url  # and leaves the address bar
+        fresh.context.close()
+        page.goto("about:blank")  # ends the event stream before the server stops
