@@ -71,6 +71,20 @@ class Keys:
         return f"{self.tag}:preview:{frame_id}"
 
     @property
+    def sources(self) -> str:
+        """Hash of the feeds to run (`spotline sources add`): source id -> JSON spec."""
+        return f"{self.tag}:sources"
+
+    @property
+    def source_status(self) -> str:
+        """Hash of each feed's state as its supervisor reports it: source id -> JSON."""
+        return f"{self.tag}:sources:status"
+
+    def source_lease(self, source_id: str) -> str:
+        """Which supervisor runs a feed (a key with a TTL, renewed while it runs)."""
+        return f"{self.tag}:sources:lease:{source_id}"
+
+    @property
     def counters(self) -> str:
         """Hash of pipeline-wide counters (drops by source, published frames)."""
         return f"{self.tag}:counters"
