@@ -154,4 +154,6 @@ def create_app(settings: Settings, client: Client, metrics: Metrics | None = Non
 
     from .live import live_router  # GET /live: the live view (producer/live.py)
     app.include_router(live_router(settings, client))
+    from .control import sources_router  # /sources: feeds at run time (producer/control.py)
+    app.include_router(sources_router(settings, client))
     return app

@@ -231,7 +231,7 @@ class LiveState:
         return self.previews.get(frame_id)  # a frame shown a moment ago, while its TTL lasts
 
 
-async def _guard(request: Request) -> None:
+async def api_guard(request: Request) -> None:
     """The gateway's API-key check (and rate limit), when it has one (``app.state.access``,
     producer/access.py): a key in ``X-API-Key`` or ``Authorization: Bearer``. The page itself
     holds no data and is open; everything it loads goes through this."""
@@ -251,7 +251,7 @@ def live_router(settings: Settings, client: Client) -> APIRouter:
     transport = Transport(settings, url=client.t.url) if client.t.url else client.t
     live = LiveState(transport)
     router = APIRouter(tags=["live view"], on_shutdown=[live.stop])
-    guarded = [Depends(_guard)]
+    guarded = [Depends(api_guard)]
 
     @router.get("/live", response_class=HTMLResponse, summary="Live view page")
     def page() -> HTMLResponse:

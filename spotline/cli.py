@@ -265,6 +265,7 @@ def _register_io_commands() -> None:
 
 _register_io_commands()
 cli.add_command(__import__("spotline.cli_sink", fromlist=["sink"]).sink)  # spotline sink
+cli.add_command(__import__("spotline.cli_sources", fromlist=["sources"]).sources)
 cli.add_command(__import__("spotline.cli_export", fromlist=["export"]).export)  # export
 
 
