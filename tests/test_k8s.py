@@ -207,7 +207,7 @@ def test_manifests_validate_against_kubernetes_schemas(version: str, overlay: st
             pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} ({version}): {exc.message} "
                         f"at {'.'.join(str(p) for p in exc.path)}")
         checked += 1
-    assert checked >= 11  # namespace, secret, 2 services, statefulset, 5 deployments, ...
+    assert checked >= 12  # namespace, secret, 2 services, statefulset, 6 deployments, ...
 
 
 # --- KEDA -------------------------------------------------------------------------------------
@@ -273,10 +273,13 @@ def env_of(container: dict[str, Any]) -> list[dict[str, Any]]:
 def test_every_stage_and_the_gateway_run_the_cli_with_probes_and_scrape_annotations() -> None:
     objs = base_objects()
     deployments = by_kind(objs, "Deployment")
-    assert set(deployments) == {*STAGES, "gateway"}
+    assert set(deployments) == {*STAGES, "gateway", "sources"}
     for name, dep in deployments.items():
         pod = dep["spec"]["template"]
         (c,) = pod["spec"]["containers"]
+        if name == "sources":  # the feed supervisor: no port, no probes (see sources.yaml)
+            assert c["args"] == ["sources", "run"]
+            continue
         args = c["args"]
         assert args[:2] == (["worker", name] if name in STAGES else ["serve", "--port"])
         metrics_port = int(args[args.index("--metrics-port") + 1])
