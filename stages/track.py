@@ -16,6 +16,7 @@ would rewind it): it is grounded without tracks, every crop embedded, like per-f
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,13 +74,22 @@ class SourceState:
         skipped = seq - self.seq - 1 if self.seq >= 0 else 0
         ids = self.tracker.update(boxes, det_scores, skipped=skipped)
         self.seq = seq
-        cached = cached or {}
-        embed = np.ones(len(boxes), bool)
-        for i, tid in enumerate(ids):
+        plan = Plan(seq, ids, np.ones(len(boxes), bool), tracked=True, skipped=skipped)
+        return self.with_cache(plan, boxes, cached) if cached else plan
+
+    def with_cache(self, plan: Plan, boxes: np.ndarray,
+                   cached: Mapping[int, CachedEmbedding]) -> Plan:
+        """The plan with a box's crop left out where its track's cached embedding stands for
+        it (the cache is looked up by the track ids the plan gave)."""
+        if not plan.tracked:
+            return plan
+        embed = np.ones(len(plan.track_ids), bool)
+        for i, tid in enumerate(plan.track_ids):
             hit = cached.get(int(tid)) if tid >= 0 else None
             if hit is not None:
-                embed[i] = needs_embedding(seq, boxes[i], hit.seq, hit.box, self.options.reuse)
-        return Plan(seq, ids, embed, tracked=True, skipped=skipped)
+                embed[i] = needs_embedding(plan.seq, boxes[i], hit.seq, hit.box,
+                                           self.options.reuse)
+        return dataclasses.replace(plan, embed=embed)
 
     def ground(self, plan: Plan, captions: Sequence[str], scores: np.ndarray,
                calibration: Calibrator | None = None) -> list[Grounded]:
