@@ -21,25 +21,29 @@ MODELS = ("detector", "upscaler", "scorer")
               help="Which format (repeatable) [default: both].")
 @click.option("--precision", "precisions", multiple=True,
               type=click.Choice(["fp32", "fp16", "int8"]),
-              help="Which precision (repeatable) [default: fp32]. int8: dynamic quantisation.")
+              help="Which precision (repeatable) [default: fp32].")
+@click.option("--calibration", type=click.Path(exists=True, file_okay=False), default=None,
+              help="int8 calibration images: a TIL dataset (its frames and box crops) or a "
+              "folder of images. With it int8 is static (QDQ); without, dynamic.")
 @click.pass_obj
 def export(obj: Any, models: tuple[str, ...], engines: tuple[str, ...],
-           precisions: tuple[str, ...]) -> None:
+           precisions: tuple[str, ...], calibration: str | None) -> None:
     """Export the configured checkpoints (SPOTLINE_DETECTOR_WEIGHTS, _UPSCALER_WEIGHTS,
     _SCORER_DIR; tiny random models when empty) to `<checkpoint>.export/`, with a manifest
     holding the checkpoint's sha256. Workers then load them with SPOTLINE_BACKEND=auto,
     onnx or openvino, and refuse an export made from another checkpoint."""
-    from spotline.export import export_model
+    from spotline.export import export_model, load_calibration
     from spotline.stages.runtime import resolve_weights
 
     try:
+        calib = load_calibration(calibration) if calibration else None
         paths = resolve_weights(obj.settings)
         sources = {"detector": paths.detector, "upscaler": paths.upscaler,
                    "scorer": paths.scorer}
         for kind in models or MODELS:
             start = time.perf_counter()
             result = export_model(kind, Path(sources[kind]), engines or ("onnx", "openvino"),
-                                  precisions or ("fp32",))
+                                  precisions or ("fp32",), calib)
             click.echo(f"{kind}: {sources[kind]} -> {result.directory} "
                        f"({', '.join(sorted(result.files))}; "
                        f"{time.perf_counter() - start:.1f} s)")

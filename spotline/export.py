@@ -14,14 +14,17 @@ manifest that records the checkpoint's sha256 (stages refuse a stale export).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from spotline.common.errors import ModelError
 from spotline.stages.backends.manifest import (
@@ -53,9 +56,65 @@ class ExportResult:
     skipped: list[str] = field(default_factory=list)
 
 
+# --- calibration for static int8 ------------------------------------------------------------
+CALIBRATION_IMAGES = 16
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class Calibration:
+    """Inputs that set static int8's activation ranges: frames (BGR) and object crops (RGB),
+    the first images of a dataset directory in name order (deterministic)."""
+
+    directory: str
+    frames: list[np.ndarray]
+    crops: list[np.ndarray]
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": "static", "calibration": self.directory, "frames": len(self.frames),
+                "crops": len(self.crops)}
+
+
+def load_calibration(directory: Path | str, limit: int = CALIBRATION_IMAGES) -> Calibration:
+    """A TIL dataset (vlm.jsonl: its frames and the crops of its boxes) or any folder of
+    images (the frames and their centre crops)."""
+    import cv2
+
+    from spotline.common.images import crop_boxes
+    from spotline.producer.dataset import DATASET_FILE, load_til
+
+    directory = Path(directory)
+    frames: list[np.ndarray] = []
+    crops: list[np.ndarray] = []
+    if (directory / DATASET_FILE).is_file():
+        for item in load_til(directory)[:limit]:
+            frame = cv2.imread(str(item.image_path), cv2.IMREAD_COLOR)
+            if frame is None:
+                continue
+            frames.append(frame)
+            boxes = np.asarray([(x, y, x + w, y + h) for x, y, w, h in item.boxes], np.float32)
+            crops += crop_boxes(frame[..., ::-1].copy(), boxes.reshape(-1, 4))
+    elif directory.is_dir():
+        for path in sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+            frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if frame is not None:
+                frames.append(frame)
+                h, w = frame.shape[:2]
+                crops.append(np.ascontiguousarray(frame[h // 4:h - h // 4,
+                                                        w // 4:w - w // 4, ::-1]))
+            if len(frames) >= limit:
+                break
+    if not frames:
+        raise ModelError(f"no readable images for int8 calibration in {directory} (a TIL "
+                         f"dataset with {DATASET_FILE}, or a folder of images)")
+    return Calibration(str(directory), frames, crops[:limit * 4])
+
+
 # --- precisions shared by every model ---------------------------------------------------------
-def onnx_variants(fp32: Path, precisions: Iterable[str]) -> dict[str, Path]:
-    """fp16 and int8 ONNX files derived from an fp32 one (fp32 itself included when asked)."""
+def onnx_variants(fp32: Path, precisions: Iterable[str],
+                  feeds: Sequence[dict[str, np.ndarray]] | None = None) -> dict[str, Path]:
+    """fp16 and int8 ONNX files derived from an fp32 one (fp32 itself included when asked).
+    int8 is static (QDQ, calibrated on ``feeds``) when feeds are given, else dynamic."""
     out: dict[str, Path] = {}
     for precision in precisions:
         target = fp32.with_name(fp32.stem.replace("-fp32", "") + f"-{precision}.onnx")
@@ -65,7 +124,10 @@ def onnx_variants(fp32: Path, precisions: Iterable[str]) -> dict[str, Path]:
             _to_fp16(fp32, target)
             out[precision] = target
         elif precision == "int8":
-            _quantize_dynamic(fp32, target)
+            if feeds:
+                _quantize_static(fp32, target, feeds)
+            else:
+                _quantize_dynamic(fp32, target)
             out[precision] = target
     return out
 
@@ -81,7 +143,46 @@ def _to_fp16(src: Path, dst: Path) -> None:
 def _quantize_dynamic(src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    with _quiet_root_logger():
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+
+
+def _quantize_static(src: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]]) -> None:
+    """Static int8 in QDQ form (ONNX Runtime runs it with int8 kernels, OpenVINO reads the
+    quantise/dequantise pairs as int8 layers): int8 per-channel weights, uint8 activations with
+    min/max ranges from the calibration inputs."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.items, None)
+
+    with _quiet_root_logger():
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """ONNX Runtime's quantiser logs every tensor at INFO on the root logger."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def onnx_to_openvino(src: Path, dst: Path, fp16: bool = False) -> Path:
@@ -107,12 +208,14 @@ def _rel(path: Path, root: Path) -> str:
 
 # --- per model ------------------------------------------------------------------------------
 def export_onnx_family(fp32_onnx: Path, stage: Path, name: str, engines: Iterable[str],
-                       precisions: Iterable[str], part: str = "path") -> dict[str, dict[str, str]]:
+                       precisions: Iterable[str], part: str = "path",
+                       feeds: Sequence[dict[str, np.ndarray]] | None = None
+                       ) -> dict[str, dict[str, str]]:
     """From one fp32 ONNX file: the asked precisions as ONNX and as OpenVINO IR, placed in
     ``stage/<engine>-<precision>/<name>.<suffix>``; manifest entries keyed like that."""
     precisions, engines = list(precisions), list(engines)
     needed = precisions if "onnx" in engines else [p for p in precisions if p == "int8"]
-    variants = onnx_variants(fp32_onnx, needed)
+    variants = onnx_variants(fp32_onnx, needed, feeds)
     files: dict[str, dict[str, str]] = {}
     for precision in precisions:
         if "onnx" in engines:
@@ -128,8 +231,9 @@ def export_onnx_family(fp32_onnx: Path, stage: Path, name: str, engines: Iterabl
     return files
 
 
-def export_detector(source: Path, stage: Path, engines: Iterable[str],
-                    precisions: Iterable[str]) -> tuple[dict[str, dict[str, str]], dict[str, Any]]:
+def export_detector(source: Path, stage: Path, engines: Iterable[str], precisions: Iterable[str],
+                    calib: Calibration | None = None
+                    ) -> tuple[dict[str, dict[str, str]], dict[str, Any]]:
     """Ultralytics' exporter (ONNX, and OpenVINO for fp32/fp16) on a copy of the checkpoint."""
     from spotline.stages import libs
 
@@ -152,17 +256,24 @@ def export_detector(source: Path, stage: Path, engines: Iterable[str],
                              f"{exc}") from exc
         fp32 = onnx_file.with_name("detector-fp32.onnx")
         onnx_file.rename(fp32)
+        feeds = _detector_feeds(calib, meta["stride"]) if calib and "int8" in precisions else None
         files = export_onnx_family(fp32, stage, "detector", [e for e in engines if e == "onnx"],
-                                   precisions)
+                                   precisions, feeds=feeds)
         if "openvino" in engines:
-            files.update(_detector_openvino(copy, stage, precisions, fp32))
+            files.update(_detector_openvino(copy, stage, precisions, fp32, feeds))
     return files, meta
 
 
-def _detector_openvino(copy: Path, stage: Path, precisions: list[str],
-                       fp32_onnx: Path) -> dict[str, dict[str, str]]:
+def _detector_feeds(calib: Calibration, stride: int) -> list[dict[str, np.ndarray]]:
+    from spotline.stages.backends.detector import letterbox
+
+    return [{"images": letterbox(f, DETECTOR_TRACE_SIZE, stride).tensor} for f in calib.frames]
+
+
+def _detector_openvino(copy: Path, stage: Path, precisions: list[str], fp32_onnx: Path,
+                       feeds: list[dict[str, np.ndarray]] | None) -> dict[str, dict[str, str]]:
     """OpenVINO IR through Ultralytics' exporter (fp32; fp16 compresses its weights); int8 from
-    the dynamically quantised ONNX."""
+    the quantised ONNX (static with a calibration set, else dynamic)."""
     from ultralytics import YOLO
 
     out_dir = Path(YOLO(str(copy), task="detect").export(
@@ -181,7 +292,7 @@ def _detector_openvino(copy: Path, stage: Path, precisions: list[str],
         else:
             int8 = fp32_onnx.with_name("detector-int8.onnx")
             if not int8.exists():
-                _quantize_dynamic(fp32_onnx, int8)
+                onnx_variants(fp32_onnx, ["int8"], feeds)
             onnx_to_openvino(int8, target)
         files[f"openvino-{precision}"] = {"path": _rel(target, stage)}
     return files
@@ -198,8 +309,9 @@ def _detector_meta(model: Any) -> dict[str, Any]:
             "end2end": end2end, "augment": type(head) is Detect and not end2end}
 
 
-def export_scorer(source: Path, stage: Path, engines: Iterable[str],
-                  precisions: Iterable[str]) -> tuple[dict[str, dict[str, str]], dict[str, Any]]:
+def export_scorer(source: Path, stage: Path, engines: Iterable[str], precisions: Iterable[str],
+                  calib: Calibration | None = None
+                  ) -> tuple[dict[str, dict[str, str]], dict[str, Any]]:
     """SigLIP's vision tower (dynamic batch) and text tower as ONNX, then OpenVINO IR."""
     import torch
 
@@ -222,8 +334,14 @@ def export_scorer(source: Path, stage: Path, engines: Iterable[str],
         _torch_export(_Tower(model, "text"),
                       torch.full((2, meta["max_length"]), meta["pad_id"], dtype=torch.long), text,
                       "input_ids", "text_embeds", {0: "batch"})
-        for path, part in ((vision, "vision"), (text, "text")):
-            found = export_onnx_family(path, stage, part, engines, precisions, part)
+        feeds = None
+        if calib and "int8" in precisions:
+            from spotline.stages.backends.scorer import preprocess
+
+            feeds = [{"pixel_values": preprocess([c], meta)} for c in calib.crops]
+        # the text tower's int8 stays dynamic: its embeddings are cached per caption
+        for path, part, part_feeds in ((vision, "vision", feeds), (text, "text", None)):
+            found = export_onnx_family(path, stage, part, engines, precisions, part, part_feeds)
             for key, entry in found.items():
                 files.setdefault(key, {}).update(entry)
     return files, meta
@@ -310,8 +428,9 @@ def _save_tokenizer(tokenizer: Any, path: Path) -> None:
     backend.save(str(path))
 
 
-def export_upscaler(source: Path, stage: Path, engines: Iterable[str],
-                    precisions: Iterable[str]) -> tuple[dict[str, dict[str, str]], dict[str, Any]]:
+def export_upscaler(source: Path, stage: Path, engines: Iterable[str], precisions: Iterable[str],
+                    calib: Calibration | None = None
+                    ) -> tuple[dict[str, dict[str, str]], dict[str, Any]]:
     """Real-ESRGAN (SRVGG or RRDB) with dynamic batch, height and width."""
     import torch
 
@@ -327,7 +446,14 @@ def export_upscaler(source: Path, stage: Path, engines: Iterable[str],
         fp32 = Path(tmp) / "upscaler-fp32.onnx"
         _torch_export(net, torch.rand(1, 3, 24, 24), fp32, "image", "output",
                       {0: "batch", 2: "height", 3: "width"})
-        files = export_onnx_family(fp32, stage, "upscaler", engines, precisions)
+        feeds = None
+        if calib and "int8" in precisions:
+            from spotline.common.images import cap_crop
+
+            feeds = [{"image": np.ascontiguousarray(
+                cap_crop(c, 64).astype(np.float32).transpose(2, 0, 1)[None] / 255.0)}
+                for c in calib.crops]
+        files = export_onnx_family(fp32, stage, "upscaler", engines, precisions, feeds=feeds)
     return files, {"scale": int(scale)}
 
 
@@ -336,16 +462,21 @@ EXPORTERS: dict[str, Callable[..., tuple[dict[str, dict[str, str]], dict[str, An
 
 
 def export_model(kind: str, source: Path | str, engines: Iterable[str] = ENGINES,
-                 precisions: Iterable[str] = ("fp32",)) -> ExportResult:
+                 precisions: Iterable[str] = ("fp32",),
+                 calibration: Calibration | None = None) -> ExportResult:
     """Export one checkpoint to ``<source>.export/``. Exports already there from the same
-    checkpoint are kept (new ones are added); those of another checkpoint are replaced."""
+    checkpoint are kept (new ones are added); those of another checkpoint are replaced.
+    int8 is static with a ``calibration`` set (SigLIP's text tower stays dynamic), else
+    dynamic."""
     source = Path(source)
     engines, precisions = _check(kind, source, engines, precisions)
     digest = source_hash(source)
     directory = export_dir(source)
     stage = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        files, meta = EXPORTERS[kind](source, stage, engines, precisions)
+        files, meta = EXPORTERS[kind](source, stage, engines, precisions, calibration)
+        if "int8" in precisions:
+            meta["int8"] = calibration.describe() if calibration else {"method": "dynamic"}
         manifest = Manifest(kind=kind, source=source.name, sha256=digest, files=files, meta=meta)
         _install(stage, directory, manifest)
     finally:

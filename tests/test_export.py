@@ -206,3 +206,44 @@ def test_exported_backends_do_not_import_torch(tiny: dict[str, Path]) -> None:
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(LIGHT_WORKER), arg],
                          capture_output=True, text=True, cwd=ROOT, timeout=300, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_static_int8_with_a_calibration_set(tiny: dict[str, Path], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """`spotline export --precision int8 --calibration DIR` quantises statically (QDQ) from
+    the folder's images; both engines load the result (its error is reported)."""
+    from spotline.export import load_calibration
+
+    calib = load_calibration(libs.ultralytics_assets())
+    assert len(calib.frames) == 2 and len(calib.crops) == 2
+    source = tmp_path / "upscaler.pth"
+    shutil.copyfile(tiny["upscaler"], source)
+    export_model("upscaler", source, ENGINES, ("int8",), calib)
+    meta = read_manifest(export_dir(source)).meta
+    assert meta["int8"]["method"] == "static" and meta["int8"]["frames"] == 2
+    crop = _crops()[6]
+    ref = backends.load_upscaler(tiny["upscaler"], "onnx").enhance(crop, 10, 4)
+    for engine in ENGINES:
+        out = backends.load_upscaler(source, engine, "int8").enhance(crop, 10, 4)
+        assert out.shape == ref.shape
+        with capsys.disabled():
+            print(f"\nupscaler {engine} int8 static: max |pixel - fp32| = "
+                  f"{np.abs(out.astype(int) - ref).max()}")
+    with pytest.raises(ModelError, match="no readable images"):
+        load_calibration(tmp_path / "nothing-here")
+
+
+def test_export_command(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """`spotline export` exports the configured checkpoint and says where it put it."""
+    from .conftest import child_env
+
+    source = tmp_path / "upscaler.pth"
+    shutil.copyfile(tiny["upscaler"], source)
+    settings = _settings(tiny).replace(upscaler_weights=str(source))
+    out = subprocess.run([sys.executable, "-m", "spotline", "export", "--model", "upscaler",
+                          "--engine", "onnx"], env=child_env(settings, ""), cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"upscaler: {source} -> {export_dir(source)} (onnx-fp32;" in out.stdout
+    assert read_manifest(export_dir(source)).files == {
+        "onnx-fp32": {"path": "onnx-fp32/upscaler.onnx"}}
