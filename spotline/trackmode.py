@@ -109,16 +109,22 @@ class PerFrame:
         self.joint = joint
 
     def frame(self, frame_id: str, image: bytes, captions: Sequence[str]) -> FrameAnswer:
+        return self.frame_scored(frame_id, image, captions)[0]
+
+    def frame_scored(self, frame_id: str, image: bytes,
+                     captions: Sequence[str]) -> tuple[FrameAnswer, np.ndarray, np.ndarray]:
+        """The answer, and the captions × boxes scores and xyxy boxes it came from."""
         det = self.models.detected(frame_id, image, captions)
         embeds = self.models.embed(frame_id, det.crops)
         scores = self.models.scores(captions, embeds)
         if len(det.boxes) == 0:
-            return FrameAnswer(tuple(None for _ in captions), tuple(np.nan for _ in captions),
-                               tuple(NO_TRACK for _ in captions), 0, 0)
+            return (FrameAnswer(tuple(None for _ in captions), tuple(np.nan for _ in captions),
+                                tuple(NO_TRACK for _ in captions), 0, 0), scores, det.boxes)
         picks = assign(scores, joint=self.joint, captions=captions)
-        return FrameAnswer(tuple(ltwh(det.boxes[i]) for i in picks),
-                           tuple(float(scores[r, i]) for r, i in enumerate(picks)),
-                           tuple(NO_TRACK for _ in captions), len(det.crops), len(det.boxes))
+        answer = FrameAnswer(tuple(ltwh(det.boxes[i]) for i in picks),
+                             tuple(float(scores[r, i]) for r, i in enumerate(picks)),
+                             tuple(NO_TRACK for _ in captions), len(det.crops), len(det.boxes))
+        return answer, scores, det.boxes
 
 
 @dataclass

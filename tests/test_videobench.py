@@ -1,0 +1,89 @@
+"""`spotline bench --video` end to end on two small clips with the tiny models: both modes
+answer every frame, the figures hang together, and "not in view" is evaluated held out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from spotline.common.errors import InputError
+from spotline.common.settings import Settings
+from spotline.videobench import (
+    VideoFrame,
+    find_clips,
+    identity,
+    load_clip,
+    table,
+    video_bench,
+    with_absent,
+)
+
+
+def write_clip(folder: Path, seed: int, frames: int = 4) -> Path:
+    """Two coloured squares drifting over a grey background, in the synth --video layout."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    writer = cv2.VideoWriter(str(folder / "clip.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 10.0,
+                             (256, 192))
+    objs = [("red square", (40, 40, 220), 30, 40), ("blue square", (220, 80, 30), 150, 90)]
+    lines = []
+    for f in range(frames):
+        img = np.full((192, 256, 3), 128, np.uint8) + rng.integers(0, 10, (192, 256, 3),
+                                                                   dtype=np.uint8)
+        anns = []
+        for caption, bgr, x, y in objs:
+            x, y = x + 2 * f, y + f
+            cv2.rectangle(img, (x, y), (x + 40, y + 30), bgr, -1)
+            anns.append({"caption": caption, "bbox": [x, y, 41, 31]})
+        writer.write(img)
+        lines.append(json.dumps({"frame": f, "image": "clip.mp4", "annotations": anns}))
+    writer.release()
+    (folder / "vlm.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_clip_loading_and_absent_captions(tmp_path):
+    write_clip(tmp_path / "clip_000", 0)
+    write_clip(tmp_path / "clip_001", 1)
+    assert [p.name for p in find_clips(tmp_path)] == ["clip_000", "clip_001"]
+    frames = load_clip(tmp_path / "clip_000", max_frames=3)
+    assert len(frames) == 3 and frames[1].truth[0] == (32.0, 41.0, 41.0, 31.0)
+    assert cv2.imdecode(np.frombuffer(frames[0].image, np.uint8), cv2.IMREAD_COLOR).shape \
+        == (192, 256, 3)
+    extra = with_absent(frames, ["red square", "green star", "pink ring"], 1, seed=0)
+    assert extra[0].captions[2] in ("green star", "pink ring")
+    assert all(f.truth[2] is None and f.captions[2] == extra[0].captions[2] for f in extra)
+    with pytest.raises(InputError, match="no clips"):
+        find_clips(tmp_path / "clip_000" / "nothing")
+
+
+def test_identity_of_a_box():
+    frame = VideoFrame(b"", ("a", "b"), ((0, 0, 10, 10), (50, 50, 10, 10)))
+    assert identity((1, 1, 10, 10), frame) == 0
+    assert identity((49, 50, 10, 10), frame) == 1
+    assert identity((20, 20, 10, 10), frame) == -1
+    assert identity(None, frame) == -2
+
+
+def test_video_bench_runs_both_modes(tmp_path, data_dir):
+    for k in range(2):
+        write_clip(tmp_path / f"clip_{k:03d}", k, frames=3)
+    settings = Settings(data_dir=str(data_dir), imgsz=256, warmup=0, max_det=4, tta=False,
+                        upscale=False)
+    report = video_bench(settings, tmp_path, max_clips=2, max_frames=3, absent=1,
+                         vocabulary=["green star", "pink ring", "black cross"])
+    pf, tr, joint = report["per_frame"], report["track"], report["per_frame_joint"]
+    assert pf["frames"] == tr["frames"] == joint["frames"] == 6
+    assert pf["crops_per_frame"] == pf["boxes_per_frame"] == tr["boxes_per_frame"]
+    assert tr["crops_per_frame"] <= pf["crops_per_frame"]
+    for r in (pf, tr, joint):
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["flips_per_100_frames"] >= 0
+    niv = report["not_in_view"]
+    assert niv["fitted_on_clips"] == ["clip_000"] and niv["held_out_clips"] == ["clip_001"]
+    assert "with" in niv or "error" in niv
+    text = table(report)
+    assert "per-frame" in text and "track" in text and "fewer crops" in text
