@@ -82,6 +82,11 @@ class Result:
     def replace(self, **changes: Any) -> Result:
         return dataclasses.replace(self, **changes)
 
+    def traced(self, stage: str, enqueued: float, started: float, finished: float) -> Result:
+        """A copy with one more row in the timing trace, finished when that stage finished."""
+        return self.replace(trace=(*self.trace, (stage, enqueued, started, finished)),
+                            finished_time=finished)
+
     @property
     def latency(self) -> float:
         """Capture to result, in seconds."""
@@ -132,6 +137,12 @@ def error_result(env: Envelope, reason: str,
                   captions=env.captions, boxes=tuple(box for _ in env.captions),  # type: ignore[misc]
                   scores=tuple(float("nan") for _ in env.captions), image_size=env.image_size,
                   fallback=True, error=reason, trace=env.trace)
+
+
+def strip(env: Envelope) -> Envelope:
+    """An error envelope carries no pixels: the collector only needs the frame's identity."""
+    return env.replace(image=None, crops=(), boxes=None, det_scores=None, scores=None, part=0,
+                       nparts=1)
 
 
 def merge_parts(parts: list[Envelope]) -> Envelope:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterable
+from typing import Any
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s"
 
@@ -24,3 +26,27 @@ def setup_logging(level: str = "INFO") -> None:
     for name in ("ultralytics", "transformers", "urllib3", "httpx", "matplotlib", "PIL"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("YOLO_VERBOSE", "False")
+
+
+class StageLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A logger bound to a stage (and a consumer): every line starts ``stage=… consumer=…``,
+    and a line about one message carries ``frame=… entry=…`` (see ``about``)."""
+
+    def __init__(self, logger: logging.Logger, stage: str, consumer: str = "") -> None:
+        super().__init__(logger, {"stage": stage, "consumer": consumer})
+        self.prefix = f"stage={stage}" + (f" consumer={consumer}" if consumer else "")
+
+    def process(self, msg: object, kwargs: Any) -> tuple[object, Any]:
+        return f"{self.prefix} {msg}", kwargs
+
+
+def about(frame: str | None, entry: str | None = None) -> str:
+    """``frame=… entry=…``: the context of a log line about one message."""
+    return f"frame={frame} entry={entry or '-'}"
+
+
+def frame_list(frame_ids: Iterable[str], limit: int = 20) -> str:
+    """The frames of a batch for a log line: ``frames=a,b,c`` (the first ``limit``)."""
+    ids = list(frame_ids)
+    more = f",…(+{len(ids) - limit})" if len(ids) > limit else ""
+    return "frames=" + ",".join(ids[:limit]) + more

@@ -10,6 +10,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+import redis
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -18,6 +19,9 @@ from prometheus_client import (
     start_http_server,
 )
 
+from .topology import STAGES
+from .transport import Transport
+
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -25,9 +29,6 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 SIZE_BUCKETS = (1e3, 1e4, 5e4, 1e5, 2.5e5, 5e5, 1e6, 2.5e6, 5e6, 1e7, 2.5e7)
 COUNT_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50, 100)
-
-PHASES = ("queue_wait", "decode", "model", "encode", "redis")
-STREAMS = ("detect", "upscale", "score", "collect", "results", "dead")
 
 
 class Metrics:
@@ -121,3 +122,27 @@ class Poller:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def gauge_refresher(t: Transport, metrics: Metrics,
+                    worker_transport: Transport | None = None) -> Callable[[], None]:
+    """A function that sets backlog/pending/workers gauges from XINFO GROUPS and XPENDING, and
+    counts the Redis outages the worker's own connection survived."""
+    seen_outages = 0
+
+    def refresh() -> None:
+        nonlocal seen_outages
+        for stage in STAGES:
+            metrics.backlog.labels(stage).set(t.backlog(stage))
+            try:
+                metrics.pending.labels(stage).set(t.pending_count(stage))
+            except redis.ResponseError:  # stream or group not created yet
+                metrics.pending.labels(stage).set(0)
+            metrics.workers_alive.labels(stage).set(t.workers_alive(stage))
+        metrics.backlog.labels("results").set(t.length(t.keys.results))
+        metrics.backlog.labels("dead").set(t.length(t.keys.dead))
+        outages = (worker_transport or t).outages
+        if outages > seen_outages:
+            metrics.redis_outages.inc(outages - seen_outages)
+            seen_outages = outages
+    return refresh

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .topology import STAGES
 
 ENV_PREFIX = "SPOTLINE_"
 CONFIG_ENV = "SPOTLINE_CONFIG"
 
-STAGES = ("detect", "upscale", "score", "collect")
 BACKPRESSURE = ("block", "drop-oldest")
 BACKENDS = ("auto", "torch", "onnx", "openvino")
 PRECISIONS = ("fp32", "fp16", "int8")

@@ -11,10 +11,12 @@ from typing import ClassVar
 
 from .envelope import Envelope, Result
 from .settings import Settings
+from .topology import RESULT
 
-# Where an output goes: the name of the next stage ("upscale", "score", "collect"), or
-# RESULT for a finished frame (collect only).
-RESULT = "result"
+__all__ = ["RESULT", "Routed", "Stage"]
+
+# Where an output goes: the next stage (topology.next_stage), or RESULT for a finished frame
+# (the collector only).
 Routed = tuple[str, Envelope | Result]
 
 

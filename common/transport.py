@@ -1,7 +1,9 @@
-"""Redis Streams transport: consumer groups, batched reads, one MULTI/EXEC commit per batch,
-XAUTOCLAIM of stale entries, the dead-letter stream, the collector's join, and reconnects.
+"""Redis Streams transport: consumer groups, batched reads, one atomic commit per batch, the
+reclaim (XAUTOCLAIM) of a dead consumer's entries, liveness, and reconnects.
 
-Stages never see this module; the worker loop (common/worker.py) drives it.
+Stages never see this module; the worker loop (common/worker.py) drives it, the collector
+(common/collector.py) adds its join scripts through ``script``, and the dead-letter stream
+(common/deadletters.py) is written and read through ``write``, ``entries`` and ``move``.
 """
 
 from __future__ import annotations
@@ -59,46 +61,6 @@ if #ids > 0 then
 end
 return #ids
 """
-
-# Collector join: store one part; ack it unless it completes the frame (then the caller finishes
-# the frame and acks in FINISH, so a crash in between leaves the last part pending: no loss).
-# Returns {-1} when the frame already has a result (duplicate delivery), {0} when parts are
-# still missing, or {1, field, value, ...} with every part when the frame is complete.
-_JOIN = """
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
-  redis.call('XDEL', KEYS[3], ARGV[2])
-  return {-1}
-end
-redis.call('HSET', KEYS[1], ARGV[3], ARGV[5])
-redis.call('EXPIRE', KEYS[1], ARGV[6])
-if redis.call('HLEN', KEYS[1]) < tonumber(ARGV[4]) then
-  redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
-  redis.call('XDEL', KEYS[3], ARGV[2])
-  return {0}
-end
-local out = redis.call('HGETALL', KEYS[1])
-table.insert(out, 1, 1)
-return out
-"""
-
-# Publish one result exactly once (idempotent by frame id) and ack the entries that made it.
-_FINISH = """
-local created = 0
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'f', ARGV[6], 'd', ARGV[1])
-  redis.call('PUBLISH', ARGV[4], ARGV[1])
-  created = 1
-end
-redis.call('DEL', KEYS[3])
-for i = 7, #ARGV do
-  redis.call('XACK', KEYS[4], ARGV[5], ARGV[i])
-  redis.call('XDEL', KEYS[4], ARGV[i])
-end
-return created
-"""
-
 
 @dataclass(frozen=True)
 class Entry:
@@ -178,8 +140,6 @@ class Transport:
             raise TransportError("no Redis URL: start an embedded one or set SPOTLINE_REDIS_URL")
         self.r = client or connect(self.url)
         self._commit = self.r.register_script(_COMMIT)
-        self._join = self.r.register_script(_JOIN)
-        self._finish = self.r.register_script(_FINISH)
         self.outages = 0  # connection outages survived (tests and metrics read it)
 
     # --- reliability -----------------------------------------------------------------------
@@ -262,12 +222,12 @@ class Transport:
                 entries.append(Entry(stream, _s(entry_id), fields or {}))
         return entries
 
-    def claim(self, stage: str, consumer: str, count: int) -> list[Entry]:
+    def reclaim(self, stage: str, consumer: str, count: int) -> list[Entry]:
         """Take over entries pending longer than the visibility timeout (a dead consumer's)."""
         stream, group = self.keys.inbox(stage), self.keys.group(stage)
         idle = self.settings.visibility_timeout_ms
         reply = self.grouped(stage, lambda: self.r.xautoclaim(stream, group, consumer, idle,
-                                                              "0-0", count=count), "claim")
+                                                              "0-0", count=count), "reclaim")
         items = reply[1] if len(reply) > 1 else []
         deleted = list(reply[2] if len(reply) > 2 else [])
         deleted += [eid for eid, fields in items if not fields]  # Redis 6.2 reports them so
@@ -323,23 +283,39 @@ class Transport:
                    for o in outputs]
         self._atomic(stage, records, list(done), "commit")
 
-    def dead_letter(self, stage: str, entry: Entry, reason: str,
-                    outputs: Sequence[Output] = ()) -> None:
-        """Move an entry to the dead-letter stream with its reason (plus any outputs, such as
-        the error answer for its frame) and ack it, in one atomic step."""
-        record = {
-            b"stream": self.keys.inbox(stage).encode(), b"stage": stage.encode(),
-            b"id": entry.id.encode(), b"reason": reason.encode("utf-8", "replace"),
-            b"deliveries": str(entry.deliveries).encode(),
-            b"frame": (entry.frame_id or "").encode(),
-            b"time": repr(time.time()).encode(), b"payload": entry.payload,
-        }
-        records = [(self.keys.dead, record)]
-        records += [(o.stream, {FRAME_FIELD: o.frame_id.encode(), DATA_FIELD: o.payload})
-                    for o in outputs]
-        self._atomic(stage, records, [entry.id], "dead-letter")
-        self.call(lambda: self.r.xtrim(self.keys.dead, maxlen=self.settings.dead_maxlen,
-                                       approximate=True), "trim dead letters")
+    def trim(self, stream: str, maxlen: int) -> None:
+        """Cap a stream at about ``maxlen`` entries (MAXLEN ~)."""
+        self.call(lambda: self.r.xtrim(stream, maxlen=maxlen, approximate=True), "trim")
+
+    def length(self, stream: str) -> int:
+        """XLEN (0 for a stream that does not exist)."""
+        return int(self.call(lambda: self.r.xlen(stream), "length"))
+
+    def entries(self, stream: str, start: str = "-", end: str = "+",
+                count: int | None = None) -> list[tuple[str, dict[bytes, bytes]]]:
+        """XRANGE: (id, fields) of a stream's entries from ``start`` to ``end``."""
+        rows = self.call(lambda: self.r.xrange(stream, start, end, count=count), "range")
+        return [(_s(i), f) for i, f in rows]
+
+    def move(self, src: str, entry_id: str, dst: str, fields: dict[bytes, bytes]) -> None:
+        """In one transaction: XADD ``fields`` to ``dst`` and XDEL the entry from ``src``."""
+        def move() -> None:
+            pipe = self.r.pipeline(transaction=True)
+            pipe.xadd(dst, fields)  # type: ignore[arg-type]
+            pipe.xdel(src, entry_id)
+            pipe.execute()
+        self.call(move, "move")
+
+    def script(self, source: str) -> Callable[..., Any]:
+        """A Lua script registered on this connection: call it as ``f(keys=..., args=...)``
+        inside ``call`` (the collector's join and finish)."""
+        return self.r.register_script(source)
+
+    def write(self, stage: str, records: Sequence[tuple[str, dict[bytes, bytes]]],
+              done: Sequence[str], what: str) -> None:
+        """In one atomic step: XADD each (stream, fields) record, then XACK + XDEL ``done``
+        from the stage's inbox (the commit; the dead-letter move)."""
+        self._atomic(stage, records, list(done), what)
 
     def _atomic(self, stage: str, records: Sequence[tuple[str, dict[bytes, bytes]]],
                 done: list[str], what: str) -> None:
@@ -357,35 +333,6 @@ class Transport:
         keys = [self.keys.inbox(stage), *streams]
         self.call(lambda: self._commit(keys=keys, args=args), what)
 
-    # --- the collector's join --------------------------------------------------------------
-    def join(self, entry: Entry, frame_id: str, part: int, nparts: int) -> list[bytes] | None:
-        """Store one part of a frame. Returns every part's payload (ordered) when the frame is
-        complete, ``None`` when parts are missing, ``[]`` when the frame already has a result."""
-        k = self.keys
-        stage = "collect"
-        reply = self.call(lambda: self._join(
-            keys=[k.join(frame_id), k.result(frame_id), k.inbox(stage)],
-            args=[k.group(stage), entry.id, part, nparts, entry.payload,
-                  self.settings.result_ttl_s]), "join")
-        if reply[0] == -1:
-            return []
-        if reply[0] == 0:
-            return None
-        pairs = reply[1:]
-        parts = {int(pairs[i]): pairs[i + 1] for i in range(0, len(pairs), 2)}
-        return [parts[i] for i in sorted(parts)]
-
-    def finish(self, frame_id: str, payload: bytes, done: Sequence[str]) -> bool:
-        """Publish a frame's result once (stream, pub/sub, result key) and ack ``done``.
-        Returns False when the frame already had a result (nothing published)."""
-        k = self.keys
-        s = self.settings
-        created = self.call(lambda: self._finish(
-            keys=[k.result(frame_id), k.results, k.join(frame_id), k.inbox("collect")],
-            args=[payload, s.result_ttl_s, s.results_maxlen, k.channel, k.group("collect"),
-                  frame_id, *done]), "finish")
-        return bool(created)
-
     # --- liveness --------------------------------------------------------------------------
     def heartbeat(self, stage: str, consumer: str) -> None:
         self.call(lambda: self.r.zadd(self.keys.heartbeat(stage), {consumer: time.time()}),
@@ -400,6 +347,8 @@ class Transport:
     def workers_alive(self, stage: str, within_s: float = 30.0) -> int:
         return int(self.call(lambda: self.r.zcount(self.keys.heartbeat(stage),
                                                    time.time() - within_s, "+inf"), "workers"))
+
+    claim = reclaim  # the Redis name (XAUTOCLAIM); tests and older callers use it
 
     def close(self) -> None:
         self.r.close()

@@ -16,7 +16,8 @@ from ..common.codec import decode, encode
 from ..common.envelope import Envelope, Result, new_frame_id
 from ..common.errors import DecodeError, SpotlineError
 from ..common.settings import Settings, load_settings
-from ..common.transport import Transport
+from ..common.topology import FRAMES
+from ..common.transport import DATA_FIELD, Transport
 from .sources import check_frame
 from .sources import image_size as read_image_size
 
@@ -54,12 +55,12 @@ class Client:
             image_size = read_image_size(bytes(image), self.settings)
         captions = tuple(captions)
         if not self._group_ready:
-            self.t.ensure_group("detect")
+            self.t.ensure_group(FRAMES)
             self._group_ready = True
         env = Envelope(frame_id=frame_id or new_frame_id(), source_id=source_id,
                        capture_time=time.time() if capture_time is None else capture_time,
                        captions=captions, image=bytes(image), image_size=image_size)
-        self.t.add(self.keys.inbox("detect"), env.frame_id, encode(env))
+        self.t.add(self.keys.inbox(FRAMES), env.frame_id, encode(env))
         self.previews.offer(env.frame_id, source_id, env.image or b"")
         return env.frame_id
 
@@ -110,7 +111,8 @@ class Client:
         rows = self.t.call(lambda: self.t.r.xrange(self.keys.results, min=f"({start}"
                                                     if start != "0" else "-", count=count),
                            "results")
-        return [(_s(i), r) for i, f in rows if (r := _as_result(f.get(b"d", b""))) is not None]
+        results = [(_s(i), _as_result(f.get(DATA_FIELD, b""))) for i, f in rows]
+        return [(i, r) for i, r in results if r is not None]
 
     def _last_result_id(self) -> str:
         rows = self.t.call(lambda: self.t.r.xrevrange(self.keys.results, count=1), "results")
@@ -124,8 +126,16 @@ class Client:
         out = []
         for _stream, items in reply or []:
             for entry_id, fields in items:
-                out.append((_s(entry_id), _as_result(fields.get(b"d", b""))))
+                out.append((_s(entry_id), _as_result(fields.get(DATA_FIELD, b""))))
         return out
+
+    def backlog(self) -> int:
+        """Frames published but not yet read by the pipeline (the backpressure signal)."""
+        return self.t.backlog(FRAMES)
+
+    def workers_alive(self) -> int:
+        """Consumers of the frames inbox with a recent heartbeat."""
+        return self.t.workers_alive(FRAMES)
 
     def close(self) -> None:
         self.t.close()

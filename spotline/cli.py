@@ -65,7 +65,7 @@ def cli(ctx: click.Context, config_file: str | None, log_level: str | None) -> N
 def worker(ctx: Ctx, stage: str, burst: bool, metrics_port: int | None,
            stage_class: str | None) -> None:
     """Run one worker of STAGE (a consumer in the stage's group) until SIGTERM/SIGINT."""
-    from spotline.common.worker import run_stage
+    from spotline.common.serve import run_stage
     from spotline.stages import load_stage
 
     url = _need_url(ctx.settings)

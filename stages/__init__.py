@@ -6,15 +6,11 @@ import importlib
 
 from ..common.errors import ConfigError
 from ..common.settings import Settings
+from ..common.topology import STAGES
 from .base import RESULT, Routed, Stage
 
 # Imported lazily: loading a stage pulls in its model library.
-STAGE_CLASSES = {
-    "detect": "spotline.stages.detect:Detect",
-    "upscale": "spotline.stages.upscale:Upscale",
-    "score": "spotline.stages.score:Score",
-    "collect": "spotline.stages.collect:Collect",
-}
+STAGE_CLASSES = {name: f"{__name__}.{name}:{name.title()}" for name in STAGES}
 
 
 def load_stage(name: str, settings: Settings, class_path: str | None = None) -> Stage:

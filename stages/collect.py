@@ -9,7 +9,8 @@ import numpy as np
 
 from ..common.envelope import Envelope, Result
 from ..common.settings import Settings
-from .base import RESULT, Routed, Stage
+from ..common.topology import next_stage
+from .base import Routed, Stage
 
 
 class Collect(Stage):
@@ -19,7 +20,8 @@ class Collect(Stage):
 
     def process(self, batch: list[Envelope]) -> list[Routed]:
         """One result per merged frame."""
-        return [(RESULT, frame_result(env, self.settings)) for env in batch]
+        target = next_stage(self.name, self.settings)
+        return [(target, frame_result(env, self.settings)) for env in batch]
 
 
 def frame_result(env: Envelope, settings: Settings) -> Result:

@@ -16,6 +16,7 @@ from ..common.errors import InputError, ModelError
 from ..common.images import crop_boxes, decode_bgr8, swap_rb
 from ..common.limits import check_captions
 from ..common.settings import Settings
+from ..common.topology import COLLECT, next_stage
 from . import runtime
 from .base import Routed, Stage
 from .libs import offline_env, undo_ultralytics_pil_patch
@@ -161,12 +162,12 @@ def split_parts(env: Envelope, boxes: np.ndarray, scores: np.ndarray, crops: lis
                 settings: Settings) -> list[Routed]:
     """One frame's detections as parts of at most ``crops_per_part`` crops, routed onward."""
     if len(boxes) == 0:
-        return [("collect", env.replace(image=None, boxes=np.zeros((0, 4), np.float32),
+        return [(COLLECT, env.replace(image=None, boxes=np.zeros((0, 4), np.float32),
                                         det_scores=np.zeros(0, np.float32), crops=(), part=0,
                                         nparts=1))]
     size = settings.crops_per_part
     nparts = math.ceil(len(boxes) / size)
-    target = "upscale" if settings.upscale else "score"
+    target = next_stage(Detect.name, settings)
     return [(target, env.replace(image=None, boxes=np.ascontiguousarray(boxes[part]),
                                  det_scores=np.ascontiguousarray(scores[part]),
                                  crops=tuple(crops[part]), part=k, nparts=nparts))

@@ -13,6 +13,7 @@ import numpy as np
 from ..common.envelope import Envelope
 from ..common.errors import ModelError
 from ..common.settings import Settings
+from ..common.topology import next_stage
 from . import runtime
 from .base import Routed, Stage, check_crops
 from .libs import offline_env
@@ -63,6 +64,7 @@ class Score(Stage):
             check_crops(env)
         crops = [crop for env in batch for crop in env.crops]
         images = self.image_embeds(crops)
+        target = next_stage(self.name, self.settings)
         out: list[Routed] = []
         start = 0
         for env in batch:
@@ -70,7 +72,7 @@ class Score(Stage):
             texts = self.text_embeds(env.captions)
             scores = self.logits_to_scores(texts, images[start:start + n])
             start += n
-            out.append(("collect", env.replace(crops=(), scores=scores)))
+            out.append((target, env.replace(crops=(), scores=scores)))
         return out
 
     # --- embeddings ----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from ..common.envelope import Envelope
 from ..common.errors import ModelError
 from ..common.images import cap_crop, swap_rb
 from ..common.settings import Settings
+from ..common.topology import next_stage
 from . import runtime
 from .base import Routed, Stage, check_crops
 from .libs import torchvision_shim
@@ -44,7 +45,7 @@ class Upscale(Stage):
         self.device_name = device
 
     def process(self, batch: list[Envelope]) -> list[Routed]:
-        """Upscale every crop of every envelope; route each envelope to score."""
+        """Upscale every crop of every envelope; route each envelope onward."""
         if self.upsampler is None:
             self.setup()
         for env in batch:
@@ -53,7 +54,7 @@ class Upscale(Stage):
         for env in batch:
             crops = tuple(cap_crop(upscale_crop(self.upsampler, crop, self.settings),
                                           self.crop_cap) for crop in env.crops)
-            out.append(("score", env.replace(crops=crops)))
+            out.append((next_stage(self.name, self.settings), env.replace(crops=crops)))
         return out
 
 

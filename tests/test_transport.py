@@ -7,6 +7,8 @@ import time
 import pytest
 
 from spotline.common.codec import decode, encode
+from spotline.common.collector import Join
+from spotline.common.deadletters import dead_letter
 from spotline.common.embedded import EmbeddedRedis
 from spotline.common.envelope import Envelope
 from spotline.common.errors import TransportError
@@ -96,7 +98,7 @@ def test_dead_letter_keeps_the_entry_and_reason(transport: Transport) -> None:
     transport.ensure_group("detect")
     transport.add(k.inbox("detect"), "bad", b"\x00garbage")
     entry = transport.read("detect", "c", 1, 100, 0)[0]
-    transport.dead_letter("detect", entry, "undecodable: test")
+    dead_letter(transport, "detect", entry, "undecodable: test")
     (dead_id, fields), = transport.r.xrange(k.dead)
     assert fields[b"payload"] == b"\x00garbage" and fields[b"reason"] == b"undecodable: test"
     assert fields[b"frame"] == b"bad" and fields[b"stream"] == k.inbox("detect").encode()
@@ -110,17 +112,18 @@ def test_join_then_finish_publishes_exactly_once(transport: Transport) -> None:
     for p in parts:
         transport.add(k.inbox("collect"), "F", encode(p))
     e0, e1 = transport.read("collect", "c", 2, 100, 0)
-    assert transport.join(e0, "F", 0, 2) is None  # waiting for part 1; part 0 acked
-    got = transport.join(e1, "F", 1, 2)
+    join = Join(transport)
+    assert join.add(e0, "F", 0, 2) is None  # waiting for part 1; part 0 acked
+    got = join.add(e1, "F", 1, 2)
     assert got is not None and [decode(g).part for g in got] == [0, 1]
-    assert transport.finish("F", b"result", [e1.id]) is True
-    assert transport.finish("F", b"again", [e1.id]) is False  # idempotent by frame id
+    assert join.finish("F", b"result", [e1.id]) is True
+    assert join.finish("F", b"again", [e1.id]) is False  # idempotent by frame id
     assert transport.r.xlen(k.results) == 1 and transport.r.get(k.result("F")) == b"result"
     assert transport.r.ttl(k.result("F")) > 0 and not transport.r.exists(k.join("F"))
     # a late duplicate of a part is acked and dropped
     transport.add(k.inbox("collect"), "F", encode(parts[0]))
     dup = transport.read("collect", "c", 1, 100, 0)[0]
-    assert transport.join(dup, "F", 0, 2) == []
+    assert join.add(dup, "F", 0, 2) == []
     assert transport.pending_count("collect") == 0
 
 
