@@ -1,0 +1,253 @@
+"""The committed demo models (``models/demo/``): small models trained by spotline's own
+commands on synthetic scenes of coloured shapes, and the settings they need.
+
+- ``apply_demo_models(settings)``: when ``settings.models`` is ``demo`` and no weight path is
+  set, the settings of ``models/demo/settings.toml`` (the weight paths, the image size the
+  detector was trained at, upscaling off, no TTA) replace the defaults; anything the user set
+  explicitly is kept. ``spotline up`` and ``spotline demo`` call it; ``models = "tiny"``
+  keeps the random tiny models (tests).
+- ``retrain(...)``: `spotline models demo --retrain` makes them again from nothing: synthetic
+  train/val/test splits, the scorer and the detector trained in parallel (one core each), the
+  held-out accuracy measured with the in-process reference, the manifest written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spotline.common.errors import ConfigError
+from spotline.common.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_DIR = REPO / "models" / "demo"
+SETTINGS_FILE = "settings.toml"
+MANIFEST_FILE = "manifest.json"
+WEIGHT_KEYS = ("detector_weights", "upscaler_weights", "scorer_dir")
+
+NOTE = ("NOTE: these are the demo models: small models (a 0.35 M-parameter YOLOv8 and a "
+        "1 M-parameter SigLIP) trained here on synthetic scenes of coloured shapes "
+        "(`spotline models demo --retrain`). They find \"{colour} {shape}\" objects such as "
+        "\"red star\" and nothing else; set SPOTLINE_DETECTOR_WEIGHTS / _SCORER_DIR for "
+        "real weights.")
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """What `spotline models demo --retrain` makes (the defaults are the committed models')."""
+
+    work: str = ".spotline/demo-train"
+    out: str = str(DEMO_DIR)
+    size: tuple[int, int] = (384, 256)
+    train_seed: int = 1
+    train_images: int = 1000
+    val_seed: int = 2
+    val_images: int = 100
+    test_seed: int = 3  # held out: never used for training or validation
+    test_images: int = 300
+    scorer_epochs: int = 16
+    detector_images: int = 600
+    detector_epochs: int = 20
+    threads: int = 1  # per training process; the two run side by side
+
+
+def demo_dir() -> Path:
+    return DEMO_DIR
+
+
+def demo_overlay(directory: Path | None = None) -> dict[str, Any]:
+    """The settings the demo models need, weight paths made absolute; {} when absent."""
+    directory = directory or DEMO_DIR
+    path = directory / SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    for key in WEIGHT_KEYS:
+        if values.get(key):
+            values[key] = str((REPO / values[key]).resolve())
+    return values
+
+
+def wants_demo(settings: Settings) -> bool:
+    """Demo models are selected and no weight path is set."""
+    return settings.models == "demo" and not any(getattr(settings, k) for k in WEIGHT_KEYS)
+
+
+def apply_demo_models(settings: Settings, directory: Path | None = None) -> Settings:
+    """The settings with the demo models and their settings where the user kept defaults."""
+    if not wants_demo(settings):
+        return settings
+    overlay = demo_overlay(directory)
+    if not overlay:
+        return settings
+    defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
+    changes = {k: v for k, v in overlay.items()
+               if k in defaults and getattr(settings, k) == defaults[k]}
+    return settings.replace(**changes)
+
+
+def is_demo(settings: Settings, directory: Path | None = None) -> bool:
+    """These settings run the demo models."""
+    overlay = demo_overlay(directory)
+    return bool(overlay) and settings.scorer_dir == overlay.get("scorer_dir") and \
+        settings.detector_weights == overlay.get("detector_weights")
+
+
+# --- demo scenes -------------------------------------------------------------------------------
+DEMO_SCENES_SEED = 2026  # not a training, validation or test seed
+
+
+def demo_scenes(n: int = 3) -> list[tuple[str, bytes, list[tuple[str, list[int]]]]]:
+    """(name, JPEG bytes, ground truth) of ``n`` synthetic scenes, made on the fly
+    (deterministic)."""
+    from spotline.data import synth
+
+    options = synth.SynthOptions(seed=DEMO_SCENES_SEED, images=n, size=(384, 256))
+    out = []
+    for index in range(n):
+        scene = synth.make_scene(options, index)
+        out.append((f"scene_{index}.jpg", synth.encode_jpeg(scene.image, scene.quality),
+                    [(o.caption, list(o.box)) for o in scene.objects]))
+    return out
+
+
+# --- retraining --------------------------------------------------------------------------------
+def chance_accuracy(dataset: str | Path) -> float:
+    """Accuracy of picking one object of the image at random: mean over captions of
+    1 / (objects in the image)."""
+    from spotline.data.dataset import read_dataset
+
+    records = read_dataset(dataset).records
+    terms = [1.0 / len(r.annotations) for r in records for _ in r.annotations]
+    return sum(terms) / len(terms) if terms else 0.0
+
+
+def _subset(src: Path, dst: Path, n: int) -> Path:
+    """A dataset of the first ``n`` images of ``src`` (images linked, not copied)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    lines = [ln for ln in (src / "vlm.jsonl").read_text().splitlines() if ln.strip()][:n]
+    (dst / "vlm.jsonl").write_text("".join(line + "\n" for line in lines))
+    link = dst / "images"
+    if link.is_symlink() or link.exists():
+        link.unlink() if link.is_symlink() else shutil.rmtree(link)
+    link.symlink_to((src / "images").resolve(), target_is_directory=True)
+    return dst
+
+
+def make_data(plan: DemoPlan, say: Callable[[str], None]) -> dict[str, Path]:
+    """The synthetic train, val and held-out test splits (seeds from the plan)."""
+    from spotline.data import synth
+
+    work = Path(plan.work)
+    out = {}
+    for name, seed, n in (("train", plan.train_seed, plan.train_images),
+                          ("val", plan.val_seed, plan.val_images),
+                          ("test", plan.test_seed, plan.test_images)):
+        started = time.monotonic()
+        options = synth.SynthOptions(seed=seed, images=n, size=plan.size)
+        out[name] = synth.synthesize(work / "data", options, split=name)[name]
+        say(f"synth {name}: {n} images (seed {seed}) in {time.monotonic() - started:.0f} s")
+    out["detector_train"] = _subset(out["train"], work / "data" / "train-detector",
+                                    plan.detector_images)
+    return out
+
+
+def train_both(plan: DemoPlan, data: dict[str, Path], say: Callable[[str], None]) -> dict[str, Any]:
+    """The scorer and the detector trained side by side (two processes, `threads` each)."""
+    work = Path(plan.work)
+    spotline = [sys.executable, "-m", "spotline"]
+    scorer_cmd = [*spotline, "finetune", "scorer", str(data["train"]), str(work / "scorer"),
+                  "--val", str(data["val"]), "--from-scratch", "--epochs",
+                  str(plan.scorer_epochs), "--threads", str(plan.threads), "--no-progress"]
+    detector_cmd = [*spotline, "finetune", "detector", str(data["detector_train"]),
+                    str(work / "detector"), "--val", str(data["val"]), "--model", "pico",
+                    "--epochs", str(plan.detector_epochs), "--imgsz", str(plan.size[0]),
+                    "--threads", str(plan.threads)]
+    env = {**os.environ, "SPOTLINE_MODELS": "tiny"}
+    started = time.monotonic()
+    logs = {name: open(work / f"{name}.log", "w") for name in ("scorer", "detector")}  # noqa: SIM115
+    procs = {name: subprocess.Popen(cmd, stdout=logs[name], stderr=subprocess.STDOUT, env=env)
+             for name, cmd in (("scorer", scorer_cmd), ("detector", detector_cmd))}
+    say(f"training the scorer and the detector (logs: {work}/scorer.log, detector.log)")
+    try:
+        codes = {name: proc.wait() for name, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+        for fh in logs.values():
+            fh.close()
+    failed = [n for n, c in codes.items() if c != 0]
+    if failed:
+        raise RuntimeError(f"training failed: {failed} (see {work}/<name>.log)")
+    return {"seconds": round(time.monotonic() - started), "scorer_cmd": scorer_cmd[1:],
+            "detector_cmd": detector_cmd[1:]}
+
+
+def install(plan: DemoPlan, tuned: dict[str, Any]) -> Path:
+    """Copy the trained models into ``plan.out`` with their settings overlay."""
+    work, out = Path(plan.work), Path(plan.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(work / "detector" / "detector.pt", out / "detector.pt")
+    tmp = out / ".scorer.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(work / "scorer" / "scorer", tmp,
+                    ignore=shutil.ignore_patterns("training_state.pt", "trainer.json"))
+    shutil.rmtree(out / "scorer", ignore_errors=True)
+    os.replace(tmp, out / "scorer")
+    rel = os.path.relpath(out.resolve(), REPO)
+    lines = ["# Settings the demo models need; applied by `spotline up` and `spotline demo` when",
+             "# no weights are configured (models = \"demo\"), or pass this file with --config",
+             "# from the repository root.",
+             f'detector_weights = "{rel}/detector.pt"', f'scorer_dir = "{rel}/scorer"',
+             "upscale = false  # no upscaler was trained for the demo models",
+             f"imgsz = {plan.size[0]}  # the size the detector was trained at",
+             "tta = false", "warmup = 1"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in tuned.items()]
+    (out / SETTINGS_FILE).write_text("\n".join(lines) + "\n")
+    return out
+
+
+def measure(plan: DemoPlan, dataset: Path, settings: Settings) -> dict[str, Any]:
+    """Accuracy of the installed demo models on ``dataset`` with the in-process reference."""
+    from spotline.evaluate import evaluate
+    from spotline.reference import Reference
+
+    demo = apply_demo_models(settings.replace(**{k: "" for k in WEIGHT_KEYS}, models="demo"),
+                             Path(plan.out))
+    ref = Reference(demo)
+    report = evaluate(dataset, lambda imgs, caps: [r.boxes for r in ref.identify(imgs, caps)],
+                      progress=False, batch_size=4)
+    return {"accuracy": round(report.accuracy, 4), "captions": report.n_captions,
+            "images": report.n_images, "chance": round(chance_accuracy(dataset), 4),
+            "seconds": round(report.total_seconds, 1)}
+
+
+def retrain(plan: DemoPlan, settings: Settings, say: Callable[[str], None]) -> dict[str, Any]:
+    """Everything: data, training, installing, measuring; writes the manifest."""
+    started = time.monotonic()
+    data = make_data(plan, say)
+    trained = train_both(plan, data, say)
+    install(plan, {"conf": 0.05, "iou": 0.5, "max_det": 20})
+    say("measuring on the held-out test split (in-process reference)...")
+    test = measure(plan, data["test"], settings)
+    manifest = {"plan": dataclasses.asdict(plan), "training": trained, "test": test,
+                "minutes": round((time.monotonic() - started) / 60, 1)}
+    (Path(plan.out) / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+    say(f"held-out accuracy {test['accuracy']:.4f} on {test['captions']} captions "
+        f"(chance {test['chance']:.4f}); {manifest['minutes']} minutes in all")
+    return manifest
