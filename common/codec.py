@@ -181,6 +181,11 @@ _ENVELOPE_CHECKS: dict[str, Any] = {
     "crops": lambda v: isinstance(v, tuple) and all(isinstance(c, np.ndarray) for c in v),
     "part": _is_int,
     "nparts": _is_int,
+    # track mode: the frame's number in its source; per box its track, per caption its box
+    "seq": _is_int,
+    "track_ids": lambda v: _is_array(v, 1) and (v is None or v.dtype.kind == "i"),
+    "picks": lambda v: _is_array(v, 1) and (v is None or v.dtype.kind == "i"),
+    "probs": lambda v: _is_array(v, 1) and (v is None or v.dtype.kind == "f"),
 }
 _RESULT_CHECKS: dict[str, Any] = {
     "boxes": lambda v: isinstance(v, tuple) and all(
@@ -188,6 +193,8 @@ _RESULT_CHECKS: dict[str, Any] = {
     "scores": lambda v: isinstance(v, tuple) and all(_is_num(x) for x in v),
     "fallback": lambda v: isinstance(v, bool),
     "finished_time": _is_num,
+    "track_ids": lambda v: isinstance(v, tuple) and all(_is_int(t) for t in v),
+    "absent": lambda v: isinstance(v, tuple) and all(isinstance(a, bool) for a in v),
 }
 
 
@@ -206,5 +213,22 @@ def _check_types(msg: Envelope | Result, raw: bytes) -> None:
         if (msg.boxes is not None and msg.det_scores is not None
                 and len(msg.det_scores) != len(msg.boxes)):
             raise bad("det_scores")
+        wrong = _track_lengths(msg)
+        if wrong:
+            raise bad(wrong)
     elif not len(msg.boxes) == len(msg.scores) == len(msg.captions):
         raise bad("boxes")
+    elif any(v and len(v) != len(msg.captions) for v in (msg.track_ids, msg.absent)):
+        raise bad("track_ids" if len(msg.track_ids) not in (0, len(msg.captions)) else "absent")
+
+
+def _track_lengths(env: Envelope) -> str | None:
+    """The track-mode field whose length does not fit the frame (one per box, one per
+    caption), if any."""
+    if env.track_ids is not None and (env.boxes is None or len(env.track_ids) != len(env.boxes)):
+        return "track_ids"
+    for name in ("picks", "probs"):
+        value = getattr(env, name)
+        if value is not None and len(value) != len(env.captions):
+            return name
+    return None

@@ -47,6 +47,13 @@ class Envelope:
     trace: tuple[TraceRow, ...] = ()
     error: str | None = None
     v: int = SCHEMA_VERSION
+    # Track mode (docs/architecture.md, "Tracks"): the frame's number in its source (set by
+    # the producer; -1: none); set by the track stage: each box's track id, each caption's box
+    # (index into boxes; -1: not in view) and its calibrated probability (nan: uncalibrated).
+    seq: int = -1
+    track_ids: np.ndarray | None = None  # int64 N, -1: untracked box
+    picks: np.ndarray | None = None  # int64 C
+    probs: np.ndarray | None = None  # float32 C
 
     def replace(self, **changes: Any) -> Envelope:
         return dataclasses.replace(self, **changes)
@@ -78,6 +85,10 @@ class Result:
     trace: tuple[TraceRow, ...] = ()
     finished_time: float = field(default_factory=time.time)
     v: int = SCHEMA_VERSION
+    # Track mode: each caption's track id (-1: none) and whether it is "not in view" (its box
+    # is then the fallback box and its score the calibrated probability). Empty otherwise.
+    track_ids: tuple[int, ...] = ()
+    absent: tuple[bool, ...] = ()
 
     def replace(self, **changes: Any) -> Result:
         return dataclasses.replace(self, **changes)
@@ -102,13 +113,20 @@ class Result:
             "image_size": list(self.image_size),
             "error": self.error,
             "fallback": self.fallback,
-            "results": [
-                {"caption": c, "bbox": [round(v, 2) for v in b],
-                 "score": None if s != s else round(s, 6)}
-                for c, b, s in zip(self.captions, self.boxes, self.scores, strict=True)
-            ],
+            "results": [self._caption_json(k) for k in range(len(self.captions))],
             "trace": [list(row) for row in self.trace],
         }
+
+    def _caption_json(self, k: int) -> dict[str, Any]:
+        s = self.scores[k]
+        out: dict[str, Any] = {"caption": self.captions[k],
+                               "bbox": [round(v, 2) for v in self.boxes[k]],
+                               "score": None if s != s else round(s, 6)}
+        if self.track_ids:
+            out["track_id"] = self.track_ids[k]
+        if self.absent and self.absent[k]:
+            out["bbox"] = None  # not in view
+        return out
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Result):

@@ -54,6 +54,10 @@ class Keys:
         """Hash of a source's tracking state (tracker, evidence) and its sequence number."""
         return f"{self.tag}:track:{source_id}"
 
+    def seq(self, source_id: str) -> str:
+        """Counter of a source's frames (INCR at publish): the order track mode follows."""
+        return f"{self.tag}:seq:{source_id}"
+
     def embeds(self, source_id: str) -> str:
         """Hash of a source's cached image embeddings, one field per track id."""
         return f"{self.tag}:embeds:{source_id}"

@@ -73,11 +73,39 @@ class Settings:
     # --- batching (dynamic: max entries or max wait, whichever first)
     batch_detect: int = field(default=4, metadata={"help": "max frames per YOLO call"})
     batch_upscale: int = field(default=8, metadata={"help": "max entries per upscale batch"})
+    # --- track mode (video feeds; docs/architecture.md, "Tracks")
+    tracking: bool = field(default=False, metadata={
+        "help": "track mode: detect → track (ByteTrack, reuse, evidence) → collect"})
+    track_keyframe_every: int = field(default=10, metadata={
+        "help": "a track's crop is embedded again at least every this many frames"})
+    track_min_iou: float = field(default=0.7, metadata={
+        "help": "embed again when the box's IoU with the box last embedded is below this"})
+    track_max_size_change: float = field(default=0.2, metadata={
+        "help": "embed again when width or height changed by more than this share"})
+    track_decay: float = field(default=0.8, metadata={
+        "help": "evidence weight of a frame one frame later (decaying log-odds)"})
+    track_margin: float = field(default=0.5, metadata={
+        "help": "log-odds lead another track needs to take a caption"})
+    track_switch_frames: int = field(default=3, metadata={
+        "help": "consecutive frames of lead before a caption switches track"})
+    track_buffer: int = field(default=30, metadata={"help": "frames a lost track is kept"})
+    track_reorder_ms: int = field(default=200, metadata={
+        "help": "wait this long for a source's missing earlier frame before going on"})
+    track_state_ttl_s: int = field(default=3600, metadata={
+        "help": "life of a source's tracking state and cached embeddings in Redis"})
+    track_cache_tracks: int = field(default=256, metadata={
+        "help": "cached track embeddings per source at most"})
+    joint_assign: bool = field(default=True, metadata={
+        "help": "track mode: one box per caption (Hungarian) when a frame has several"})
+    not_in_view: float = field(default=0.0, metadata={
+        "help": "track mode: no box under this calibrated probability (needs "
+                "calibration.json beside the scorer); 0: off"})
     batch_score: int = field(default=8, metadata={"help": "max entries per SigLIP batch"})
     batch_collect: int = field(default=64, metadata={"help": "max entries per collect batch"})
     max_wait_ms: int = field(default=0, metadata={
         "help": "wait to fill a batch; 0: take what is queued (batches fill under load)"})
     # --- delivery
+    batch_track: int = field(default=8, metadata={"help": "max frames per track batch"})
     visibility_timeout_ms: int = field(default=60000,
                                        metadata={"help": "pending this long: reclaimed"})
     max_deliveries: int = field(default=3, metadata={"help": "more: dead-lettered"})
@@ -111,6 +139,7 @@ class Settings:
 
 
 def _validate(s: Settings) -> None:
+        _validate_tracking(self)
     positive = ("imgsz", "max_det", "crops_per_part", "upscale_factor", "caption_cache_size",
                 "result_ttl_s", "results_maxlen", "visibility_timeout_ms", "max_deliveries",
                 "block_ms", "dead_maxlen", "high_water", "max_frame_bytes", "max_pixels",
@@ -121,6 +150,21 @@ def _validate(s: Settings) -> None:
     for key in ("conf", "iou"):
         if not 0.0 <= getattr(s, key) <= 1.0:
             raise ConfigError(f"{key} must be in [0, 1], got {getattr(s, key)!r}")
+def _validate_tracking(s: Settings) -> None:
+    for key in ("track_keyframe_every", "track_switch_frames", "track_buffer",
+                "track_state_ttl_s", "track_cache_tracks", "batch_track"):
+        if getattr(s, key) <= 0:
+            raise ConfigError(f"{key} must be > 0, got {getattr(s, key)!r}")
+    for key in ("track_min_iou", "not_in_view"):
+        if not 0.0 <= getattr(s, key) <= 1.0:
+            raise ConfigError(f"{key} must be in [0, 1], got {getattr(s, key)!r}")
+    if not 0.0 < s.track_decay <= 1.0:
+        raise ConfigError(f"track_decay must be in (0, 1], got {s.track_decay!r}")
+    for key in ("track_margin", "track_max_size_change", "track_reorder_ms"):
+        if getattr(s, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {getattr(s, key)!r}")
+
+
     for key in ("max_wait_ms", "warmup", "torch_threads", "metrics_port", "scorer_input_size",
                 "pre_pad_large", "pre_pad_small", "pre_pad_min_side", "upscale_skip_side"):
         if getattr(s, key) < 0:

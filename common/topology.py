@@ -1,6 +1,11 @@
 """The pipeline's shape, and the only place that knows its order.
 
     frames → detect → [upscale] → score → collect → result
+    frames → detect → track → collect → result                 (track mode: ``tracking``)
+
+In track mode the track stage follows each source's boxes in sequence order and runs the
+upscaler and the scorer itself, on the crops whose track has no usable cached embedding
+(docs/architecture.md, "Tracks"), so upscale and score have no workers of their own.
 
 Producers write frames to the inbox of ``FRAMES``; every stage reads its own inbox and sends
 each output to ``next_stage(stage, settings)``; an errored frame skips to ``COLLECT``, which
@@ -19,10 +24,14 @@ FRAMES = STAGES[0]  # the stage whose inbox producers write: the frames inbox
 COLLECT = STAGES[-1]  # joins a frame's parts and publishes its result
 OPTIONAL = frozenset({"upscale"})  # stages a setting turns off
 RESULT = "result"  # where the collector's output goes: the results stream and pub/sub
+TRACK = "track"  # track mode's ordered stage (not in STAGES: off unless ``tracking``)
+ALL_STAGES = (FRAMES, TRACK, *STAGES[1:])  # every stage that can have an inbox
 
 
 def pipeline(settings: Settings) -> tuple[str, ...]:
     """The stages a frame goes through with these settings, in order."""
+    if getattr(settings, "tracking", False):
+        return (FRAMES, TRACK, COLLECT)
     return tuple(st for st in STAGES if st not in OPTIONAL or getattr(settings, st))
 
 

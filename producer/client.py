@@ -44,8 +44,12 @@ class Client:
 
     def publish(self, image: bytes, captions: Sequence[str], source_id: str = "default",
                 capture_time: float | None = None, frame_id: str | None = None,
-                image_size: tuple[int, int] = (0, 0)) -> str:
+                image_size: tuple[int, int] = (0, 0), sequenced: bool | None = None) -> str:
         """Publish one encoded image (JPEG/PNG bytes) with its captions; returns the frame id.
+
+        ``sequenced`` (default: the ``tracking`` setting) numbers the frame within its source
+        (a Redis counter per source), the order track mode follows; unrelated images (the
+        seed's /identify) should not be.
 
         The frame must pass the limits every producer and the gateway check (size, pixels,
         captions: ``sources.validate_frame``), else InputError; an ``image_size`` given means
@@ -57,9 +61,12 @@ class Client:
         if not self._group_ready:
             self.t.ensure_group(FRAMES)
             self._group_ready = True
+        seq = -1
+        if self.settings.tracking if sequenced is None else sequenced:
+            seq = int(self.t.call(lambda: self.t.r.incr(self.keys.seq(source_id)), "seq"))
         env = Envelope(frame_id=frame_id or new_frame_id(), source_id=source_id,
                        capture_time=time.time() if capture_time is None else capture_time,
-                       captions=captions, image=bytes(image), image_size=image_size)
+                       captions=captions, image=bytes(image), image_size=image_size, seq=seq)
         self.t.add(self.keys.inbox(FRAMES), env.frame_id, encode(env))
         self.previews.offer(env.frame_id, source_id, env.image or b"")
         return env.frame_id

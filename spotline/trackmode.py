@@ -27,9 +27,14 @@ from .stages.assign import assign
 from .stages.collect import ltwh
 from .stages.detect import Detect
 from .stages.grounding import NO_TRACK
-from .stages.score import Score
-from .stages.track import Plan, SourceState, TrackOptions, fresh_embeddings
-from .stages.upscale import Upscale
+from .stages.track import (
+    Embedder,
+    Plan,
+    SourceState,
+    TrackOptions,
+    combine,
+    fresh_embeddings,
+)
 
 BoxLTWH = tuple[float, float, float, float]
 
@@ -57,16 +62,15 @@ class Detected:
 
 
 class FrameModels:
-    """The detect, upscale and score stage objects, set up once, used frame by frame."""
+    """The detect stage and the track stage's embedder (upscale and score), set up once, used
+    frame by frame."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.detect = Detect(settings)
-        self.upscale = Upscale(settings) if settings.upscale else None
-        self.score = Score(settings)
-        for stage in (self.detect, self.upscale, self.score):
-            if stage is not None:
-                stage.setup()
+        self.detect.setup()
+        self.embedder = Embedder(settings)
+        self.embedder.setup()
         runtime.set_threads(settings)  # one process runs every stage: all cores (auto)
 
     def detected(self, frame_id: str, image: bytes, captions: Sequence[str]) -> Detected:
@@ -82,23 +86,11 @@ class FrameModels:
 
     def embed(self, frame_id: str, crops: list[np.ndarray]) -> np.ndarray:
         """Image embeddings (N×D float32) of plain crops, upscaled first when upscale is on."""
-        if not crops:
-            return np.zeros((0, 0), np.float32)
-        if self.upscale is not None:
-            env = Envelope(frame_id=frame_id, crops=tuple(crops),
-                           boxes=np.zeros((len(crops), 4), np.float32))
-            crops = list(self.upscale.process([env])[0][1].crops)  # type: ignore[union-attr]
-        return self.score.image_embeds(crops).float().cpu().numpy()
+        return self.embedder.embed(frame_id, crops)
 
     def scores(self, captions: Sequence[str], embeds: np.ndarray) -> np.ndarray:
         """Captions × boxes scores (the score stage's formula) for image embeddings."""
-        import torch
-
-        texts = self.score.text_embeds(tuple(captions))
-        if len(embeds) == 0:
-            return np.zeros((len(captions), 0), np.float32)
-        images = torch.from_numpy(np.ascontiguousarray(embeds, np.float32)).to(texts.device)
-        return self.score.logits_to_scores(texts, images)
+        return self.embedder.scores(captions, embeds)
 
 
 class PerFrame:
@@ -204,16 +196,7 @@ class Tracked:
     def _embeddings(self, frame_id: str, det: Detected, plan: Plan,
                     cached: dict[int, CachedEmbedding]) -> np.ndarray:
         todo = [int(i) for i in np.flatnonzero(plan.embed)]
-        fresh = self.models.embed(frame_id, [det.crops[i] for i in todo])
-        if not len(det.boxes):
-            return np.zeros((0, 0), np.float32)
-        dim = fresh.shape[1] if len(todo) else len(next(iter(cached.values())).embedding)
-        out = np.empty((len(det.boxes), dim), np.float32)
-        if todo:
-            out[todo] = fresh
-        for i in np.flatnonzero(~plan.embed):
-            out[i] = cached[int(plan.track_ids[i])].embedding
-        return out
+        return combine(plan, self.models.embed(frame_id, [det.crops[i] for i in todo]), cached)
 
     def _count(self, plan: Plan, picks: Sequence[Any]) -> None:
         c = self.counters

@@ -6,11 +6,11 @@ import importlib
 
 from ..common.errors import ConfigError
 from ..common.settings import Settings
-from ..common.topology import STAGES
+from ..common.topology import ALL_STAGES
 from .base import RESULT, Routed, Stage
 
 # Imported lazily: loading a stage pulls in its model library.
-STAGE_CLASSES = {name: f"{__name__}.{name}:{name.title()}" for name in STAGES}
+STAGE_CLASSES = {name: f"{__name__}.{name}:{name.title()}" for name in ALL_STAGES}
 
 
 def load_stage(name: str, settings: Settings, class_path: str | None = None) -> Stage:

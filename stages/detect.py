@@ -16,7 +16,7 @@ from ..common.errors import InputError, ModelError
 from ..common.images import crop_boxes, decode_bgr8, swap_rb
 from ..common.limits import check_captions
 from ..common.settings import Settings
-from ..common.topology import COLLECT, next_stage
+from ..common.topology import COLLECT, TRACK, next_stage
 from . import runtime
 from .base import Routed, Stage
 from .libs import offline_env, undo_ultralytics_pil_patch
@@ -160,7 +160,13 @@ def decode_frame(env: Envelope, settings: Settings) -> np.ndarray:
 
 def split_parts(env: Envelope, boxes: np.ndarray, scores: np.ndarray, crops: list[np.ndarray],
                 settings: Settings) -> list[Routed]:
-    """One frame's detections as parts of at most ``crops_per_part`` crops, routed onward."""
+    """One frame's detections as parts of at most ``crops_per_part`` crops, routed onward.
+    In track mode the track stage takes the frame whole (it tracks all its boxes at once),
+    even without boxes (the source's sequence must not have holes)."""
+    if next_stage(Detect.name, settings) == TRACK:
+        return [(TRACK, env.replace(image=None, boxes=np.ascontiguousarray(boxes),
+                                    det_scores=np.ascontiguousarray(scores), crops=tuple(crops),
+                                    part=0, nparts=1))]
     if len(boxes) == 0:
         return [(COLLECT, env.replace(image=None, boxes=np.zeros((0, 4), np.float32),
                                         det_scores=np.zeros(0, np.float32), crops=(), part=0,

@@ -17,14 +17,22 @@ would rewind it): it is grounded without tracks, every crop embedded, like per-f
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ..common.trackstore import CachedEmbedding
-from .assign import Calibrator
+from ..common.envelope import Envelope
+from ..common.errors import ConfigError
+from ..common.keys import Keys
+from ..common.settings import Settings
+from ..common.topology import next_stage
+from ..common.trackstore import CachedEmbedding, EmbeddingCache, TrackStore
+from ..common.transport import connect
+from .assign import Calibrator, ground
+from .base import Routed, Stage, check_crops
 from .evidence import Evidence, EvidenceConfig
 from .grounding import NO_TRACK, Grounded, ground_frame
 from .tracker import ReuseConfig, SourceTracker, TrackerConfig, needs_embedding
@@ -129,3 +137,227 @@ def fresh_embeddings(plan: Plan, boxes: np.ndarray,
         out[int(plan.track_ids[i])] = CachedEmbedding(
             plan.seq, np.asarray(boxes[i], np.float32), np.asarray(embeddings[i], np.float32))
     return out
+
+
+# --- the streaming stage ---------------------------------------------------------------------
+ANSWERS_KEPT = 8  # a source's last answers kept in its state, for frames delivered again
+
+
+def options_from(settings: Any) -> TrackOptions:
+    """Track mode's options from the settings object."""
+    return TrackOptions(
+        tracker=TrackerConfig(track_buffer=settings.track_buffer),
+        reuse=ReuseConfig(keyframe_every=settings.track_keyframe_every,
+                          min_iou=settings.track_min_iou,
+                          max_size_change=settings.track_max_size_change),
+        evidence=EvidenceConfig(decay=settings.track_decay, margin=settings.track_margin,
+                                switch_frames=settings.track_switch_frames),
+        joint=settings.joint_assign,
+        abstain_below=settings.not_in_view or None)
+
+
+class Embedder:
+    """The upscale and score stages' model code, used on chosen crops only."""
+
+    def __init__(self, settings: Any) -> None:
+        from .score import Score
+        from .upscale import Upscale
+
+        self.settings = settings
+        self.upscale = Upscale(settings) if settings.upscale else None
+        self.score = Score(settings)
+
+    def setup(self) -> None:
+        if self.upscale is not None:
+            self.upscale.setup()
+        self.score.setup()
+
+    def embed(self, frame_id: str, crops: Sequence[np.ndarray]) -> np.ndarray:
+        """Image embeddings (N×D float32) of plain crops, upscaled first when upscale is on."""
+        from ..common.envelope import Envelope
+
+        if not crops:
+            return np.zeros((0, 0), np.float32)
+        if self.upscale is not None:
+            env = Envelope(frame_id=frame_id, crops=tuple(crops),
+                           boxes=np.zeros((len(crops), 4), np.float32))
+            crops = list(self.upscale.process([env])[0][1].crops)  # type: ignore[union-attr]
+        return self.score.image_embeds(list(crops)).float().cpu().numpy()
+
+    def scores(self, captions: Sequence[str], embeds: np.ndarray) -> np.ndarray:
+        """Captions × boxes scores (the score stage's formula) for image embeddings."""
+        import torch
+
+        texts = self.score.text_embeds(tuple(captions))
+        if len(embeds) == 0:
+            return np.zeros((len(captions), 0), np.float32)
+        images = torch.from_numpy(np.ascontiguousarray(embeds, np.float32)).to(texts.device)
+        return self.score.logits_to_scores(texts, images)
+
+
+def combine(plan: Plan, fresh: np.ndarray,
+            cached: Mapping[int, CachedEmbedding]) -> np.ndarray:
+    """Every box's embedding: the fresh ones where the plan embedded, else the track's cached."""
+    todo = np.flatnonzero(plan.embed)
+    if len(plan.embed) == 0:
+        return np.zeros((0, 0), np.float32)
+    dim = fresh.shape[1] if len(todo) else len(next(iter(cached.values())).embedding)
+    out = np.empty((len(plan.embed), dim), np.float32)
+    if len(todo):
+        out[todo] = fresh
+    for i in np.flatnonzero(~plan.embed):
+        out[i] = cached[int(plan.track_ids[i])].embedding
+    return out
+
+
+@dataclass
+class TrackStats:
+    """What the track stage did (read by tests and the bench; metrics follow them)."""
+
+    frames: int = 0
+    untracked: int = 0  # frames answered without tracks (no seq, late, or delivered again)
+    replayed: int = 0  # frames delivered again after their answer was saved
+    waited_s: float = 0.0  # time spent waiting for a missing earlier frame
+    embedded: int = 0
+    reused: int = 0
+    flips: int = 0
+    alive: dict[str, int] = field(default_factory=dict)  # tracks alive per source
+
+    @property
+    def reuse_ratio(self) -> float:
+        total = self.embedded + self.reused
+        return self.reused / total if total else 0.0
+
+
+class Track(Stage):
+    """Track mode's ordered stage: per source, in sequence order, ByteTrack on the boxes, the
+    image tower only for crops without a usable cached embedding, evidence over time, one box
+    per caption, "not in view"; state and cache in Redis (common/trackstore.py)."""
+
+    name = "track"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.options = options_from(settings)
+        self.embedder = Embedder(settings)
+        self.store: TrackStore | None = None
+        self.cache: EmbeddingCache | None = None
+        self.calibration: Any = None
+        self.stats = TrackStats()
+
+    def setup(self) -> None:
+        """Connect to the state's Redis, load the upscaler and scorer, and the calibration
+        when "not in view" is on."""
+        from . import calibration, runtime
+
+        if not self.settings.redis_url:
+            raise ConfigError("the track stage keeps each source's state in Redis: set "
+                              "redis_url (spotline up and the workers it starts do)")
+        client = connect(self.settings.redis_url)
+        keys = Keys(self.settings.namespace)
+        ttl = self.settings.track_state_ttl_s
+        self.store = TrackStore(client, keys, ttl)
+        self.cache = EmbeddingCache(client, keys, ttl, self.settings.track_cache_tracks)
+        self.embedder.setup()
+        self.model_name = self.embedder.score.model_name
+        self.device_name = self.embedder.score.device_name
+        if self.settings.not_in_view > 0:
+            scorer_dir = runtime.resolve_weights(self.settings).scorer
+            self.calibration = calibration.load(scorer_dir)
+            if self.calibration is None:
+                raise ConfigError(f"not_in_view needs {calibration.calibration_path(scorer_dir)}"
+                                  ": fit it with `spotline eval DATASET --calibrate`")
+
+    def process(self, batch: list[Envelope]) -> list[Routed]:
+        """Each source's frames of the batch in sequence order; one whole frame each to
+        collect, with its track ids, picks and scores."""
+        if self.store is None:
+            self.setup()
+        for env in batch:
+            check_crops(env)
+        target = next_stage(self.name, self.settings)
+        ordered = sorted(range(len(batch)), key=lambda i: (batch[i].source_id, batch[i].seq, i))
+        return [(target, self.frame(batch[i])) for i in ordered]
+
+    def frame(self, env: Envelope) -> Envelope:
+        """One frame of a source, tracked when it is the next one (see the module doc)."""
+        assert self.store is not None and self.cache is not None
+        self.stats.frames += 1
+        if env.seq < 0:
+            return self._untracked(env)
+        last, saved = self._wait_turn(env)
+        for answer in (saved or {}).get("answers", []):
+            if answer["frame_id"] == env.frame_id:  # delivered again: same answer
+                self.stats.replayed += 1
+                return _with_answer(env, answer)
+        if env.seq <= last:
+            return self._untracked(env)
+        state = SourceState.from_state(saved["source"] if saved else None, self.options)
+        answer, fresh = self._track(env, state)
+        self.cache.put(env.source_id, fresh)
+        answers = [*(saved or {}).get("answers", []), answer][-ANSWERS_KEPT:]
+        self.store.save(env.source_id, env.seq, {"source": state.to_state(),
+                                                 "answers": answers})
+        self.stats.alive[env.source_id] = state.alive()
+        return _with_answer(env, answer)
+
+    def _wait_turn(self, env: Envelope) -> tuple[int, dict[str, Any] | None]:
+        """The source's saved state once the frame before this one is in it, or once this
+        frame is ``track_reorder_ms`` old (its predecessor was dropped, or is late)."""
+        assert self.store is not None
+        deadline = env.capture_time + self.settings.track_reorder_ms / 1000.0
+        started = time.monotonic()
+        while True:
+            last, saved = self.store.load(env.source_id)
+            last = max(last, 0)  # producers number a source's frames from 1
+            if env.seq <= last + 1 or time.time() >= deadline:
+                self.stats.waited_s += time.monotonic() - started
+                return last, saved
+            time.sleep(0.005)
+
+    def _track(self, env: Envelope, state: SourceState) -> tuple[dict[str, Any],
+                                                                   dict[int, CachedEmbedding]]:
+        assert self.cache is not None
+        boxes = env.boxes if env.boxes is not None else np.zeros((0, 4), np.float32)
+        det = env.det_scores if env.det_scores is not None else np.ones(len(boxes), np.float32)
+        plan = state.plan(env.seq, boxes, det)
+        cached = self.cache.get(env.source_id, [t for t in plan.track_ids.tolist() if t >= 0])
+        plan = state.with_cache(plan, boxes, cached)
+        todo = [int(i) for i in np.flatnonzero(plan.embed)]
+        embeds = combine(plan, self.embedder.embed(env.frame_id, [env.crops[i] for i in todo]),
+                         cached)
+        scores = self.embedder.scores(env.captions, embeds)
+        picks = state.ground(plan, env.captions, scores, self.calibration)
+        self.stats.embedded += len(todo)
+        self.stats.reused += len(boxes) - len(todo)
+        self.stats.flips += sum(p.switched for p in picks)
+        answer = _answer(env.frame_id, scores, plan.track_ids,
+                         [-1 if p.box is None else p.box for p in picks],
+                         [p.probability for p in picks])
+        return answer, fresh_embeddings(plan, boxes, embeds)
+
+    def _untracked(self, env: Envelope) -> Envelope:
+        """Per-frame answer (every crop embedded), for frames that cannot be tracked."""
+        self.stats.untracked += 1
+        self.stats.embedded += len(env.crops)
+        embeds = self.embedder.embed(env.frame_id, list(env.crops))
+        scores = self.embedder.scores(env.captions, embeds)
+        picks = ground(scores, env.captions, joint=self.options.joint,
+                       calibration=self.calibration, abstain_below=self.options.abstain_below)
+        n = len(env.crops)
+        return _with_answer(env, _answer(env.frame_id, scores, np.full(n, NO_TRACK, np.int64),
+                                         [-1 if p.box is None else p.box for p in picks],
+                                         [p.probability for p in picks]))
+
+
+def _answer(frame_id: str, scores: np.ndarray, track_ids: np.ndarray, picks: Sequence[int],
+            probs: Sequence[float]) -> dict[str, Any]:
+    return {"frame_id": frame_id, "scores": np.asarray(scores, np.float32),
+            "track_ids": np.asarray(track_ids, np.int64),
+            "picks": np.asarray(picks, np.int64).reshape(-1),
+            "probs": np.asarray(probs, np.float32).reshape(-1)}
+
+
+def _with_answer(env: Envelope, answer: Mapping[str, Any]) -> Envelope:
+    return env.replace(crops=(), scores=answer["scores"], track_ids=answer["track_ids"],
+                       picks=answer["picks"], probs=answer["probs"])

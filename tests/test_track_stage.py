@@ -1,0 +1,102 @@
+"""Track mode in the streaming pipeline: the envelope fields and their checks, the topology,
+and detect → track → collect workers over a real Redis (burst mode)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from spotline.common import topology
+from spotline.common.codec import decode, encode
+from spotline.common.collector import Collector
+from spotline.common.envelope import Envelope, Result
+from spotline.common.errors import DecodeError
+from spotline.common.transport import Transport
+from spotline.common.worker import Worker
+from spotline.producer.client import Client
+from spotline.stages import libs, load_stage
+from spotline.stages.collect import Collect, frame_result
+from spotline.stages.detect import Detect, split_parts
+from spotline.stages.track import Track
+
+CAPTIONS = ("red bus", "a person")
+
+
+def test_track_fields_travel_and_are_checked():
+    env = Envelope(frame_id="f", captions=("a", "b"), seq=7,
+                   boxes=np.zeros((3, 4), np.float32), track_ids=np.array([4, -1, 9]),
+                   picks=np.array([2, -1]), probs=np.array([0.9, 0.1], np.float32))
+    assert decode(encode(env)) == env
+    for bad in (dict(track_ids=np.array([1, 2])), dict(picks=np.array([0])),
+                dict(track_ids=np.array([1.0, 2.0, 3.0])), dict(probs=np.array([1, 2]))):
+        with pytest.raises(DecodeError, match="wrong type or shape"):
+            decode(encode(env.replace(**bad)))
+    res = Result(frame_id="f", source_id="s", capture_time=0.0, captions=("a", "b"),
+                 boxes=((1.0, 2.0, 3.0, 4.0), (0.0, 0.0, 0.0, 0.0)), scores=(0.5, 0.1),
+                 track_ids=(4, -1), absent=(False, True))
+    assert decode(encode(res)) == res
+    rows = res.as_json()["results"]
+    assert rows[0]["track_id"] == 4 and rows[0]["bbox"] == [1.0, 2.0, 3.0, 4.0]
+    assert rows[1]["bbox"] is None and rows[1]["track_id"] == -1
+    with pytest.raises(DecodeError):
+        decode(encode(res.replace(track_ids=(1,))))
+
+
+def test_topology_and_detect_in_track_mode(settings):
+    tracking = settings.replace(tracking=True)
+    assert topology.pipeline(tracking) == ("detect", "track", "collect")
+    assert topology.next_stage("detect", tracking) == "track"
+    assert topology.next_stage("track", tracking) == "collect"
+    assert "track" not in topology.pipeline(settings)
+    env = Envelope(frame_id="f", captions=("a",), image=b"x")
+    boxes = np.arange(48, dtype=np.float32).reshape(12, 4)
+    crops = [np.zeros((4, 4, 3), np.uint8)] * 12
+    routed = split_parts(env, boxes, np.ones(12, np.float32), crops,
+                         tracking.replace(crops_per_part=5))
+    assert [(t, e.nparts, len(e.crops)) for t, e in routed] == [("track", 1, 12)]
+    empty = split_parts(env, boxes[:0], np.ones(0, np.float32), [], tracking)
+    assert [t for t, _ in empty] == ["track"]  # no holes in the source's sequence
+    assert isinstance(load_stage("track", tracking), Track)
+
+
+def test_collect_uses_the_track_stage_picks(settings):
+    env = Envelope(frame_id="f", captions=("a", "b"), boxes=np.array(
+        [[0, 0, 10, 10], [20, 20, 30, 40]], np.float32), scores=np.array(
+        [[0.2, 0.9], [0.3, 0.1]], np.float32), track_ids=np.array([5, 6]),
+        picks=np.array([1, -1]), probs=np.array([0.8, 0.05], np.float32))
+    res = frame_result(env, settings)
+    assert res.boxes[0] == (20.0, 20.0, 10.0, 20.0) and res.track_ids == (6, -1)
+    assert res.absent == (False, True) and res.boxes[1] == (0.0, 0.0, 0.0, 0.0)
+    assert res.scores[0] == pytest.approx(0.9) and res.scores[1] == pytest.approx(0.05)
+
+
+def still_frame() -> bytes:
+    return (libs.ultralytics_assets() / "bus.jpg").read_bytes()
+
+
+def test_workers_track_a_source(redis_server, settings):
+    s = settings.replace(redis_url=redis_server.url, tracking=True, imgsz=256, warmup=0,
+                         max_det=4, tta=False, upscale=False, track_keyframe_every=4)
+    t = Transport(s, url=redis_server.url)
+    client = Client(t)
+    image = still_frame()
+    ids = [client.publish(image, CAPTIONS, source_id="cam") for _ in range(6)]
+    other = client.publish(image, CAPTIONS, source_id="cam2")
+    unsequenced = client.publish(image, CAPTIONS, source_id="cam", sequenced=False)
+    track = Track(s)
+    for stage in (Detect(s), track):
+        Worker(stage, s, t, burst=True).run()
+    Collector(Collect(s), s, t, burst=True).run()
+    results = {r.frame_id: r for _, r in client.read_results()}
+    assert set(results) == {*ids, other, unsequenced}
+    tracked = [results[f] for f in ids]
+    assert all(r.error is None and len(r.track_ids) == 2 for r in tracked)
+    # A still camera: every caption keeps one track from the first frame to the last.
+    assert len({r.track_ids for r in tracked}) == 1 and min(tracked[0].track_ids) > 0
+    assert results[unsequenced].track_ids == (-1, -1)
+    assert track.stats.frames == 8 and track.stats.untracked == 1
+    # cam: crops embedded on frames 1 and 5 only (keyframes every 4), reused on 4 frames;
+    # cam2 and the unsequenced frame: embedded once each.
+    assert track.stats.reused > 0 and track.stats.embedded == track.stats.reused
+    assert track.stats.alive["cam"] >= 1
+    t.close()
