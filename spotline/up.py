@@ -28,6 +28,7 @@ from spotline.common.embedded import EmbeddedRedis
 from spotline.common.errors import ConfigError
 from spotline.common.redact import redact_url
 from spotline.common.settings import Settings, settings_env
+from spotline.common.topology import ALL_STAGES, pipeline
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,9 @@ QUICK_DEATH_S = 5.0  # a child dying this soon after a start, 3+ times: restart 
 
 
 def pipeline_stages(settings: Settings) -> list[str]:
-    """The stages a pipeline runs, in order (upscale only when it is on)."""
-    return ["detect", *(["upscale"] if settings.upscale else []), "score", "collect"]
+    """The stages a pipeline runs, in order (upscale only when it is on; detect, track and
+    collect in track mode)."""
+    return list(pipeline(settings))
 
 
 @dataclass
@@ -172,7 +174,7 @@ def parse_workers(specs: tuple[str, ...]) -> dict[str, int]:
     out = {}
     for spec in specs:
         stage, _, n = spec.partition("=")
-        if stage not in ("detect", "upscale", "score", "collect") or not n.isdigit() or int(n) < 1:
+        if stage not in ALL_STAGES or not n.isdigit() or int(n) < 1:
             raise ConfigError(f"--workers takes STAGE=N with N >= 1, got {spec!r}")
         out[stage] = int(n)
     return out
