@@ -175,10 +175,10 @@ def _quantize_static(src: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]
 
 @contextlib.contextmanager
 def _quiet_root_logger() -> Iterator[None]:
-    """ONNX Runtime's quantiser logs every tensor at INFO on the root logger."""
+    """ONNX Runtime's quantiser logs every tensor (and advice) on the root logger."""
     root = logging.getLogger()
     level = root.level
-    root.setLevel(max(level, logging.WARNING))
+    root.setLevel(max(level, logging.ERROR))
     try:
         yield
     finally:
@@ -472,7 +472,10 @@ def export_model(kind: str, source: Path | str, engines: Iterable[str] = ENGINES
     engines, precisions = _check(kind, source, engines, precisions)
     digest = source_hash(source)
     directory = export_dir(source)
-    stage = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    # no ".pt" in the staging path: Ultralytics names its OpenVINO folder by replacing the
+    # suffix everywhere in the path
+    safe = directory.name.replace(".", "-")
+    stage = Path(tempfile.mkdtemp(prefix=f".{safe}-tmp-", dir=directory.parent))
     try:
         files, meta = EXPORTERS[kind](source, stage, engines, precisions, calibration)
         if "int8" in precisions:
