@@ -89,6 +89,19 @@ class Metrics:
         self.http_seconds = Histogram(
             "spotline_http_request_seconds", "Gateway request latency", ["route"],
             buckets=LATENCY_BUCKETS, registry=r)
+        # track mode (stages/track.py)
+        self.tracks_alive = Gauge(
+            "spotline_tracks_alive", "Tracks followed in a source's last frame", ["source"],
+            registry=r)
+        self.track_crops = Counter(
+            "spotline_track_crops", "Boxes of tracked frames: crop embedded, or the track's "
+            "cached embedding reused", ["outcome"], registry=r)
+        self.caption_flips = Counter(
+            "spotline_caption_flips", "Captions that moved to another track", ["source"],
+            registry=r)
+        self.track_frames = Counter(
+            "spotline_track_frames", "Frames of the track stage: tracked, untracked (no "
+            "sequence number, or late), replayed (delivered again)", ["outcome"], registry=r)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> int:
         """Serve /metrics on ``port`` (0: a free one). Returns the port."""

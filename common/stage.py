@@ -7,7 +7,7 @@ common/, which drives any Stage through this contract.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from .envelope import Envelope, Result
 from .settings import Settings
@@ -26,6 +26,9 @@ class Stage(ABC):
     name: ClassVar[str]
     model_name: str = ""
     device_name: str = "cpu"
+    # The worker's metrics (common/metrics.py), set by the worker: a stage may count what
+    # only it knows (the track stage's tracks and reuse). None when run without a worker.
+    metrics: Any = None
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

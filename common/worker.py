@@ -94,6 +94,7 @@ class Worker:
         self.t = transport
         self.burst = burst
         self.metrics = metrics or Metrics()
+        stage.metrics = self.metrics
         self.consumer = consumer or consumer_name(stage.name)
         self.counts = Counts()
         self.observer = _Observed(self.metrics, self.counts)

@@ -289,6 +289,7 @@ class Track(Stage):
         for answer in (saved or {}).get("answers", []):
             if answer["frame_id"] == env.frame_id:  # delivered again: same answer
                 self.stats.replayed += 1
+                self._count("replayed")
                 return _with_answer(env, answer)
         if env.seq <= last:
             return self._untracked(env)
@@ -299,7 +300,19 @@ class Track(Stage):
         self.store.save(env.source_id, env.seq, {"source": state.to_state(),
                                                  "answers": answers})
         self.stats.alive[env.source_id] = state.alive()
+        self._count("tracked", env.source_id, state.alive(), answer["flips"])
         return _with_answer(env, answer)
+
+    def _count(self, outcome: str, source: str = "", alive: int = 0, flips: int = 0) -> None:
+        """The stage's series (common/metrics.py), when a worker runs it."""
+        m = self.metrics
+        if m is None:
+            return
+        m.track_frames.labels(outcome).inc()
+        if outcome == "tracked":
+            m.tracks_alive.labels(source).set(alive)
+            if flips:
+                m.caption_flips.labels(source).inc(flips)
 
     def _wait_turn(self, env: Envelope) -> tuple[int, dict[str, Any] | None]:
         """The source's saved state once the frame before this one is in it, or once this
@@ -328,18 +341,23 @@ class Track(Stage):
                          cached)
         scores = self.embedder.scores(env.captions, embeds)
         picks = state.ground(plan, env.captions, scores, self.calibration)
+        flips = sum(p.switched for p in picks)
         self.stats.embedded += len(todo)
         self.stats.reused += len(boxes) - len(todo)
-        self.stats.flips += sum(p.switched for p in picks)
+        self.stats.flips += flips
+        if self.metrics is not None:
+            self.metrics.track_crops.labels("embedded").inc(len(todo))
+            self.metrics.track_crops.labels("reused").inc(len(boxes) - len(todo))
         answer = _answer(env.frame_id, scores, plan.track_ids,
                          [-1 if p.box is None else p.box for p in picks],
                          [p.probability for p in picks])
-        return answer, fresh_embeddings(plan, boxes, embeds)
+        return {**answer, "flips": flips}, fresh_embeddings(plan, boxes, embeds)
 
     def _untracked(self, env: Envelope) -> Envelope:
         """Per-frame answer (every crop embedded), for frames that cannot be tracked."""
         self.stats.untracked += 1
         self.stats.embedded += len(env.crops)
+        self._count("untracked")
         embeds = self.embedder.embed(env.frame_id, list(env.crops))
         scores = self.embedder.scores(env.captions, embeds)
         picks = ground(scores, env.captions, joint=self.options.joint,

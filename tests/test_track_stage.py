@@ -84,8 +84,9 @@ def test_workers_track_a_source(redis_server, settings):
     other = client.publish(image, CAPTIONS, source_id="cam2")
     unsequenced = client.publish(image, CAPTIONS, source_id="cam", sequenced=False)
     track = Track(s)
-    for stage in (Detect(s), track):
-        Worker(stage, s, t, burst=True).run()
+    Worker(Detect(s), s, t, burst=True).run()
+    track_worker = Worker(track, s, t, burst=True)
+    track_worker.run()
     Collector(Collect(s), s, t, burst=True).run()
     results = {r.frame_id: r for _, r in client.read_results()}
     assert set(results) == {*ids, other, unsequenced}
@@ -99,4 +100,9 @@ def test_workers_track_a_source(redis_server, settings):
     # cam2 and the unsequenced frame: embedded once each.
     assert track.stats.reused > 0 and track.stats.embedded == track.stats.reused
     assert track.stats.alive["cam"] >= 1
+    metric = track_worker.metrics.registry.get_sample_value
+    assert metric("spotline_track_crops_total", {"outcome": "reused"}) == track.stats.reused
+    assert metric("spotline_track_frames_total", {"outcome": "tracked"}) == 7
+    assert metric("spotline_track_frames_total", {"outcome": "untracked"}) == 1
+    assert metric("spotline_tracks_alive", {"source": "cam"}) == track.stats.alive["cam"]
     t.close()
