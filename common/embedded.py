@@ -18,6 +18,7 @@ import redis
 
 from .children import die_with_parent
 from .errors import TransportError
+from .redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,9 @@ class EmbeddedRedis:
 
     def __init__(self, data_dir: str | Path | None = None, persist: bool = False,
                  port: int | None = None, maxmemory: str | None = None,
-                 unix_socket: bool = False) -> None:
+                 unix_socket: bool = False, password: str | None = None) -> None:
         self.persist = persist
+        self.password = password
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="spotline-redis-")
         # absolute: redis-server chdirs into --dir before opening its log file
         self.data_dir = Path(data_dir or self._tmp.name).resolve()  # type: ignore[union-attr]
@@ -92,17 +94,25 @@ class EmbeddedRedis:
 
     @property
     def tcp_url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     @property
     def unix_url(self) -> str | None:
-        return f"unix://{self.socket_path}?db=0" if self.socket_path else None
+        auth = f":{self.password}@" if self.password else ""
+        return f"unix://{auth}{self.socket_path}?db=0" if self.socket_path else None
 
     def args(self) -> list[str]:
-        args = [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
-                "--dir", str(self.data_dir), "--save", "", "--protected-mode", "no",
-                "--appendonly", "yes" if self.persist else "no", "--appendfsync", "everysec",
-                "--logfile", str(self.data_dir / "redis.log")]
+        args = [find_redis_server()]
+        if self.password:  # from a file only its owner reads: argv would show it to `ps`
+            conf = self.data_dir / f"redis-{self.port}-auth.conf"
+            conf.touch(mode=0o600)
+            conf.write_text(f'requirepass "{self.password}"\n')
+            args.append(str(conf))
+        args += ["--port", str(self.port), "--bind", "127.0.0.1",
+                 "--dir", str(self.data_dir), "--save", "", "--protected-mode", "no",
+                 "--appendonly", "yes" if self.persist else "no", "--appendfsync", "everysec",
+                 "--logfile", str(self.data_dir / "redis.log")]
         if self.maxmemory:
             args += ["--maxmemory", self.maxmemory]
         if self.socket_path:
@@ -130,8 +140,8 @@ class EmbeddedRedis:
                         f"embedded redis-server did not start: {detail}") from None
                 time.sleep(0.02)
         client.close()
-        log.info("embedded redis-server on %s (pid %d, persist=%s)", self.url, self.proc.pid,
-                 self.persist)
+        log.info("embedded redis-server on %s (pid %d, persist=%s)", redact(self.url),
+                 self.proc.pid, self.persist)
         return self
 
     def stop(self) -> None:

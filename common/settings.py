@@ -70,9 +70,6 @@ class Settings:
         default=(0, 0, 0, 0), metadata={"help": "[l, t, w, h] when a frame has no box"})
     result_ttl_s: int = field(default=3600, metadata={"help": "life of result/join keys"})
     results_maxlen: int = field(default=10000, metadata={"help": "results stream cap (~)"})
-    # --- batching (dynamic: max entries or max wait, whichever first)
-    batch_detect: int = field(default=4, metadata={"help": "max frames per YOLO call"})
-    batch_upscale: int = field(default=8, metadata={"help": "max entries per upscale batch"})
     # --- track mode (video feeds; docs/architecture.md, "Tracks")
     tracking: bool = field(default=False, metadata={
         "help": "track mode: detect → track (ByteTrack, reuse, evidence) → collect"})
@@ -100,12 +97,15 @@ class Settings:
     not_in_view: float = field(default=0.0, metadata={
         "help": "track mode: no box under this calibrated probability (needs "
                 "calibration.json beside the scorer); 0: off"})
+    # --- batching (dynamic: max entries or max wait, whichever first)
+    batch_detect: int = field(default=4, metadata={"help": "max frames per YOLO call"})
+    batch_upscale: int = field(default=8, metadata={"help": "max entries per upscale batch"})
     batch_score: int = field(default=8, metadata={"help": "max entries per SigLIP batch"})
     batch_collect: int = field(default=64, metadata={"help": "max entries per collect batch"})
+    batch_track: int = field(default=8, metadata={"help": "max frames per track batch"})
     max_wait_ms: int = field(default=0, metadata={
         "help": "wait to fill a batch; 0: take what is queued (batches fill under load)"})
     # --- delivery
-    batch_track: int = field(default=8, metadata={"help": "max frames per track batch"})
     visibility_timeout_ms: int = field(default=60000,
                                        metadata={"help": "pending this long: reclaimed"})
     max_deliveries: int = field(default=3, metadata={"help": "more: dead-lettered"})
@@ -125,9 +125,18 @@ class Settings:
     http_port: int = field(default=5004, metadata={"help": "gateway port (seed: 5004)"})
     metrics_port: int = field(default=0, metadata={"help": "base /metrics port; 0: off"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
+    # --- gateway access (producer/access.py)
+    api_keys: str = field(default="", metadata={
+        "help": "gateway API keys, comma-separated; none here or in api_keys_file: open gateway"})
+    api_keys_file: str = field(default="", metadata={
+        "help": "file of gateway API keys, one a line (# comments); re-read when it changes"})
+    rate_limit: float = field(default=0.0, metadata={
+        "help": "gateway requests/s per API key (token bucket in Redis); 0: off"})
+    rate_burst: int = field(default=20, metadata={"help": "requests a key may send at once"})
 
     def __post_init__(self) -> None:
         _validate(self)
+        _validate_tracking(self)
 
     def batch_for(self, stage: str) -> int:
         """The max batch of one stage."""
@@ -138,18 +147,6 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-def _validate(s: Settings) -> None:
-        _validate_tracking(self)
-    positive = ("imgsz", "max_det", "crops_per_part", "upscale_factor", "caption_cache_size",
-                "result_ttl_s", "results_maxlen", "visibility_timeout_ms", "max_deliveries",
-                "block_ms", "dead_maxlen", "high_water", "max_frame_bytes", "max_pixels",
-                "max_captions", "max_caption_chars", *(f"batch_{st}" for st in STAGES))
-    for key in positive:
-        if getattr(s, key) <= 0:
-            raise ConfigError(f"{key} must be > 0, got {getattr(s, key)!r}")
-    for key in ("conf", "iou"):
-        if not 0.0 <= getattr(s, key) <= 1.0:
-            raise ConfigError(f"{key} must be in [0, 1], got {getattr(s, key)!r}")
 def _validate_tracking(s: Settings) -> None:
     for key in ("track_keyframe_every", "track_switch_frames", "track_buffer",
                 "track_state_ttl_s", "track_cache_tracks", "batch_track"):
@@ -165,8 +162,21 @@ def _validate_tracking(s: Settings) -> None:
             raise ConfigError(f"{key} must be >= 0, got {getattr(s, key)!r}")
 
 
+def _validate(s: Settings) -> None:
+    positive = ("imgsz", "max_det", "crops_per_part", "upscale_factor", "caption_cache_size",
+                "result_ttl_s", "results_maxlen", "visibility_timeout_ms", "max_deliveries",
+                "block_ms", "dead_maxlen", "high_water", "max_frame_bytes", "max_pixels",
+                "max_captions", "max_caption_chars", "rate_burst",
+                *(f"batch_{st}" for st in STAGES))
+    for key in positive:
+        if getattr(s, key) <= 0:
+            raise ConfigError(f"{key} must be > 0, got {getattr(s, key)!r}")
+    for key in ("conf", "iou"):
+        if not 0.0 <= getattr(s, key) <= 1.0:
+            raise ConfigError(f"{key} must be in [0, 1], got {getattr(s, key)!r}")
     for key in ("max_wait_ms", "warmup", "torch_threads", "metrics_port", "scorer_input_size",
-                "pre_pad_large", "pre_pad_small", "pre_pad_min_side", "upscale_skip_side"):
+                "pre_pad_large", "pre_pad_small", "pre_pad_min_side", "upscale_skip_side",
+                "rate_limit"):
         if getattr(s, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(s, key)!r}")
     if s.backpressure not in BACKPRESSURE:

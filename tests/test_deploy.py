@@ -81,6 +81,15 @@ def env_dict(service: dict[str, Any]) -> dict[str, str]:
     return {str(k): "" if v is None else str(v) for k, v in env.items()}
 
 
+def interpolated(env: dict[str, str], secret: str = "test-secret") -> dict[str, str]:
+    """Values as compose hands them to the container: ``${VAR:-default}`` → default (VAR unset),
+    ``${VAR:?message}`` (a required secret) → ``secret``."""
+    def one(value: str) -> str:
+        value = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+        return re.sub(r"\$\{\w+:\?[^}]*\}", secret, value)
+    return {k: one(v) for k, v in env.items()}
+
+
 def spotline_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The services that run the spotline image (built from deploy/Dockerfile)."""
     return {name: svc for name, svc in compose["services"].items()
@@ -132,16 +141,46 @@ def test_compose_has_the_pipeline() -> None:
     assert f"{HTTP_PORT}:{HTTP_PORT}" in services[GATEWAY]["ports"]
 
 
+# Redis needs a password, from REDIS_PASSWORD (.env); compose refuses to start without it.
+REDIS_PASSWORD = "${REDIS_PASSWORD:?set REDIS_PASSWORD in .env}"
+REDIS_URL = f"redis://:{REDIS_PASSWORD}@redis:6379/0"
+
+
+def test_compose_secrets_come_from_the_environment() -> None:
+    services = BASE["services"]
+    redis = services["redis"]
+    conf = redis["command"][1]
+    assert [c["target"] for c in redis["configs"]] == [conf]  # requirepass from a file ...
+    (source,) = [c["source"] for c in redis["configs"]]
+    assert BASE["configs"][source]["content"].strip() == f"requirepass {REDIS_PASSWORD}"
+    assert not any("requirepass" in str(arg) for arg in redis["command"])  # ... not argv
+    assert env_dict(redis)["REDISCLI_AUTH"] == REDIS_PASSWORD  # the healthcheck's ping
+    grafana = env_dict(services["grafana"])
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
+    assert grafana["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    text = COMPOSE.read_text(encoding="utf-8")
+    assert "admin:admin" not in text and "GF_SECURITY_ADMIN_PASSWORD: admin" not in text
+
+
+def test_gateway_healthcheck_is_readiness() -> None:
+    """Healthy means ready: Redis answers and every stage has a live worker (GET /ready)."""
+    gateway = BASE["services"][GATEWAY]
+    assert "/ready" in " ".join(gateway["healthcheck"]["test"])
+    assert "SPOTLINE_API_KEYS" in env_dict(gateway)
+    settings = load_settings(env=interpolated(env_dict(gateway)))
+    assert settings.api_keys == "" and settings.rate_limit == 0  # unless set in .env
+
+
 @pytest.mark.parametrize("name", sorted(SPOTLINE))
 def test_spotline_service(name: str) -> None:
     svc = SPOTLINE[name]
     env = env_dict(svc)
-    assert env["SPOTLINE_REDIS_URL"] == "redis://redis:6379/0"
+    assert env["SPOTLINE_REDIS_URL"] == REDIS_URL
     assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
     assert svc["restart"] == "unless-stopped"
     assert svc["build"]["dockerfile"] == "deploy/Dockerfile"
     # Every SPOTLINE_* variable must be a real setting: an unknown key stops the process.
-    load_settings(env=env)
+    load_settings(env=interpolated(env))
     needed = STAGE_MODEL_ENV.get(name)
     assert [k for k in env if k in MODEL_ENV] == ([needed] if needed else [])
     mounts = [str(v) for v in svc.get("volumes", [])]
@@ -173,9 +212,9 @@ def test_gpu_override() -> None:
         assert env["SPOTLINE_DEVICE"] == "cuda"
         assert env[STAGE_MODEL_ENV[stage]] == env_dict(BASE["services"][stage])[
             STAGE_MODEL_ENV[stage]]
-        assert env["SPOTLINE_REDIS_URL"] == "redis://redis:6379/0"
+        assert env["SPOTLINE_REDIS_URL"] == REDIS_URL
         assert svc["image"] != BASE["services"][stage]["image"], "CUDA and CPU images differ"
-        load_settings(env=env)
+        load_settings(env=interpolated(env))
 
 
 def test_compose_bind_mounts_exist() -> None:
@@ -364,7 +403,7 @@ def service_env(svc: dict[str, Any], redis_url: str, data_dir: Path) -> dict[str
     """The service's environment, outside Docker: this Redis, no model paths (they exist only
     in the container: tiny models stand in), small and quick detector settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPOTLINE_")}
-    env.update({k: v for k, v in env_dict(svc).items() if k not in MODEL_ENV})
+    env.update({k: v for k, v in interpolated(env_dict(svc)).items() if k not in MODEL_ENV})
     env.update(SPOTLINE_REDIS_URL=redis_url, SPOTLINE_DATA_DIR=str(data_dir),
                SPOTLINE_NAMESPACE=f"deploy{uuid.uuid4().hex[:8]}", SPOTLINE_IMGSZ="320",
                SPOTLINE_WARMUP="0")

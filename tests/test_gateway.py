@@ -115,6 +115,31 @@ def test_oversized_body_is_413(pipeline: tuple[Settings, str]) -> None:
     assert r.status_code == 413 and "over the" in r.json()["error"]
 
 
+def test_an_image_the_pipeline_cannot_decode_is_a_422_naming_it(
+        api: tuple[TestClient, Client, Metrics]) -> None:
+    """A JPEG cut to 60% passes the gateway's header checks, fails to decode in detect: the
+    HTTP client gets a 4xx naming the instance, subscribers still get the error result."""
+    http, client, _ = api
+    instances = four_instances()[:2]
+    instances[1]["b64"] = b64(ZIDANE[: len(ZIDANE) * 6 // 10])
+    r = http.post("/identify", json={"instances": instances})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert "instances.1:" in error and "instances.0" not in error
+    assert "decode" in error, error
+    deadline = time.monotonic() + 30
+    for _, res in client.subscribe(start="0", block_ms=200):  # replay: what subscribers saw
+        if res.source_id == "http" and res.error and "decode" in res.error:
+            break
+        assert time.monotonic() < deadline, "no error result reached the results stream"
+
+
+def test_ready_with_every_stage_live(api: tuple[TestClient, Client, Metrics]) -> None:
+    http, _, _ = api
+    r = http.get("/ready")
+    assert r.status_code == 200 and r.json() == {"ready": True, "missing": []}, r.text
+
+
 def test_pipeline_timeout_is_504(redis_server: EmbeddedRedis, settings: Settings) -> None:
     client = Client.connect(redis_server.url, settings)  # a namespace with no workers
     with TestClient(create_app(settings, client, timeout_s=1)) as http:
