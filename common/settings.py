@@ -36,6 +36,9 @@ class Settings:
     detector_weights: str = field(default="", metadata={"help": "YOLO .pt or architecture .yaml"})
     upscaler_weights: str = field(default="", metadata={"help": "Real-ESRGAN .pth"})
     scorer_dir: str = field(default="", metadata={"help": "SigLIP/CLIP save_pretrained dir"})
+    models: str = field(default="demo", metadata={
+        "help": "with no weight paths set, `up`/`demo` run: demo (models/demo/, trained on "
+                "synthetic shapes, with their settings) or tiny (random; tests)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
     half: bool = field(default=True, metadata={"help": "fp16 on CUDA (ignored on CPU)"})
     torch_threads: int = field(default=0, metadata={
@@ -179,6 +182,8 @@ def _validate(s: Settings) -> None:
                 "rate_limit"):
         if getattr(s, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(s, key)!r}")
+    if s.models not in ("demo", "tiny"):
+        raise ConfigError(f"models must be demo or tiny, got {s.models!r}")
     if s.backpressure not in BACKPRESSURE:
         raise ConfigError(f"backpressure must be one of {BACKPRESSURE}, got {s.backpressure!r}")
     if s.backend not in BACKENDS:
