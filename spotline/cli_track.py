@@ -1,0 +1,78 @@
+"""Track mode on the command line: `spotline bench --video CLIPS`, `spotline eval DATASET
+--calibrate` / `--grounding`, and `spotline calibrate DATASET` (the same fit on its own)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from spotline.common.errors import SpotlineError
+from spotline.common.settings import Settings
+
+
+def video_bench(settings: Settings, clips: str, max_clips: int, frames: int, absent: int,
+                json_path: str | None) -> dict[str, Any]:
+    """`spotline bench --video`: both modes on the same clips; prints the table."""
+    from spotline import videobench
+    from spotline.data.synth import all_captions
+
+    try:
+        report = videobench.video_bench(settings, clips, max_clips=max_clips,
+                                        max_frames=frames, absent=absent,
+                                        abstain_below=settings.not_in_view or 0.5,
+                                        vocabulary=all_captions())
+    except SpotlineError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(videobench.table(report))
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=1) + "\n")
+        click.echo(f"wrote {json_path}")
+    return report
+
+
+def fit_and_save(settings: Settings, dataset: str, method: str, limit: int | None) -> None:
+    """Fit the scorer's calibration on a labelled TIL dataset and write it beside the scorer."""
+    from spotline.grounding_eval import fit_calibration
+    from spotline.producer.dataset import load_til
+
+    try:
+        cal, path = fit_calibration(settings, load_til(dataset)[:limit], method)
+    except (SpotlineError, ValueError) as exc:
+        raise click.ClickException(f"cannot calibrate: {exc}") from None
+    what = (f"temperature {cal.temperature:.3f}, bias {cal.bias:.3f}" if cal.method ==
+            "temperature" else f"{len(cal.knots_x)} knots")
+    click.echo(f"calibration ({cal.method}: {what}; {cal.fitted_on} caption×box pairs, "
+               f"NLL {cal.nll:.4f}) written to {path}")
+
+
+def grounding_lines(settings: Settings, dataset: str, limit: int | None, absent: int) -> None:
+    """eval's lines for joint assignment and "not in view" (with the scorer's calibration)."""
+    from spotline.grounding_eval import grounding_report, report_lines, score_dataset
+    from spotline.producer.dataset import load_til
+    from spotline.stages import calibration, runtime
+
+    cal = calibration.load(runtime.resolve_weights(settings).scorer)
+    if cal is None:
+        click.echo("(no calibration.json beside the scorer: `--calibrate` fits one; "
+                   "\"not in view\" is left out)", err=True)
+    scored = score_dataset(settings, load_til(dataset)[:limit], absent=absent if cal else 0)
+    report = grounding_report(scored, cal, abstain_below=settings.not_in_view or 0.5)
+    for line in report_lines(report):
+        click.echo(line)
+
+
+@click.command("calibrate")
+@click.argument("dataset", type=click.Path(exists=True))
+@click.option("--method", type=click.Choice(["temperature", "isotonic"]),
+              default="temperature", show_default=True, help="How scores become probabilities.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N images.")
+def calibrate(dataset: str, method: str, limit: int | None) -> None:
+    """Fit the scorer's calibration on a labelled TIL DATASET (the same as `spotline eval
+    DATASET --calibrate`): writes calibration.json beside the scorer, which "not in view"
+    (the not_in_view setting, track mode) needs."""
+    from spotline.cli.context import current
+
+    fit_and_save(current().settings, dataset, method, limit)
