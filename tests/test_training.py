@@ -284,3 +284,25 @@ def test_one_frame_through_the_pipeline_with_the_trained_models(
     [res] = Reference(settings).identify([image], [captions])
     assert res.error is None
     assert len(res.boxes) == len(captions)
+
+
+def test_finetune_runs_as_an_rq_job_with_progress_in_meta(redis_server, tiny_set: Path,
+                                                           tmp_path: Path) -> None:
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    from spotline.common.transport import connect
+    from spotline.producer.jobs import run_jobs_worker
+    from spotline.train.jobs import enqueue_finetune
+    from spotline.train.scorer import ScorerRun
+
+    run = ScorerRun(train=str(tiny_set / "train"), out=str(tmp_path / "job"), from_scratch=True,
+                    epochs=2, batch=16, image_size=16, augment=0.0, threads=1)
+    queue = f"train-{tmp_path.name}"
+    job = enqueue_finetune("scorer", run, Settings(), redis_server.url, queue)
+    run_jobs_worker(redis_server.url, queue, burst=True, fork=False, with_scheduler=False)
+    done = Job.fetch(job.id, connection=connect(redis_server.url), serializer=JSONSerializer)
+    assert done.get_status(refresh=True).value == "finished", done.latest_result()
+    assert [e["epoch"] for e in done.meta["epochs_done"]] == [1, 2]
+    result = done.return_value()
+    assert Path(result["model"]).is_dir() and len(result["epochs"]) == 2
