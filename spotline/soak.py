@@ -1,0 +1,278 @@
+"""`spotline bench --soak MINUTES`: a local pipeline fed at a fixed rate for that long.
+
+It reports each process's resident memory (RSS) at the start, after the warm-up and at the end,
+the slope of each after the warm-up (least squares over samples every ``sample_s``), Redis'
+``used_memory`` at the same three points, and whether every frame got exactly one result
+(results == frames). Target (issue 11): after the warm-up no process grows by more than
+20 MiB, and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from spotline.common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+GROWTH_LIMIT_MIB = 20.0
+CAPTIONS = ("grey missile", "yellow helicopter")
+
+
+def soak_frame(seed: int, width: int = 640, height: int = 480) -> bytes:
+    """A small JPEG with a few coloured boxes on a noisy background."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    img = rng.integers(90, 140, (height, width, 3), dtype=np.uint8)
+    for _ in range(4):
+        x, y = int(rng.integers(0, width - 80)), int(rng.integers(0, height - 60))
+        w, h = int(rng.integers(20, 80)), int(rng.integers(10, 60))
+        cv2.rectangle(img, (x, y), (x + w, y + h), [int(c) for c in rng.integers(0, 255, 3)], -1)
+    ok, buf = cv2.imencode(".jpg", img)
+    assert ok
+    return buf.tobytes()
+
+
+@dataclass
+class Series:
+    """One process's RSS over the run: (seconds since start, bytes)."""
+
+    samples: list[tuple[float, int]] = field(default_factory=list)
+    at_warm: int | None = None
+
+    def add(self, t: float, rss: int) -> None:
+        self.samples.append((t, rss))
+
+    def slope_mib_per_min(self, after_s: float) -> float:
+        pts = [(t, v) for t, v in self.samples if t >= after_s]
+        if len(pts) < 3:
+            return float("nan")
+        ts = np.array([t for t, _ in pts]) / 60.0
+        vs = np.array([v for _, v in pts]) / 2**20
+        return float(np.polyfit(ts, vs, 1)[0])
+
+
+@dataclass
+class SoakReport:
+    seconds: float
+    rate: float
+    warmup_s: float
+    frames: int = 0
+    results: int = 0
+    duplicates: int = 0
+    errors: int = 0
+    rss: dict[str, dict[str, float]] = field(default_factory=dict)
+    redis_used_memory: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def lossless(self) -> bool:
+        return self.results == self.frames and self.duplicates == 0
+
+    def worst_growth_mib(self) -> float:
+        return max((r["end_mib"] - r["warm_mib"] for r in self.rss.values()), default=0.0)
+
+    def lines(self) -> list[str]:
+        out = [f"soak: {self.seconds / 60:.1f} min at {self.rate:g} frames/s, warm-up "
+               f"{self.warmup_s:.0f} s",
+               f"{'process':<14} {'start MiB':>10} {'warm MiB':>9} {'end MiB':>8} "
+               f"{'growth':>7} {'slope MiB/min':>14}"]
+        for name, r in self.rss.items():
+            out.append(f"{name:<14} {r['start_mib']:>10.1f} {r['warm_mib']:>9.1f} "
+                       f"{r['end_mib']:>8.1f} {r['end_mib'] - r['warm_mib']:>+7.1f} "
+                       f"{r['slope_mib_per_min']:>+14.3f}")
+        m = self.redis_used_memory
+        out.append(f"redis used_memory: start {m.get('start', 0) / 2**20:.1f} MiB, warm "
+                   f"{m.get('warm', 0) / 2**20:.1f} MiB, end {m.get('end', 0) / 2**20:.1f} MiB")
+        verdict = "ok" if self.lossless else "LOST OR DOUBLED"
+        out.append(f"frames {self.frames}, results {self.results} (errors {self.errors}, "
+                   f"duplicates {self.duplicates}): results == frames: "
+                   f"{self.results == self.frames} [{verdict}]")
+        growth = self.worst_growth_mib()
+        verdict_growth = "met" if growth <= GROWTH_LIMIT_MIB else "MISSED"
+        out.append(f"largest growth after warm-up: {growth:+.1f} MiB (target <= "
+                   f"{GROWTH_LIMIT_MIB:.0f} MiB: {verdict_growth})")
+        return out
+
+    def as_json(self) -> dict[str, Any]:
+        return {"seconds": self.seconds, "rate": self.rate, "warmup_s": self.warmup_s,
+                "frames": self.frames, "results": self.results, "errors": self.errors,
+                "duplicates": self.duplicates, "rss": self.rss,
+                "redis_used_memory": self.redis_used_memory,
+                "worst_growth_mib": self.worst_growth_mib(), "lossless": self.lossless}
+
+
+class _Meter:
+    """RSS of named processes and Redis' used_memory, sampled on demand."""
+
+    def __init__(self, pids: dict[str, int], redis: Any) -> None:
+        import psutil
+
+        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.series = {name: Series() for name in pids}
+        self.redis = redis
+        self.t0 = time.monotonic()
+
+    def sample(self) -> None:
+        import psutil
+
+        t = time.monotonic() - self.t0
+        for name, proc in self.procs.items():
+            try:
+                self.series[name].add(t, proc.memory_info().rss)
+            except psutil.Error:  # a restarted worker: the supervisor says so in the log
+                pass
+
+    def used_memory(self) -> int:
+        return int(self.redis.info("memory")["used_memory"])
+
+    def mark_warm(self) -> None:
+        for s in self.series.values():
+            if s.samples:
+                s.at_warm = s.samples[-1][1]
+
+
+def run_soak(settings: Settings, seconds: float, rate: float = 1.0,
+             warmup_s: float | None = None, sample_s: float = 10.0,
+             echo: Callable[[str], None] = print) -> SoakReport:
+    """Run the pipeline locally, publish ``rate`` frames/s for ``seconds``, and measure."""
+    from spotline.producer.client import Client
+    from spotline.up import LocalPipeline
+
+    warmup_s = min(120.0, seconds / 5) if warmup_s is None else warmup_s
+    s = settings.replace(namespace=f"soak{uuid.uuid4().hex[:8]}")
+    report = SoakReport(seconds=seconds, rate=rate, warmup_s=warmup_s)
+    frames = [soak_frame(i) for i in range(8)]
+    pipe = LocalPipeline(s, ready_timeout=600)
+    with pipe as url:
+        client = Client.connect(url, s)
+        assert pipe.supervisor is not None
+        pids = {c.name: c.proc.pid for c in pipe.supervisor.children if c.proc}
+        if pipe.server is not None and pipe.server.proc is not None:
+            pids["redis-server"] = pipe.server.proc.pid
+        pids["soak (client)"] = os.getpid()
+        meter = _Meter(pids, client.t.r)
+        meter.sample()
+        report.redis_used_memory["start"] = meter.used_memory()
+        echo(f"soak: pipeline ready ({', '.join(pids)}); publishing {rate:g} frames/s for "
+             f"{seconds:.0f} s")
+        ids = _publish(client, frames, seconds, rate, warmup_s, sample_s, meter, report, echo)
+        results = client.await_results(ids, timeout=max(120.0, 60 / rate))
+        meter.sample()
+        report.redis_used_memory["end"] = meter.used_memory()
+        report.frames = len(ids)
+        report.results = len(results)
+        report.errors = sum(1 for r in results.values() if r.error)
+        report.duplicates = _duplicates(client, set(ids))
+        client.close()
+    for name, series in meter.series.items():
+        if not series.samples:
+            continue
+        warm = series.at_warm if series.at_warm is not None else series.samples[0][1]
+        report.rss[name] = {"start_mib": series.samples[0][1] / 2**20, "warm_mib": warm / 2**20,
+                            "end_mib": series.samples[-1][1] / 2**20,
+                            "slope_mib_per_min": series.slope_mib_per_min(warmup_s)}
+    return report
+
+
+def _publish(client: Any, frames: list[bytes], seconds: float, rate: float, warmup_s: float,
+             sample_s: float, meter: _Meter, report: SoakReport,
+             echo: Callable[[str], None]) -> list[str]:
+    """Publish at a fixed rate (a schedule, not a sleep after each: no drift)."""
+    ids: list[str] = []
+    start = time.monotonic()
+    next_sample = start + sample_s
+    warm_marked = False
+    n = 0
+    while True:
+        now = time.monotonic()
+        if now - start >= seconds:
+            break
+        if not warm_marked and now - start >= warmup_s:
+            meter.sample()
+            meter.mark_warm()
+            report.redis_used_memory["warm"] = meter.used_memory()
+            warm_marked = True
+            echo(f"soak: warm-up done after {warmup_s:.0f} s ({len(ids)} frames)")
+        if now >= next_sample:
+            meter.sample()
+            next_sample += sample_s
+        due = start + n / rate
+        if now < due:
+            time.sleep(min(due - now, 0.5))
+            continue
+        ids.append(client.publish(frames[n % len(frames)], CAPTIONS, source_id="soak"))
+        n += 1
+    if not warm_marked:
+        meter.mark_warm()
+        report.redis_used_memory["warm"] = meter.used_memory()
+    return ids
+
+
+def _duplicates(client: Any, ids: set[str]) -> int:
+    """Entries in the results stream for these frames beyond one each (each entry names its
+    frame in the ``f`` field)."""
+    counts: Counter[str] = Counter()
+    for _, fields in client.t.r.xrange(client.keys.results):
+        fid = fields.get(b"f", b"").decode()
+        if fid in ids:
+            counts[fid] += 1
+    return sum(c - 1 for c in counts.values() if c > 1)
+
+
+# --- `spotline bench --soak MINUTES` ----------------------------------------------------------
+def add_soak_options(command: Any) -> Any:
+    """Give the `bench` click command ``--soak MINUTES`` and ``--soak-rate``: with them it runs
+    the soak instead of the usual figures (``--json`` writes the soak's). Registered with one
+    line where the CLI adds `bench`."""
+    import functools
+
+    import click
+
+    command.params += [
+        click.Option(["--soak"], type=click.FloatRange(min=0, min_open=True), default=None,
+                     metavar="MINUTES", help="Soak instead: publish at --soak-rate for MINUTES; "
+                     "print each process's RSS at start, after warm-up and at the end, the "
+                     "slope in MiB/min, Redis used_memory, and results == frames."),
+        click.Option(["--soak-rate"], type=click.FloatRange(min=0, min_open=True), default=1.0,
+                     show_default=True, help="Frames/s published during --soak."),
+        click.Option(["--soak-seconds"], type=click.FloatRange(min=0, min_open=True),
+                     default=None, hidden=True),  # tests: a soak of a few seconds
+    ]
+    original = command.callback
+
+    @functools.wraps(original)
+    def callback(*args: Any, soak: float | None = None, soak_rate: float = 1.0,
+                 soak_seconds: float | None = None, **kwargs: Any) -> Any:
+        if soak is None and soak_seconds is None:
+            return original(*args, **kwargs)
+        ctx = click.get_current_context().find_root()
+        settings = ctx.obj.settings if ctx.obj is not None else None
+        if settings is None:
+            from spotline.common.settings import load_settings
+            settings = load_settings()
+        seconds = soak_seconds if soak_seconds is not None else soak * 60  # type: ignore
+        report = run_soak(settings, seconds, rate=soak_rate,
+                          echo=lambda m: click.echo(m, err=True))
+        click.echo("\n".join(report.lines()))
+        if kwargs.get("json_path"):
+            import json
+            from pathlib import Path
+
+            Path(kwargs["json_path"]).write_text(json.dumps(report.as_json(), indent=2))
+            click.echo(f"wrote {kwargs['json_path']}")
+        if not report.lossless:
+            raise click.ClickException("results != frames: frames were lost or doubled")
+        return None
+
+    command.callback = callback
+    return command
