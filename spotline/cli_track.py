@@ -76,3 +76,84 @@ def calibrate(dataset: str, method: str, limit: int | None) -> None:
     from spotline.cli.context import current
 
     fit_and_save(current().settings, dataset, method, limit)
+
+
+def _root_settings() -> Settings:
+    from spotline.cli.context import current
+
+    return current().settings
+
+
+def add_video_options(command: Any) -> Any:
+    """Give the `bench` click command ``--video CLIPS`` (per-frame vs track mode on the same
+    clips, instead of the usual figures). Registered with one line where the CLI adds bench."""
+    import functools
+
+    command.params += [
+        click.Option(["--video"], type=click.Path(exists=True, file_okay=False),
+                     default=None, metavar="CLIPS",
+                     help="Instead: per-frame mode against track mode on the clips under CLIPS "
+                     "(`spotline data synth --video`): frames/s, crops embedded per frame, "
+                     "accuracy (IoU > 0.5), caption flips per 100 frames, joint assignment, "
+                     "and held-out \"not in view\" with --video-absent."),
+        click.Option(["--video-clips"], type=click.IntRange(1), default=4, show_default=True,
+                     help="Clips to use."),
+        click.Option(["--video-frames"], type=click.IntRange(1), default=60,
+                     show_default=True, help="Frames per clip."),
+        click.Option(["--video-absent"], type=click.IntRange(0), default=1, show_default=True,
+                     help="Captions per frame that name nothing in the clip."),
+    ]
+    original = command.callback
+
+    @functools.wraps(original)
+    def callback(*args: Any, video: str | None = None, video_clips: int = 4,
+                 video_frames: int = 60, video_absent: int = 1, **kwargs: Any) -> Any:
+        if video is None:
+            return original(*args, **kwargs)
+        video_bench(_root_settings(), video, video_clips, video_frames, video_absent,
+                    kwargs.get("json_path"))
+        return None
+
+    command.callback = callback
+    return command
+
+
+def add_grounding_options(command: Any) -> Any:
+    """Give the `eval` click command ``--calibrate`` (fit the scorer's calibration on DATASET,
+    write it beside the scorer) and ``--grounding`` (lines for one box per caption and "not in
+    view"). Registered with one line where the CLI adds eval."""
+    import functools
+
+    command.params += [
+        click.Option(["--calibrate"], is_flag=True,
+                     help="Fit the scorer's calibration on DATASET and write calibration.json "
+                     "beside the scorer (\"not in view\" needs it), then stop unless "
+                     "--grounding is given too."),
+        click.Option(["--calibration-method"], type=click.Choice(["temperature", "isotonic"]),
+                     default="temperature", show_default=True, help="With --calibrate."),
+        click.Option(["--grounding"], is_flag=True,
+                     help="Also print accuracy with each caption's argmax and with one box per "
+                     "caption, and (with a calibration) \"not in view\" precision and recall "
+                     "over --absent captions per image that name nothing in it."),
+        click.Option(["--absent"], type=click.IntRange(0), default=1, show_default=True,
+                     help="With --grounding: such captions per image."),
+    ]
+    original = command.callback
+
+    @functools.wraps(original)
+    def callback(*args: Any, calibrate: bool = False, calibration_method: str = "temperature",
+                 grounding: bool = False, absent: int = 1, **kwargs: Any) -> Any:
+        settings = _root_settings()
+        dataset, limit = kwargs["dataset"], kwargs.get("limit")
+        if calibrate:
+            fit_and_save(settings, dataset, calibration_method, limit)
+            if not grounding:
+                return None
+        else:
+            original(*args, **kwargs)
+        if grounding:
+            grounding_lines(settings, dataset, limit, absent)
+        return None
+
+    command.callback = callback
+    return command

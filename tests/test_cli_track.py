@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import click
 import cv2
 import numpy as np
 import pytest
@@ -63,3 +64,47 @@ def test_calibrate_writes_beside_the_scorer(tmp_path, data_dir, redis_server):
     assert stage.calibration == cal
     bad = CliRunner().invoke(calibrate, [str(tmp_path / "nowhere")], env=env)
     assert bad.exit_code != 0
+
+
+def test_bench_video_and_eval_grounding_options(tmp_path, data_dir):
+    """The options the CLI adds to `bench` and `eval` (on stand-in commands of the same
+    parameters: the wrappers touch nothing else)."""
+    from spotline.cli_track import add_grounding_options, add_video_options
+    from tests.test_videobench import write_clip
+
+    called = []
+
+    @click.command()
+    @click.option("--json", "json_path", default=None)
+    def bench(json_path):
+        called.append("bench")
+
+    @click.command("eval")
+    @click.argument("dataset")
+    @click.option("--limit", type=int, default=None)
+    def eval_cmd(dataset, limit):
+        called.append("eval")
+
+    add_video_options(bench)
+    add_grounding_options(eval_cmd)
+    env = {"SPOTLINE_DATA_DIR": str(data_dir), "SPOTLINE_IMGSZ": "256", "SPOTLINE_WARMUP": "0",
+           "SPOTLINE_MAX_DET": "3", "SPOTLINE_TTA": "false", "SPOTLINE_UPSCALE": "false"}
+    runner = CliRunner()
+    assert runner.invoke(bench, [], env=env).exit_code == 0 and called == ["bench"]
+    for k in range(2):
+        write_clip(tmp_path / "clips" / f"clip_{k:03d}", k, frames=2)
+    out = runner.invoke(bench, ["--video", str(tmp_path / "clips"), "--video-frames", "2",
+                                "--json", str(tmp_path / "v.json")], env=env)
+    assert out.exit_code == 0, out.output
+    assert "track mode:" in out.output and called == ["bench"]
+    assert json.loads((tmp_path / "v.json").read_text())["frames"] == 4
+    dataset = tmp_path / "ds"
+    (dataset / "images").mkdir(parents=True)
+    ok, buf = cv2.imencode(".jpg", np.full((96, 128, 3), 90, np.uint8))
+    (dataset / "images" / "a.jpg").write_bytes(buf.tobytes())
+    (dataset / "vlm.jsonl").write_text(json.dumps({"image": "a.jpg", "annotations": [
+        {"caption": "red star", "bbox": [1, 2, 30, 40]},
+        {"caption": "blue ring", "bbox": [50, 20, 30, 30]}]}) + "\n")
+    out = runner.invoke(eval_cmd, [str(dataset), "--grounding"], env=env)
+    assert out.exit_code == 0, out.output
+    assert called == ["bench", "eval"] and "one box per caption" in out.output
