@@ -173,7 +173,9 @@ class Identify:
 
     def answer(self, req: IdentifyRequest, frames: list[tuple[bytes, list[int], list[str]]]
                ) -> list[list[float]]:
-        ids = [(self.client.publish(image, captions, source_id="http"), idx)
+        # The seed's images are unrelated: never numbered as a video (track mode answers them
+        # per frame).
+        ids = [(self.client.publish(image, captions, source_id="http", sequenced=False), idx)
                for image, idx, captions in frames]
         results = self.client.await_results([fid for fid, _ in ids], timeout=self.timeout_s)
         failed = [(idx, results[fid].error) for fid, idx in ids if results[fid].error]
