@@ -18,6 +18,9 @@ class Reference:
     """identify(images, captions) in one process, with the pipeline's stage code."""
 
     def __init__(self, settings: Settings, setup: bool = True) -> None:
+        # The seed's method answers each image on its own: track mode (video feeds, a stage
+        # with its state in Redis) is not part of it (spotline/trackmode.py runs that in-process).
+        settings = settings.replace(tracking=False)
         self.settings = settings
         self.stages: list[Stage] = [load_stage(name, settings)
                                     for name in topology.pipeline(settings)]

@@ -1,4 +1,4 @@
-"""Track mode for one source, frame after frame: the model-free steps around the scorer.
+"""Track mode: one source's steps frame after frame, and the `track` stage that runs them.
 
 ``SourceState`` is everything a source carries from one frame to the next (its tracker, its
 evidence, the last sequence number) and converts to and from plain data, so it can be kept in
@@ -12,6 +12,12 @@ Redis (common/trackstore.py) between frames handled by different workers. For ea
 Sequence numbers decide what the tracker sees: a frame after a gap ages the tracks by the gap;
 a frame at or below the last one (late, or delivered again) is never fed to the tracker (that
 would rewind it): it is grounded without tracks, every crop embedded, like per-frame mode.
+
+``Track`` is the stage (``frames → detect → track → collect`` with ``tracking=true``): per
+source, in sequence order, it loads the state from Redis, runs the steps above with the
+upscaler and the scorer on the crops that need it, saves the state (compare-and-set on the
+sequence number) and sends collect the frame with its track ids and picks. How this keeps
+order with consumer groups and survives a worker's death: docs/architecture.md, "Tracks".
 """
 
 from __future__ import annotations
