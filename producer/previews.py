@@ -75,12 +75,16 @@ class Previews:
             return False
         try:
             jpeg, _size = shrink_jpeg(image, self.max_side, self.quality)
-            key = self.t.keys.preview(frame_id)
-            self.t.call(lambda: self.t.r.set(key, jpeg, ex=self.ttl_s), "preview")
-            return True
-        except SpotlineError as exc:
+        except (SpotlineError, cv2.error) as exc:  # the stages report bad images, not us
             log.debug("frame=%s no preview: %s", frame_id, exc)
             return False
+        key = self.t.keys.preview(frame_id)
+        try:
+            self.t.call(lambda: self.t.r.set(key, jpeg, ex=self.ttl_s), "preview")
+        except SpotlineError as exc:
+            log.debug("frame=%s preview not stored: %s", frame_id, exc)
+            return False
+        return True
 
     def get(self, frame_id: str) -> bytes | None:
         raw = self.t.call(lambda: self.t.r.get(self.t.keys.preview(frame_id)), "preview")

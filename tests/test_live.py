@@ -82,14 +82,14 @@ def page() -> Iterator[Any]:
 
 def collect(client: Client, fid: str, source: str, captions: tuple[str, ...],
             boxes: tuple[tuple[float, float, float, float], ...], scores: tuple[float, ...],
-            size: tuple[int, int]) -> Result:
+            size: tuple[int, int], **track: Any) -> Result:
     """Write a frame's result as the collector does, with a per-stage trace."""
     t0 = time.time() - 0.5
     trace = (("detect", t0, t0 + 0.01, t0 + 0.21), ("upscale", t0 + 0.22, t0 + 0.23, t0 + 0.30),
              ("score", t0 + 0.31, t0 + 0.33, t0 + 0.45), ("collect", t0 + 0.46, t0 + 0.47,
                                                           t0 + 0.48))
     result = Result(frame_id=fid, source_id=source, capture_time=t0 - 0.01, captions=captions,
-                    boxes=boxes, scores=scores, image_size=size, trace=trace)
+                    boxes=boxes, scores=scores, image_size=size, trace=trace, **track)
     client.t.r.xadd(client.keys.results, {FRAME_FIELD: fid.encode(), DATA_FIELD: encode(result)})
     return result
 
@@ -115,7 +115,8 @@ def test_live_page_shows_each_new_frame_with_a_box_per_caption(
     collect(client, fid, "cam-north",
             ("red double-decker bus", "man in a dark jacket", "person on the right"),
             ((18.0, 228.0, 780.0, 520.0), (48.0, 398.0, 197.0, 506.0),
-             (668.0, 388.0, 142.0, 490.0)), (0.91, 0.77, 0.64), (w, h))
+             (668.0, 388.0, 142.0, 490.0)), (0.91, 0.77, 0.64), (w, h),
+            track_ids=(3, 7, -1))
     for _ in range(3):
         client.previews.count_drop("cam-north")
     fid3 = client.publish(small_frame(3), ["white van"], source_id="drone-7")
@@ -127,7 +128,8 @@ def test_live_page_shows_each_new_frame_with_a_box_per_caption(
     shown = boxes_of(page, "cam-north")
     assert [b["caption"] for b in shown] == ["red double-decker bus", "man in a dark jacket",
                                              "person on the right"]
-    assert shown[0]["label"].startswith("red double-decker bus 0.91")
+    assert shown[0]["label"].startswith("red double-decker bus 0.91 #3")
+    assert [b["track"] for b in shown] == ["3", "7", None]  # -1: no track
     assert shown[0]["left"] == pytest.approx(100 * 18 / w, abs=0.01)
     assert shown[0]["width"] == pytest.approx(100 * 780 / w, abs=0.01)
     assert shown[1]["top"] == pytest.approx(100 * 398 / h, abs=0.01)
@@ -145,7 +147,8 @@ def test_live_page_shows_each_new_frame_with_a_box_per_caption(
     # A new frame on the same source: the page follows over SSE, without a reload.
     fid2 = client.publish(small_frame(2, 640, 480), ["blue car"], source_id="cam-north")
     collect(client, fid2, "cam-north", ("blue car", "grey aircraft"),
-            ((100.0, 120.0, 50.0, 40.0), (0.0, 0.0, 0.0, 0.0)), (0.55, float("nan")), (640, 480))
+            ((100.0, 120.0, 50.0, 40.0), (0.0, 0.0, 0.0, 0.0)), (0.55, 0.02), (640, 480),
+            track_ids=(3, -1), absent=(False, True))  # track mode: "not in view"
     page.wait_for_selector(f'{card("cam-north")}[data-frame="{fid2}"]', timeout=20000)
     assert [b["caption"] for b in boxes_of(page, "cam-north")] == ["blue car"]
     assert "1 caption(s) without a box" in page.inner_text(f"{card('cam-north')} .nobox")
