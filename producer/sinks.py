@@ -368,7 +368,12 @@ class Sink:
         if not isinstance(result, Result):
             self._dead(entry_id, fields, f"a {type(result).__name__} is not a result", 0)
             return
-        attempts, error = self._deliver(entry_id, result)
+        try:
+            payload = result_payload(result)
+        except (ValueError, TypeError) as exc:  # a NaN or infinity where JSON has none
+            self._dead(entry_id, fields, f"result not representable as JSON: {exc}", 0)
+            return
+        attempts, error = self._deliver(entry_id, result, payload)
         if error is None:
             self._ack(entry_id)
             self.counts.delivered += 1
@@ -378,10 +383,10 @@ class Sink:
                        f"attempt(s): {error}", attempts)
         # else: stopped between retries; left pending, re-sent when the sink starts again
 
-    def _deliver(self, entry_id: str, result: Result) -> tuple[int, DeliveryError | None]:
+    def _deliver(self, entry_id: str, result: Result,
+                 payload: bytes) -> tuple[int, DeliveryError | None]:
         """Send with retries and exponential backoff: (attempts made, the last error or None).
         Attempts 0 with an error: stopped before giving up."""
-        payload = result_payload(result)
         delay = self.opts.backoff_s
         for attempt in range(1, self.opts.max_attempts + 1):
             try:

@@ -171,7 +171,7 @@ def test_webhook_delivers_every_result_signed_through_503s_and_a_timeout(
     assert 'spotline_sink_lag{sink="hook"} 0.0' in scrape
 
 
-def test_webhook_dead_letters_after_n_failures_and_at_once_on_400(
+def test_webhook_dead_letters_after_n_failures_at_once_on_400_and_on_bad_json(
         transport: Transport, receiver: tuple[Receiver, str]) -> None:
     rec, url = receiver
     rec.plan = lambda _n, doc: {"broken": 500, "bad": 400}.get(doc["source_id"], 200)
@@ -179,15 +179,17 @@ def test_webhook_dead_letters_after_n_failures_and_at_once_on_400(
                 SinkOptions(name="dl", backoff_s=0.01, max_attempts=3))
     th = run_in_thread(sink)
     good = [make_result(i) for i in range(5)]
+    nan_box = make_result(92).replace(boxes=((float("nan"), 0.0, 1.0, 1.0), (0.0,) * 4))
     publish_results(transport, [*good[:2], make_result(90, "broken"), make_result(91, "bad"),
-                                *good[2:]])
-    wait_for(lambda: sink.counts.delivered + sink.counts.failed == 7, 30, "every result handled")
+                                nan_box, *good[2:]])
+    wait_for(lambda: sink.counts.delivered + sink.counts.failed == 8, 30, "every result handled")
     sink.stop()
     th.join(10)
     assert rec.frames() == {r.frame_id for r in good}
-    assert sink.counts.failed == 2
+    assert sink.counts.failed == 3
     dead = {f[b"frame"].decode(): f for _i, f in transport.r.xrange(transport.keys.dead)}
-    assert set(dead) == {"frame0090", "frame0091"}
+    assert set(dead) == {"frame0090", "frame0091", "frame0092"}
+    assert b"not representable as JSON" in dead["frame0092"][b"reason"]
     assert b"after 3 attempt(s): HTTP 500" in dead["frame0090"][b"reason"]
     assert b"after 1 attempt(s): HTTP 400" in dead["frame0091"][b"reason"]
     assert dead["frame0090"][b"stream"] == transport.keys.results.encode()
