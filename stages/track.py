@@ -170,8 +170,10 @@ class Embedder:
         from .upscale import Upscale
 
         self.settings = settings
-        self.upscale = Upscale(settings) if settings.upscale else None
-        self.score = Score(settings)
+        # Their model code only: routed as in the per-frame pipeline, which has them.
+        inner = settings.replace(tracking=False)
+        self.upscale = Upscale(inner) if settings.upscale else None
+        self.score = Score(inner)
 
     def setup(self) -> None:
         if self.upscale is not None:
@@ -287,6 +289,8 @@ class Track(Stage):
 
     def frame(self, env: Envelope) -> Envelope:
         """One frame of a source, tracked when it is the next one (see the module doc)."""
+        if self.store is None or self.cache is None:
+            self.setup()
         assert self.store is not None and self.cache is not None
         self.stats.frames += 1
         if env.seq < 0:

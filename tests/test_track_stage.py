@@ -106,3 +106,44 @@ def test_workers_track_a_source(redis_server, settings):
     assert metric("spotline_track_frames_total", {"outcome": "untracked"}) == 1
     assert metric("spotline_tracks_alive", {"source": "cam"}) == track.stats.alive["cam"]
     t.close()
+
+
+def detected(s, n: int, source: str = "cam") -> list[Envelope]:
+    """``n`` frames of the still image after detect (track mode: one whole part each)."""
+    env = Envelope(frame_id="d", source_id=source, captions=CAPTIONS, image=still_frame())
+    (_, det), = Detect(s).process([env])
+    return [det.replace(frame_id=f"{source}-{k}", seq=k) for k in range(1, n + 1)]
+
+
+def test_reorder_window_waits_for_the_frame_before(redis_server, settings):
+    import threading
+    import time
+
+    s = settings.replace(redis_url=redis_server.url, tracking=True, imgsz=256, warmup=0,
+                         max_det=3, tta=False, upscale=True, track_reorder_ms=20000)
+    frames = detected(s, 4)
+    first, second = Track(s), Track(s)  # two workers of the group
+    now = time.time()
+    out: dict[str, Envelope] = {}
+    # Worker 2 got frame 2 first: it waits for frame 1, which worker 1 then tracks.
+    waiting = threading.Thread(target=lambda: out.update(
+        two=second.frame(frames[1].replace(capture_time=now))))
+    second.setup()
+    waiting.start()
+    from tests.faultlib import wait_for
+    wait_for(lambda: second.stats.frames == 1, timeout=30, what="frame 2 taken")
+    out["one"] = first.frame(frames[0].replace(capture_time=now))
+    waiting.join(timeout=60)
+    assert second.stats.untracked == 0 and min(out["two"].track_ids) > 0
+    assert out["one"].track_ids.tolist() == out["two"].track_ids.tolist()
+    # Frame 4 is old (it queued): no wait, frame 3 is given up on and comes late.
+    started = time.monotonic()
+    four = first.frame(frames[3].replace(capture_time=now - 60))
+    assert time.monotonic() - started < 15 and min(four.track_ids) > 0
+    late = second.frame(frames[2].replace(capture_time=now - 60))
+    assert late.track_ids.tolist() == [-1] * len(late.track_ids)
+    assert second.stats.untracked == 1
+    # Delivered again after its answer was saved: the same answer.
+    again = second.frame(frames[3].replace(capture_time=now - 60))
+    assert again.track_ids.tolist() == four.track_ids.tolist() and second.stats.replayed == 1
+    assert again.picks.tolist() == four.picks.tolist()
