@@ -297,9 +297,17 @@ def test_every_stage_and_the_gateway_run_the_cli_with_probes_and_scrape_annotati
         url = next(e["value"] for e in env_of(c) if e["name"] == "SPOTLINE_REDIS_URL")
         assert url.startswith("redis://:$(REDIS_PASSWORD)@redis:6379/")
         assert c["envFrom"][0]["configMapRef"]["name"] == "spotline-settings"
-    gw = deployments["gateway"]["spec"]["template"]["spec"]["containers"][0]
+    gw_pod = deployments["gateway"]["spec"]["template"]["spec"]
+    gw = gw_pod["containers"][0]
     assert gw["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert gw["livenessProbe"]["httpGet"]["path"] == "/health"
+    # API keys from a Secret the operator creates (not in the manifests: never open by mistake)
+    keys_file = next(e["value"] for e in env_of(gw) if e["name"] == "SPOTLINE_API_KEYS_FILE")
+    assert load_settings(env={"SPOTLINE_API_KEYS_FILE": keys_file}).api_keys_file == keys_file
+    (mount,) = [m for m in gw["volumeMounts"] if keys_file.startswith(m["mountPath"] + "/")]
+    (vol,) = [v for v in gw_pod["volumes"] if v["name"] == mount["name"]]
+    assert vol["secret"]["secretName"] == "spotline-api-keys"
+    assert "spotline-api-keys" not in by_kind(objs, "Secret")
 
 
 def test_settings_configmap_is_valid_settings() -> None:
