@@ -14,6 +14,7 @@ from spotline.common.errors import DecodeError
 from spotline.common.transport import Transport
 from spotline.common.worker import Worker
 from spotline.producer.client import Client
+from spotline.reference import Reference
 from spotline.stages import libs, load_stage
 from spotline.stages.collect import Collect, frame_result
 from spotline.stages.detect import Detect, split_parts
@@ -95,6 +96,14 @@ def test_workers_track_a_source(redis_server, settings):
     # A still camera: every caption keeps one track from the first frame to the last.
     assert len({r.track_ids for r in tracked}) == 1 and min(tracked[0].track_ids) > 0
     assert results[unsequenced].track_ids == (-1, -1)
+    # An unnumbered frame is answered as the seed's method does (joint assignment aside).
+    s_argmax = s.replace(joint_assign=False)
+    ref = Reference(s_argmax).identify([image], [CAPTIONS])[0]
+    (_, det), = Detect(s_argmax).process([Envelope(frame_id="u", captions=CAPTIONS,
+                                                   image=image)])
+    answer = frame_result(Track(s_argmax).frame(det), s_argmax)
+    np.testing.assert_allclose(np.array(answer.boxes), np.array(ref.boxes), atol=0.05)
+    np.testing.assert_allclose(np.array(answer.scores), np.array(ref.scores), atol=1e-4)
     assert track.stats.frames == 8 and track.stats.untracked == 1
     # cam: crops embedded on frames 1 and 5 only (keyframes every 4), reused on 4 frames;
     # cam2 and the unsequenced frame: embedded once each.
