@@ -180,29 +180,33 @@ def _div(a: float, b: float) -> float:
     return a / b if b else 0.0
 
 
-def run_clips(mode: str, models: FrameModels, clips: list[tuple[str, list[VideoFrame]]],
-              options: TrackOptions, calibration: Any = None) -> tuple[Tally, Tally | None]:
-    """Answer every frame of every clip in one mode; (its tally, the joint-assignment tally in
-    per-frame mode)."""
-    tally, joint = Tally(), (Tally() if mode == "per-frame" else None)
-    runner: Any = PerFrame(models) if mode == "per-frame" else Tracked(
-        models, options, calibration=calibration)
-    for name, frames in clips:
-        prev: list[int] | None = None
-        prev_joint: list[int] | None = None
+def run_modes(clips: list[tuple[str, list[VideoFrame]]],
+              runners: dict[str, Any]) -> dict[str, Tally]:
+    """Every frame of every clip through each mode in turn, frame by frame, so that the modes
+    share the machine's load alike; a tally per mode (and ``<mode>+joint`` for a per-frame
+    mode: joint assignment on the same scores)."""
+    tallies = {name: Tally() for name in runners}
+    for name, runner in runners.items():
+        if isinstance(runner, PerFrame):
+            tallies[name + "+joint"] = Tally()
+    for clip, frames in clips:
+        prev: dict[str, list[int] | None] = {name: None for name in tallies}
         for seq, frame in enumerate(frames):
-            fid = f"{name}-{seq}"
-            started = time.perf_counter()
-            if mode == "per-frame":
-                answer, scores, det_boxes = runner.frame_scored(fid, frame.image, frame.captions)
-            else:
-                answer = runner.frame(name, seq, fid, frame.image, frame.captions)
-            tally.seconds += time.perf_counter() - started
-            prev = _count(tally, frame, answer.boxes, answer, prev)
-            if joint is not None:
-                boxes = _joint_boxes(scores, det_boxes, frame.captions)
-                prev_joint = _count(joint, frame, boxes, answer, prev_joint)
-    return tally, joint
+            for name, runner in runners.items():
+                fid = f"{clip}-{name}-{seq}"
+                started = time.perf_counter()
+                if isinstance(runner, PerFrame):
+                    answer, scores, det_boxes = runner.frame_scored(fid, frame.image,
+                                                                    frame.captions)
+                else:
+                    answer = runner.frame(clip, seq, fid, frame.image, frame.captions)
+                tallies[name].seconds += time.perf_counter() - started
+                prev[name] = _count(tallies[name], frame, answer.boxes, answer, prev[name])
+                if isinstance(runner, PerFrame):
+                    joint = name + "+joint"
+                    boxes = _joint_boxes(scores, det_boxes, frame.captions)
+                    prev[joint] = _count(tallies[joint], frame, boxes, answer, prev[joint])
+    return tallies
 
 
 def _count(tally: Tally, frame: VideoFrame, boxes: Sequence[BoxLTWH | None],
@@ -247,8 +251,10 @@ def video_bench(settings: Settings, clips_dir: str | Path, max_clips: int = 4,
     models = FrameModels(settings)
     # Warm both paths once (lazy inits, caches) so neither mode pays for them in its time.
     PerFrame(models).frame("warm", clips[0][1][0].image, clips[0][1][0].captions)
-    per_frame, joint = run_clips("per-frame", models, clips, options)
-    tracked, _ = run_clips("track", models, clips, options)
+    tallies = run_modes(clips, {"per-frame": PerFrame(models),
+                                "track": Tracked(models, options)})
+    per_frame, joint, tracked = (tallies["per-frame"], tallies["per-frame+joint"],
+                                 tallies["track"])
     report: dict[str, Any] = {
         "clips": [name for name, _ in clips], "frames": per_frame.frames,
         "settings": {"imgsz": settings.imgsz, "tta": settings.tta, "upscale": settings.upscale,
@@ -256,7 +262,7 @@ def video_bench(settings: Settings, clips_dir: str | Path, max_clips: int = 4,
                      "keyframe_every": options.reuse.keyframe_every,
                      "min_iou": options.reuse.min_iou, "decay": options.evidence.decay,
                      "switch_frames": options.evidence.switch_frames},
-        "per_frame": per_frame.report(), "per_frame_joint": joint.report() if joint else {},
+        "per_frame": per_frame.report(), "per_frame_joint": joint.report(),
         "track": tracked.report()}
     pf, tr = report["per_frame"], report["track"]
     report["crops_ratio"] = _div(pf["crops_per_frame"], tr["crops_per_frame"])
@@ -281,8 +287,9 @@ def _not_in_view(models: FrameModels, clips: list[tuple[str, list[VideoFrame]]],
     abstaining = TrackOptions(tracker=options.tracker, reuse=options.reuse,
                               evidence=options.evidence, joint=options.joint,
                               abstain_below=threshold)
-    with_cal, _ = run_clips("track", models, held_out, abstaining, calibration=cal)
-    without, _ = run_clips("track", models, held_out, options)
+    tallies = run_modes(held_out, {"with": Tracked(models, abstaining, calibration=cal),
+                                   "without": Tracked(models, options)})
+    with_cal, without = tallies["with"], tallies["without"]
     return {**out, "calibration": {"temperature": cal.temperature, "bias": cal.bias,
                                    "pairs": cal.fitted_on},
             "with": with_cal.report(), "without": without.report()}
