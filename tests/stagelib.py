@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from spotline.common.envelope import Envelope
@@ -76,3 +77,13 @@ class RaisingDetect(Stage):
         if any("boom" in env.captions for env in batch):
             raise RuntimeError("detector exploded")
         return self.inner.process(batch)
+
+
+class DiesOnCrash(PassThrough):
+    """The process dies (as a segfault or the OOM killer would end it) on any batch holding a
+    frame captioned 'crash': a worker that dies holding its batch, every time it meets it."""
+
+    def process(self, batch: list[Envelope]) -> list[Routed]:
+        if any("crash" in env.captions for env in batch):
+            os._exit(3)
+        return super().process(batch)

@@ -34,10 +34,6 @@ def write_til(root: Path) -> Path:
 
 def invoke(settings: Settings, *args: str) -> str:
     from spotline.cli import cli
-    from spotline.cli_io import COMMANDS
-
-    for command in COMMANDS:
-        cli.add_command(command)
     result = CliRunner().invoke(cli, list(args), env=settings_env(settings),
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -64,10 +60,6 @@ def test_eval_reference_writes_report(tmp_path: Path, settings: Settings) -> Non
 
 def test_eval_rejects_a_bad_dataset(tmp_path: Path, settings: Settings) -> None:
     from spotline.cli import cli
-    from spotline.cli_io import COMMANDS
-
-    for command in COMMANDS:
-        cli.add_command(command)
     (tmp_path / "vlm.jsonl").write_text('{"image": "missing.jpg", "annotations": []}\n')
     result = CliRunner().invoke(cli, ["eval", str(tmp_path), "--reference"],
                                 env=settings_env(settings))
@@ -78,10 +70,6 @@ def test_eval_rejects_a_bad_dataset(tmp_path: Path, settings: Settings) -> None:
 @pytest.mark.parametrize("command", ["publish", "results", "ingest", "jobs", "eval"])
 def test_every_command_has_help(command: str) -> None:
     from spotline.cli import cli
-    from spotline.cli_io import COMMANDS
-
-    for c in COMMANDS:
-        cli.add_command(c)
     result = CliRunner().invoke(cli, [command, "--help"])
     assert result.exit_code == 0 and "Usage:" in result.output
     assert len(result.output.split("Options:")[0].strip().splitlines()) > 2  # a description

@@ -105,10 +105,6 @@ def test_ingest_and_jobs_commands(tmp_path: Path, redis_server: EmbeddedRedis,
     from click.testing import CliRunner
 
     from spotline.cli import cli
-    from spotline.cli_io import COMMANDS
-
-    for command in COMMANDS:
-        cli.add_command(command)
     folder = write_folder(tmp_path / "footage", 2)
     q = queue_name()
     env = {**settings_env(settings), "SPOTLINE_REDIS_URL": redis_server.url}

@@ -267,10 +267,6 @@ def pipeline(redis_server: EmbeddedRedis, data_dir: Path) -> Iterator[tuple[Sett
 
 def run_cli(s: Settings, *args: str) -> str:
     from spotline.cli import cli
-    from spotline.cli_io import COMMANDS
-
-    for command in COMMANDS:
-        cli.add_command(command)
     env = {**settings_env(s), "SPOTLINE_REDIS_URL": s.redis_url}
     result = CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -322,10 +318,6 @@ def test_eval_through_the_running_pipeline(tmp_path: Path,
 def test_publish_missing_source_is_a_clear_error(tmp_path: Path, redis_server: EmbeddedRedis,
                                                  settings: Settings) -> None:
     from spotline.cli import cli
-    from spotline.cli_io import COMMANDS
-
-    for command in COMMANDS:
-        cli.add_command(command)
     env = {**settings_env(settings), "SPOTLINE_REDIS_URL": redis_server.url}
     result = CliRunner().invoke(cli, ["publish", str(tmp_path / "nope.mp4"), "-c", "x"],
                                 env=env)

@@ -7,6 +7,9 @@ import signal
 import time
 from collections import Counter
 
+import msgpack
+import pytest
+
 from spotline.common.codec import decode, encode
 from spotline.common.embedded import EmbeddedRedis
 from spotline.common.envelope import Envelope
@@ -19,6 +22,7 @@ from tests.stagelib import FailOnBoom, PassThrough
 
 PASS = "tests.stagelib:PassThrough"
 SLOW = "tests.stagelib:SlowPassThrough"
+CRASH = "tests.stagelib:DiesOnCrash"
 
 
 def publish(t: Transport, n: int, prefix: str = "f") -> list[str]:
@@ -113,3 +117,63 @@ def test_sigterm_finishes_the_batch_and_exits_zero(redis_server: EmbeddedRedis,
     os.kill(w.pid, signal.SIGTERM)
     assert w.wait(timeout=30) == 0
     assert downstream(t) == Counter(ids) and t.workers_alive("detect") == 0
+
+
+def test_an_entry_that_kills_workers_harms_no_batch_mate(redis_server: EmbeddedRedis,
+                                                        settings: Settings) -> None:
+    """A crash-inducing entry in a burst of good frames: the worker dies holding the batch;
+    its successors retry the held entries one at a time, so only the killer reaches the
+    dead-letter stream and every good frame goes on normally, exactly once. An entry that
+    makes the decoder itself raise is dead-lettered without a crash."""
+    s = settings.replace(visibility_timeout_ms=800, batch_detect=8, max_wait_ms=200,
+                         max_deliveries=3)
+    t = Transport(s, url=redis_server.url)
+    good = publish(t, 6, "a")
+    killer = Envelope(frame_id="killer", captions=("crash",), image=b"jpeg")
+    t.add(t.keys.inbox("detect"), killer.frame_id, encode(killer))
+    # an ndarray ExtType holding a 0-d array where captions go (issue 11): a decoder crash
+    zero_d = msgpack.ExtType(1, b"\x03<u2\x00\x00\x00")
+    kind, fields = msgpack.unpackb(encode(Envelope(frame_id="zero-d", image=b"x")))
+    raw = msgpack.packb([kind, {**fields, "captions": zero_d}])
+    t.add(t.keys.inbox("detect"), "zero-d", raw)
+    good += publish(t, 9, "b")
+    exits = []
+    for _ in range(8):  # a supervisor: restart the worker until it finishes the burst
+        proc = spawn_worker(s, redis_server.url, "detect", "--burst", stage_class=CRASH)
+        exits.append(proc.wait(timeout=120))
+        if exits[-1] == 0:
+            break
+    assert exits[-1] == 0 and 3 in exits, exits  # it died on the killer, then finished
+    assert downstream(t) == Counter(good), "every good frame forwarded once, none lost"
+    dead = {f[b"frame"]: f[b"reason"] for _, f in t.r.xrange(t.keys.dead)}
+    assert set(dead) == {b"killer", b"zero-d"}, dead
+    assert b"delivered 4 times" in dead[b"killer"] and b"undecodable" in dead[b"zero-d"]
+    answered = [decode(f[b"d"]) for _, f in t.r.xrange(t.keys.inbox("collect"))]
+    assert sorted(e.frame_id for e in answered) == ["killer", "zero-d"]
+    assert all("dead-lettered in detect" in (e.error or "") for e in answered)
+    assert t.pending_count("detect") == 0
+
+
+def test_a_decoder_that_raises_dead_letters_the_entry_not_the_worker(
+        transport: Transport, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defence in depth: whatever exception decoding raises (a codec bug), the entry is
+    dead-lettered with the reason, its frame answered, and the loop carries on."""
+    from spotline.common import worker as worker_module
+
+    ids = publish(transport, 3)
+    transport.add(transport.keys.inbox("detect"), "odd", b"\x91\xa1x")  # decodes to ["x"]
+    real = worker_module.decode
+
+    def buggy(payload: bytes, **kw: object) -> object:
+        if payload == b"\x91\xa1x":
+            raise TypeError("iteration over a 0-d array")
+        return real(payload, **kw)
+
+    monkeypatch.setattr(worker_module, "decode", buggy)
+    counts = Worker(PassThrough(settings), settings, transport, burst=True).run()
+    assert counts.dead == 1 and downstream(transport) == Counter(ids)
+    (_, dead), = transport.r.xrange(transport.keys.dead)
+    assert dead[b"frame"] == b"odd"
+    assert dead[b"reason"] == b"undecodable: TypeError: iteration over a 0-d array"
+    (err,) = [decode(f[b"d"]) for _, f in transport.r.xrange(transport.keys.inbox("collect"))]
+    assert err.frame_id == "odd" and "TypeError" in err.error

@@ -1,139 +1,18 @@
-"""Feeds in, results out: `spotline publish`, `results`, `ingest`, `jobs` and `eval`.
-
-The main group registers them with ``for c in COMMANDS: cli.add_command(c)``.
-"""
+"""Feeds in, results out: `spotline publish`, `results`, `ingest` and `jobs`."""
 
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import click
 
-from spotline.common.errors import SpotlineError
 from spotline.common.settings import BACKPRESSURE, Settings
 
-
-def _ctx() -> Any:
-    """The main group's Ctx (its settings). Imported here, not at the top, so that
-    spotline.cli may import this module at any point without a circular import."""
-    from spotline.cli import Ctx
-
-    ctx = click.get_current_context().find_object(Ctx)
-    if ctx is None:  # a command invoked on its own, outside the `spotline` group
-        from spotline.common.settings import load_settings
-
-        ctx = Ctx(load_settings())
-    return ctx
-
-
-def _url(settings: Settings) -> str:
-    from spotline.cli import _need_url
-
-    return _need_url(settings)
-
-
-def _fail(exc: Exception) -> click.ClickException:
-    return click.ClickException(str(exc))
-
-
-# --- manifest: which image a frame id came from -------------------------------------------------
-def _frame_path(source: Any, name: str) -> str | None:
-    """The image file a frame was read from, for file-based sources (else None)."""
-    kind = getattr(source, "kind", "")
-    if kind == "image":
-        return str(Path(source.path).resolve())
-    if kind == "folder":
-        return str((Path(source.path) / name).resolve())
-    if kind == "dataset":
-        for img in getattr(source, "images", ()):
-            if img.image_path.name == name:
-                return str(img.image_path.resolve())
-    return None
-
-
-def _read_manifest(path: str) -> dict[str, dict[str, Any]]:
-    rows: dict[str, dict[str, Any]] = {}
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise click.ClickException(f"cannot read manifest {path}: {exc.strerror or exc}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            rows[str(row["frame_id"])] = row
-        except (ValueError, KeyError, TypeError):
-            raise click.ClickException(f"{path}:{n}: not a manifest row") from None
-    return rows
-
-
-# --- output of results -------------------------------------------------------------------------
-def _result_line(result: Any, name: str | None = None) -> str:
-    head = f"{result.frame_id}  {result.source_id}" + (f"/{name}" if name else "")
-    if result.error:
-        status = f"ERROR {result.error}"
-    else:
-        status = "fallback (no box)" if result.fallback else "ok"
-    boxes = "; ".join(f"{c!r} [{', '.join(f'{v:.1f}' for v in b)}]"
-                      for c, b in zip(result.captions, result.boxes, strict=True))
-    return f"{head}  {status}  {1000 * result.latency:.0f} ms  {boxes}"
-
-
-@contextmanager
-def _jsonl(path: str | None) -> Iterator[TextIO | None]:
-    if path is None:
-        yield None
-    elif path == "-":
-        yield sys.stdout
-    else:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as fh:
-            yield fh
-
-
-class _Sink:
-    """Where results go: stdout lines, a JSONL file, annotated images."""
-
-    def __init__(self, jsonl: TextIO | None, annotate: Path | None,
-                 manifest: dict[str, dict[str, Any]] | None = None) -> None:
-        self.jsonl = jsonl
-        self.annotate = annotate
-        self.manifest = manifest or {}
-        self.images: dict[str, bytes] = {}  # frame id -> image (publish --wait --annotate)
-        self.count = 0
-
-    def __call__(self, result: Any, name: str | None = None) -> None:
-        from spotline.annotate import write_annotated
-
-        self.count += 1
-        row = self.manifest.get(result.frame_id, {})
-        name = name or row.get("name")
-        if self.jsonl is not None:
-            out = result.as_json()
-            if name:
-                out["name"] = name
-            self.jsonl.write(json.dumps(out) + "\n")
-            self.jsonl.flush()
-        if self.jsonl is not sys.stdout:
-            click.echo(_result_line(result, name))
-        if self.annotate is None:
-            return
-        image = self.images.pop(result.frame_id, None)
-        if image is None and row.get("path"):
-            try:
-                image = Path(row["path"]).read_bytes()
-            except OSError as exc:
-                click.echo(f"  cannot annotate {result.frame_id}: {exc}", err=True)
-        if image is not None:
-            stem = f"{result.source_id}_{Path(name).stem}" if name else result.frame_id
-            write_annotated(image, result, self.annotate, stem)
+from .context import current, need_url
+from .output import Sink, frame_path, jsonl, read_manifest
 
 
 # --- publish -----------------------------------------------------------------------------------
@@ -184,20 +63,17 @@ def publish(source: str, captions: tuple[str, ...], captions_file: str | None,
     """
     from spotline.producer.sources import classify, load_captions, open_source
 
-    s = _ctx().settings
+    s = current().settings
     if (jsonl_path or annotate_dir) and not wait:
         raise click.UsageError("--jsonl and --annotate need --wait (or use `spotline results`)")
-    url = _url(s)
-    try:
-        if live is False and classify(source) in ("stream", "camera"):
-            raise click.UsageError("--recorded: cameras and stream URLs are always live")
-        caps = load_captions(captions, captions_file)
-        src = open_source(source, caps, source_id=source_id, fps=fps, live=bool(live))
-        _publish(s, url, src, _Opts(policy, max_frames, wait, timeout, jsonl_path,
-                                    Path(annotate_dir) if annotate_dir else None,
-                                    manifest_path, metrics_port, not no_progress))
-    except SpotlineError as exc:
-        raise _fail(exc) from None
+    url = need_url(s)
+    if live is False and classify(source) in ("stream", "camera"):
+        raise click.UsageError("--recorded: cameras and stream URLs are always live")
+    caps = load_captions(captions, captions_file)
+    src = open_source(source, caps, source_id=source_id, fps=fps, live=bool(live))
+    _publish(s, url, src, _Opts(policy, max_frames, wait, timeout, jsonl_path,
+                                Path(annotate_dir) if annotate_dir else None,
+                                manifest_path, metrics_port, not no_progress))
 
 
 @dataclass(frozen=True)
@@ -220,7 +96,7 @@ def _publish(s: Settings, url: str, src: Any, o: _Opts) -> None:
 
     client = Client.connect(url, s)
     names: dict[str, str] = {}
-    sink = _Sink(None, o.annotate)
+    sink = Sink(None, o.annotate)
     metrics = Metrics()
     if o.metrics_port is not None:
         metrics.serve(o.metrics_port)
@@ -234,7 +110,7 @@ def _publish(s: Settings, url: str, src: Any, o: _Opts) -> None:
         if manifest is not None:
             manifest.write(json.dumps({"frame_id": fid, "source_id": frame.source_id,
                                        "name": frame.name,
-                                       "path": _frame_path(src, frame.name)}) + "\n")
+                                       "path": frame_path(src, frame.name)}) + "\n")
 
     policy = o.policy or default_policy(src, s)
     click.echo(f"publishing {src.kind} {src.source_id!r} (policy {policy}, high_water "
@@ -263,14 +139,14 @@ def _publish(s: Settings, url: str, src: Any, o: _Opts) -> None:
 
 
 def _await_and_show(client: Any, frame_ids: list[str], names: dict[str, str], timeout: float,
-                    jsonl_path: str | None, sink: _Sink) -> None:
+                    jsonl_path: str | None, sink: Sink) -> None:
     from spotline.producer.client import ResultTimeout
 
     try:
         results = client.await_results(frame_ids, timeout=timeout)
     except ResultTimeout as exc:
-        raise _fail(exc) from None
-    with _jsonl(jsonl_path) as fh:
+        raise click.ClickException(str(exc)) from None
+    with jsonl(jsonl_path) as fh:
         sink.jsonl = fh
         for fid in frame_ids:
             sink(results[fid], names.get(fid))
@@ -298,14 +174,14 @@ def results(follow: bool, start: str | None, source_id: str | None, jsonl_path: 
     [left, top, width, height] per caption), optionally as JSON lines and annotated images."""
     from spotline.producer.client import Client
 
-    s = _ctx().settings
+    s = current().settings
     if annotate_dir and not manifest_path:
         raise click.UsageError("--annotate needs --manifest FILE (from `spotline publish "
                                "--manifest FILE`): the pipeline does not keep the images")
-    manifest = _read_manifest(manifest_path) if manifest_path else None
-    client = Client.connect(_url(s), s)
-    with _jsonl(jsonl_path) as fh:
-        sink = _Sink(fh, Path(annotate_dir) if annotate_dir else None, manifest)
+    manifest = read_manifest(manifest_path) if manifest_path else None
+    client = Client.connect(need_url(s), s)
+    with jsonl(jsonl_path) as fh:
+        sink = Sink(fh, Path(annotate_dir) if annotate_dir else None, manifest)
         try:
             if follow:
                 for _eid, result in client.subscribe(start or "$", source_id=source_id):
@@ -316,8 +192,6 @@ def results(follow: bool, start: str | None, source_id: str | None, jsonl_path: 
                 _replay(client, start or "0", source_id, count, sink)
         except KeyboardInterrupt:
             pass
-        except SpotlineError as exc:
-            raise _fail(exc) from None
         finally:
             client.close()
     if not follow and sink.count == 0:
@@ -325,7 +199,7 @@ def results(follow: bool, start: str | None, source_id: str | None, jsonl_path: 
 
 
 def _replay(client: Any, start: str, source_id: str | None, count: int | None,
-            sink: _Sink) -> None:
+            sink: Sink) -> None:
     last = start
     while True:
         rows = client.read_results(last)
@@ -358,13 +232,10 @@ def ingest(paths: tuple[str, ...], captions: tuple[str, ...], captions_file: str
     from spotline.producer.jobs import enqueue_ingest
     from spotline.producer.sources import load_captions
 
-    s = _ctx().settings
-    url = _url(s)
-    try:
-        caps = load_captions(captions, captions_file)
-        jobs = enqueue_ingest(paths, caps, s, url, queue_name=queue_name, source_id=source_id)
-    except SpotlineError as exc:
-        raise _fail(exc) from None
+    s = current().settings
+    url = need_url(s)
+    caps = load_captions(captions, captions_file)
+    jobs = enqueue_ingest(paths, caps, s, url, queue_name=queue_name, source_id=source_id)
     for job, path in zip(jobs, paths, strict=True):
         click.echo(f"{job.id}  {path}")
     click.echo(f"queued {len(jobs)} job(s) on {queue_name!r}; run `spotline jobs worker`",
@@ -384,7 +255,7 @@ def jobs_list(queue_name: str) -> None:
     progress (published/total, dropped, rejected) and the reason of failed ones."""
     from spotline.producer.jobs import list_jobs
 
-    rows = list_jobs(_url(_ctx().settings), queue_name)
+    rows = list_jobs(need_url(current().settings), queue_name)
     if not rows:
         click.echo("no jobs")
     for row in rows:
@@ -403,114 +274,11 @@ def jobs_worker(queue_name: str, burst: bool, fork: bool) -> None:
     or until the queue is empty with --burst."""
     from spotline.producer.jobs import run_jobs_worker
 
-    s = _ctx().settings
-    ran = run_jobs_worker(_url(s), queue_name, burst=burst, fork=fork,
+    s = current().settings
+    ran = run_jobs_worker(need_url(s), queue_name, burst=burst, fork=fork,
                           logging_level=s.log_level)
     if burst:
         click.echo("ran jobs" if ran else "no jobs to run", err=True)
 
 
 # --- eval --------------------------------------------------------------------------------------
-@click.command("eval")
-@click.argument("dataset", type=click.Path(exists=True))
-@click.option("--reference", is_flag=True,
-              help="Run in this process with the reference pipeline (the same stage code, no "
-              "Redis) instead of through the streaming pipeline.")
-@click.option("--t-max", default=30.0, show_default=True,
-              help="Speed score: 1 - min(t, t_max) / t_max over the whole run.")
-@click.option("--out", "out_dir", default="out/eval", show_default=True,
-              type=click.Path(file_okay=False), help="Where eval.json and eval.png go.")
-@click.option("--limit", type=int, default=None, help="Only the first N images.")
-@click.option("--batch-size", default=4, show_default=True,
-              help="Images sent together (each image's latency is its batch's time).")
-@click.option("--timeout", default=600.0, show_default=True,
-              help="Pipeline mode: seconds to wait for a batch's results.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-def eval_cmd(dataset: str, reference: bool, t_max: float, out_dir: str, limit: int | None,
-             batch_size: int, timeout: float, no_progress: bool) -> None:
-    """Score the method on a TIL-format DATASET (folder with vlm.jsonl and images/): accuracy
-    (mean round(IoU) over captions), speed score, latency p50/p95/p99 and accuracy per caption;
-    writes eval.json and eval.png to --out. Uses the running pipeline (`spotline up` or
-    SPOTLINE_REDIS_URL), else starts a local one; --reference runs in this process."""
-    from spotline.producer.dataset import load_til
-
-    s = _ctx().settings
-    if limit is not None and limit < 1:
-        raise click.UsageError("--limit must be >= 1")
-    try:
-        images = load_til(dataset)[:limit]
-        report = _run_eval(s, images, reference, t_max, batch_size, timeout, not no_progress)
-    except SpotlineError as exc:
-        raise _fail(exc) from None
-    _show_report(report)
-    from spotline.evaluate import write_report
-
-    json_path, png_path = write_report(report, out_dir)
-    click.echo(f"wrote {json_path} and {png_path}")
-
-
-def _run_eval(s: Settings, images: list[Any], reference: bool, t_max: float, batch_size: int,
-              timeout: float, progress: bool) -> Any:
-    from spotline.evaluate import evaluate
-    from spotline.up import LocalPipeline, running_url
-
-    if reference:
-        from spotline.reference import Reference
-
-        ref = Reference(s)
-
-        def identify(imgs: list[bytes], caps: list[list[str]]) -> list[Any]:
-            return [r.boxes for r in ref.identify(imgs, caps)]
-
-        return evaluate(images, identify, t_max=t_max, progress=progress, batch_size=batch_size)
-    url = running_url(s)
-    if url is not None:
-        return _eval_pipeline(s, url, images, t_max, batch_size, timeout, progress)
-    click.echo("no running pipeline: starting a local one (embedded redis-server, one worker "
-               "per stage)...", err=True)
-    with LocalPipeline(s) as local_url:
-        return _eval_pipeline(s, local_url, images, t_max, batch_size, timeout, progress)
-
-
-def _eval_pipeline(s: Settings, url: str, images: list[Any], t_max: float, batch_size: int,
-                   timeout: float, progress: bool) -> Any:
-    from spotline.evaluate import evaluate
-    from spotline.producer.client import Client
-    from spotline.producer.sources import validate_frame
-
-    client = Client.connect(url, s)
-
-    def identify(imgs: list[bytes], caps: list[list[str]]) -> list[Any]:
-        ids = [client.publish(img, c, source_id="eval", image_size=validate_frame(img, c, s))
-               for img, c in zip(imgs, caps, strict=True)]
-        found = client.await_results(ids, timeout=timeout)
-        return [found[f].boxes for f in ids]
-
-    try:
-        return evaluate(images, identify, t_max=t_max, progress=progress, batch_size=batch_size)
-    finally:
-        client.close()
-
-
-def _show_report(report: Any) -> None:
-    click.echo(f"accuracy     {report.accuracy:.4f}  ({report.n_captions} captions, "
-               f"{report.n_images} images)")
-    click.echo(f"speed score  {report.speed_score:.4f}  ({report.total_seconds:.2f} s, "
-               f"t_max {report.t_max:g} s)")
-    click.echo(f"latency      p50 {1000 * report.latency_p50:.1f} ms, p95 "
-               f"{1000 * report.latency_p95:.1f} ms, p99 {1000 * report.latency_p99:.1f} ms "
-               f"(per image)")
-    if report.errors:
-        click.echo(f"errors       {len(report.errors)} (first: {report.errors[0]['error']})")
-    if report.per_caption:
-        width = min(40, max(len(c) for c in report.per_caption))
-        click.echo("per caption:")
-        for caption, row in sorted(report.per_caption.items(),
-                                   key=lambda kv: (-kv[1]["accuracy"], kv[0])):
-            click.echo(f"  {caption[:width]:<{width}}  {row['accuracy']:.3f}  "
-                       f"({int(row['hits'])}/{int(row['n'])})")
-
-
-COMMANDS: list[click.Command] = [publish, results, ingest, jobs, eval_cmd]
-
-__all__ = ["COMMANDS", "eval_cmd", "ingest", "jobs", "publish", "results"]

@@ -1,0 +1,66 @@
+"""The `spotline` command line. Every subcommand has --help.
+
+One module per concern: pipeline (worker, up, serve, demo), feeds (publish, results, ingest,
+jobs), ops (models, dead, bench, eval); context holds the settings and the Redis URL, output
+how results are shown. A SpotlineError from any command becomes one clean error line here.
+Other command modules register themselves below with one ``cli.add_command(...)`` line.
+"""
+
+from __future__ import annotations
+
+import click
+
+from spotline.common.errors import SpotlineError
+from spotline.common.logs import setup_logging
+from spotline.common.settings import load_settings
+
+from . import feeds, ops, pipeline
+from .context import Ctx, need_url, pass_ctx
+
+
+class _Group(click.Group):
+    """The main group: a SpotlineError (bad input, config, Redis, model) anywhere below is a
+    ClickException, "Error: <what went wrong>" and exit status 1, with no traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except SpotlineError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="TOML or YAML settings file (also SPOTLINE_CONFIG).")
+@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR.")
+@click.pass_context
+def cli(ctx: click.Context, config_file: str | None, log_level: str | None) -> None:
+    """spotline: streaming visual grounding (YOLO -> Real-ESRGAN -> SigLIP) over Redis Streams.
+
+    Settings come from SPOTLINE_* environment variables and an optional --config file; see
+    docs/settings.md. With no SPOTLINE_REDIS_URL, `up` and `demo` run an embedded redis-server.
+    """
+    settings = load_settings(config_file=config_file, log_level=log_level)
+    setup_logging(settings.log_level)
+    ctx.obj = Ctx(settings)
+
+
+for _command in (pipeline.worker, pipeline.up, pipeline.serve, pipeline.demo, feeds.publish,
+                 feeds.results, feeds.ingest, feeds.jobs, ops.models, ops.dead, ops.bench,
+                 ops.eval_cmd):
+    cli.add_command(_command)
+cli.add_command(__import__("spotline.cli_sink", fromlist=["sink"]).sink)  # spotline sink
+cli.add_command(__import__("spotline.cli_sources", fromlist=["sources"]).sources)
+cli.add_command(__import__("spotline.cli_export", fromlist=["export"]).export)  # export
+__import__("spotline.soak", fromlist=["x"]).add_soak_options(ops.bench)  # bench --soak
+__import__("spotline.cli_track", fromlist=["x"]).add_video_options(ops.bench)  # bench --video
+__import__("spotline.cli_track", fromlist=["x"]).add_grounding_options(ops.eval_cmd)  # eval
+cli.add_command(__import__("spotline.cli_track", fromlist=["x"]).calibrate)  # spotline calibrate
+
+
+def main() -> None:
+    """The `spotline` console script."""
+    cli(prog_name="spotline")
+
+
+__all__ = ["Ctx", "cli", "main", "need_url", "pass_ctx"]

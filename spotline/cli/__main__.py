@@ -1,0 +1,5 @@
+"""`python -m spotline.cli`."""
+
+from spotline.cli import main
+
+main()
