@@ -327,7 +327,8 @@ class Supervisor:
                                                     args=[self.owner, self.lease_ms]), "lease"))
 
     def _end(self, sid: str, forget: bool) -> None:
-        feed = self.feeds.pop(sid)
+        """Stop a feed and wait for its thread; it leaves ``feeds`` last, once it is done."""
+        feed = self.feeds[sid]
         feed.stop.set()
         feed.thread.join(10)
         if feed.thread.is_alive():
@@ -338,6 +339,7 @@ class Supervisor:
             self.registry.forget(sid)
         else:
             self.registry.report(sid, feed.snapshot())
+        del self.feeds[sid]
         log.info("source=%s stopped", sid)
 
     def shutdown(self) -> None:
