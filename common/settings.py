@@ -165,6 +165,19 @@ def _validate_tracking(s: Settings) -> None:
             raise ConfigError(f"{key} must be >= 0, got {getattr(s, key)!r}")
 
 
+def _validate_choices(s: Settings) -> None:
+    """The settings that name one of a few choices."""
+    if s.models not in ("demo", "tiny"):
+        raise ConfigError(f"models must be demo or tiny, got {s.models!r}")
+    if s.backpressure not in BACKPRESSURE:
+        raise ConfigError(f"backpressure must be one of {BACKPRESSURE}, got {s.backpressure!r}")
+    if s.backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {BACKENDS}, got {s.backend!r}")
+    if s.export_precision not in PRECISIONS:
+        raise ConfigError(f"export_precision must be one of {PRECISIONS}, got "
+                          f"{s.export_precision!r}")
+
+
 def _validate(s: Settings) -> None:
     positive = ("imgsz", "max_det", "crops_per_part", "upscale_factor", "caption_cache_size",
                 "result_ttl_s", "results_maxlen", "visibility_timeout_ms", "max_deliveries",
@@ -182,15 +195,7 @@ def _validate(s: Settings) -> None:
                 "rate_limit"):
         if getattr(s, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(s, key)!r}")
-    if s.models not in ("demo", "tiny"):
-        raise ConfigError(f"models must be demo or tiny, got {s.models!r}")
-    if s.backpressure not in BACKPRESSURE:
-        raise ConfigError(f"backpressure must be one of {BACKPRESSURE}, got {s.backpressure!r}")
-    if s.backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {BACKENDS}, got {s.backend!r}")
-    if s.export_precision not in PRECISIONS:
-        raise ConfigError(f"export_precision must be one of {PRECISIONS}, got "
-                          f"{s.export_precision!r}")
+    _validate_choices(s)
     if "{caption}" not in s.prompt:
         raise ConfigError("prompt must contain '{caption}'")
     if not s.namespace or any(c in s.namespace for c in "{}: "):
