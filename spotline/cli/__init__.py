@@ -56,6 +56,9 @@ __import__("spotline.bench.soak", fromlist=["x"]).add_soak_options(ops.bench)  #
 __import__("spotline.cli_track", fromlist=["x"]).add_video_options(ops.bench)  # bench --video
 __import__("spotline.cli_track", fromlist=["x"]).add_grounding_options(ops.eval_cmd)  # eval
 cli.add_command(__import__("spotline.cli_track", fromlist=["x"]).calibrate)  # spotline calibrate
+cli.add_command(__import__("spotline.train.commands", fromlist=["x"]).data)  # data synth|crops
+cli.add_command(__import__("spotline.train.commands", fromlist=["x"]).finetune)  # finetune
+ops.models.add_command(__import__("spotline.train.commands", fromlist=["x"]).models_demo)
 
 
 def main() -> None:

@@ -150,7 +150,7 @@ def eval_cmd(dataset: str, reference: bool, t_max: float, out_dir: str, limit: i
         raise click.UsageError("--limit must be >= 1")
     images = load_til(dataset)[:limit]
     report = _run_eval(s, images, reference, t_max, batch_size, timeout, not no_progress)
-    _show_report(report)
+    _show_report(report, images)
     from spotline.evaluate import write_report
 
     json_path, png_path = write_report(report, out_dir)
@@ -201,9 +201,13 @@ def _eval_pipeline(s: Settings, url: str, images: list[Any], t_max: float, batch
         client.close()
 
 
-def _show_report(report: Any) -> None:
+def _show_report(report: Any, images: list[Any] | None = None) -> None:
     click.echo(f"accuracy     {report.accuracy:.4f}  ({report.n_captions} captions, "
                f"{report.n_images} images)")
+    if images:  # beside it: one of the image's true boxes picked at random (issue 12)
+        from spotline.train.demo import chance_of
+
+        click.echo(f"chance       {chance_of(images):.4f}  (1 / boxes in the caption's image)")
     click.echo(f"speed score  {report.speed_score:.4f}  ({report.total_seconds:.2f} s, "
                f"t_max {report.t_max:g} s)")
     click.echo(f"latency      p50 {1000 * report.latency_p50:.1f} ms, p95 "

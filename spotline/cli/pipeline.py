@@ -41,10 +41,12 @@ def worker(ctx: Ctx, stage: str, burst: bool, metrics_port: int | None,
 def up(ctx: Ctx, worker_specs: tuple[str, ...], metrics: bool, persist: bool) -> None:
     """Run the whole pipeline here: Redis (embedded unless SPOTLINE_REDIS_URL) and supervised
     workers for every stage. Ctrl-C or SIGTERM stops it (exit 0)."""
+    from spotline.train.demo import apply_demo_models
     from spotline.up import parse_workers, run_up
 
-    run_up(ctx.settings, parse_workers(worker_specs), metrics=metrics, persist=persist,
-           echo=click.echo)
+    # no weights configured: the demo models (models/demo/) with their settings (issue 12)
+    run_up(apply_demo_models(ctx.settings), parse_workers(worker_specs), metrics=metrics,
+           persist=persist, echo=click.echo)
 
 
 @click.command()
@@ -83,8 +85,10 @@ def serve(ctx: Ctx, host: str | None, port: int | None, metrics_port: int | None
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for results.")
 @pass_ctx
 def demo(ctx: Ctx, out_dir: str, timeout: float) -> None:
-    """Run the pipeline on ultralytics' bundled bus.jpg and zidane.jpg with a few captions:
-    print the boxes and write annotated images. Uses a running `spotline up` (or
+    """Run the pipeline on a few frames with captions: print the boxes and write annotated
+    images. With the demo models (the default when no weights are set): synthetic scenes of
+    coloured shapes, each box checked against the truth; else ultralytics' bundled bus.jpg and
+    zidane.jpg. Uses a running `spotline up` (or
     SPOTLINE_REDIS_URL) if there is one, else starts a local pipeline for the demo."""
     from spotline.demo import run_demo
     from spotline.up import running_url

@@ -125,14 +125,18 @@ def demo_scenes(n: int = 3) -> list[tuple[str, bytes, list[tuple[str, list[int]]
 
 
 # --- retraining --------------------------------------------------------------------------------
+def chance_of(images: list[Any]) -> float:
+    """Accuracy of picking one ground-truth box of the image at random: the mean over
+    captions of 1 / (boxes in the caption's image). ``images`` have ``annotations``."""
+    terms = [1.0 / len(img.annotations) for img in images for _ in img.annotations]
+    return sum(terms) / len(terms) if terms else 0.0
+
+
 def chance_accuracy(dataset: str | Path) -> float:
-    """Accuracy of picking one object of the image at random: mean over captions of
-    1 / (objects in the image)."""
+    """chance_of the records of a dataset."""
     from spotline.data.dataset import read_dataset
 
-    records = read_dataset(dataset).records
-    terms = [1.0 / len(r.annotations) for r in records for _ in r.annotations]
-    return sum(terms) / len(terms) if terms else 0.0
+    return chance_of(read_dataset(dataset).records)
 
 
 def _subset(src: Path, dst: Path, n: int) -> Path:
