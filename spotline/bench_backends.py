@@ -33,7 +33,7 @@ UPSCALE_CROP = (60, 100)  # height, width of the crop Real-ESRGAN upscales
 def _frame() -> np.ndarray:
     import cv2
 
-    from spotline.bench import synthetic_frame
+    from spotline.bench.runs import synthetic_frame
 
     return cv2.imdecode(np.frombuffer(synthetic_frame(0), np.uint8), cv2.IMREAD_COLOR)
 
@@ -229,6 +229,66 @@ def table(report: dict[str, Any]) -> str:
 
 def _ms(seconds: float) -> str:
     return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1000:.1f} ms"
+
+
+def model_paths(settings: Settings, real: bool) -> dict[str, str]:
+    """The real-size random architectures (written once under data_dir), or the configured
+    weights (tiny random models when none are set)."""
+    if real:
+        from spotline.bench.runs import ensure_real_size_models
+
+        found = ensure_real_size_models(settings.data_dir)
+        return {k: str(found[k]) for k in ("detector", "upscaler", "scorer")}
+    from spotline.stages.runtime import resolve_weights
+
+    paths = resolve_weights(settings)
+    return {"detector": str(paths.detector), "upscaler": str(paths.upscaler),
+            "scorer": str(paths.scorer)}
+
+
+def add_backends_options(command: Any) -> Any:
+    """Give the `bench` click command ``--backends`` (with ``--backend-runs``): with it, bench
+    times each model per backend instead of the pipeline figures (``--real`` for real-size
+    models; ``--json`` writes the report). Registered with one line where the CLI adds
+    `bench`."""
+    import functools
+
+    import click
+
+    command.params += [
+        click.Option(["--backends"], is_flag=True, help="Time each model per backend (torch, "
+                     "ONNX Runtime, OpenVINO; fp32 and int8, exported first when missing) and "
+                     "print each one's process RSS; --real for the real-size architectures."),
+        click.Option(["--backend-runs"], type=click.IntRange(1), default=None,
+                     help="Timed calls per model and backend after one warm-up [default: 3; "
+                     "1 with --real]."),
+    ]
+    original = command.callback
+
+    @functools.wraps(original)
+    def callback(*args: Any, backends: bool = False, backend_runs: int | None = None,
+                 **kwargs: Any) -> Any:
+        if not backends:
+            return original(*args, **kwargs)
+        from spotline.common.errors import SpotlineError
+
+        settings = click.get_current_context().find_root().obj.settings
+        real = bool(kwargs.get("real"))
+        runs = backend_runs or (1 if real else 3)
+        try:
+            report = bench_backends(settings, model_paths(settings, real), runs=runs,
+                                    say=lambda m: click.echo(m, err=True))
+        except SpotlineError as exc:
+            raise click.ClickException(str(exc)) from None
+        report["real"] = real
+        click.echo(table(report))
+        if kwargs.get("json_path"):
+            Path(kwargs["json_path"]).write_text(json.dumps(report, indent=2))
+            click.echo(f"wrote {kwargs['json_path']}")
+        return None
+
+    command.callback = callback
+    return command
 
 
 if __name__ == "__main__":  # the child process

@@ -170,7 +170,10 @@ def _quantize_static(src: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]
         quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True, weight_type=QuantType.QInt8,
                         activation_type=QuantType.QUInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method=CalibrationMethod.MinMax,
+                        # fold each input's ranges in at once: the calibrator otherwise keeps
+                        # every intermediate tensor of every input (GBs for SigLIP-large)
+                        extra_options={"CalibMaxIntermediateOutputs": 1})
 
 
 @contextlib.contextmanager

@@ -53,6 +53,7 @@ cli.add_command(__import__("spotline.cli_sink", fromlist=["sink"]).sink)  # spot
 cli.add_command(__import__("spotline.cli_sources", fromlist=["sources"]).sources)
 cli.add_command(__import__("spotline.cli_export", fromlist=["export"]).export)  # export
 __import__("spotline.bench.soak", fromlist=["x"]).add_soak_options(ops.bench)  # --soak
+__import__("spotline.bench_backends", fromlist=["x"]).add_backends_options(ops.bench)  # --backends
 __import__("spotline.cli_track", fromlist=["x"]).add_video_options(ops.bench)  # bench --video
 __import__("spotline.cli_track", fromlist=["x"]).add_grounding_options(ops.eval_cmd)  # eval
 cli.add_command(__import__("spotline.cli_track", fromlist=["x"]).calibrate)  # spotline calibrate
