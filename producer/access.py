@@ -26,7 +26,7 @@ from typing import Annotated
 from fastapi import HTTPException, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from ..common.errors import ConfigError
+from ..common.errors import ConfigError, TransportError
 from ..common.settings import Settings
 from ..common.transport import Transport
 
@@ -155,7 +155,10 @@ class Access:
                                 "Authorization: Bearer)" if key is None else "invalid API key",
                                 headers={"WWW-Authenticate": "Bearer"})
         if self.limiter is not None:
-            wait = self.limiter.take(caller)
+            try:
+                wait = self.limiter.take(caller)
+            except TransportError as exc:
+                raise HTTPException(503, f"pipeline unavailable: {exc}") from None
             if wait > 0:
                 retry = max(1, math.ceil(wait))
                 raise HTTPException(429, f"rate limit of {self.limiter.rate:g} requests/s "
