@@ -15,11 +15,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from ..common.codec import decode, encode
 from ..common.envelope import Envelope, Result, new_frame_id
 from ..common.errors import DecodeError, SpotlineError
+from ..common.images import image_size as read_image_size
+from ..common.limits import check_frame
 from ..common.settings import Settings, load_settings
 from ..common.topology import FRAMES
 from ..common.transport import DATA_FIELD, Transport
-from .sources import check_frame
-from .sources import image_size as read_image_size
 
 
 class ResultTimeout(SpotlineError):

@@ -26,12 +26,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from tqdm import tqdm
+
 from ..common.errors import InputError
 from ..common.metrics import Metrics
 from ..common.settings import BACKPRESSURE, Settings
 from .client import Client
 from .sources import Source, SourceFrame, validate_frame
-from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class _Publisher:
 
     # --- backpressure ------------------------------------------------------------------------
     def backlog(self) -> int:
-        return self.client.t.backlog("detect")
+        return self.client.backlog()
 
     def over_high_water(self) -> bool:
         return self.backlog() >= self.settings.high_water
@@ -128,7 +129,7 @@ class _Publisher:
         if now - self._last_report < REPORT_EVERY_S:
             return
         self._last_report = now
-        alive = self.client.t.workers_alive("detect")
+        alive = self.client.workers_alive()
         log.warning("%s: still waiting after %.0fs: detect backlog %d >= high_water %d%s",
                     self.sid, waited, backlog, self.settings.high_water,
                     "" if alive else " (no detect worker is running)")

@@ -3,8 +3,9 @@
 ``open_source(spec, captions)`` picks the kind from the spec and checks that it can be read;
 iterating a source yields ``SourceFrame``s with the image bytes as the feed sent them (video
 frames JPEG-encoded). Live sources (cameras, streams) reopen with exponential backoff when the
-feed is lost and raise ``InputError`` once the attempts are spent. ``check_frame`` and
-``image_size`` are the limits every frame must pass before it enters the pipeline.
+feed is lost and raise ``InputError`` once the attempts are spent. ``check_frame``,
+``validate_frame`` (common/limits.py) and ``image_size`` (common/images.py), re-exported
+here, are the limits every frame must pass before it enters the pipeline.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import cv2
 import numpy as np
 
 from ..common.errors import InputError
-from ..common.images import encode_jpeg, image_size
-from ..common.limits import check_captions
-from ..common.settings import Settings
+from ..common.images import encode_jpeg
+from ..common.images import image_size as image_size  # re-exported: the producers' check
+from ..common.limits import check_frame as check_frame  # re-exported
+from ..common.limits import validate_frame as validate_frame  # re-exported
 from .dataset import DATASET_FILE, TilImage, load_til
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
@@ -449,20 +451,3 @@ def load_captions(captions: Iterable[str], captions_file: str | Path | None = No
             raise InputError(f"captions file {captions_file} is not UTF-8 text") from None
         out.extend(line.strip() for line in text.splitlines() if line.strip())
     return tuple(out)
-
-
-def check_frame(image: Any, captions: Any, settings: Settings) -> None:
-    """Raise InputError unless the image bytes and captions are within the settings' limits."""
-    if not isinstance(image, (bytes, bytearray, memoryview)):
-        raise InputError(f"image must be bytes, got {type(image).__name__}")
-    if not len(image):
-        raise InputError("empty image")
-    if len(image) > settings.max_frame_bytes:
-        raise InputError(f"image too large: {len(image)} bytes > {settings.max_frame_bytes}")
-    check_captions(captions, settings)
-
-
-def validate_frame(image: bytes, captions: Any, settings: Settings) -> tuple[int, int]:
-    """check_frame then image_size: the image's (width, height) if the frame is acceptable."""
-    check_frame(image, captions, settings)
-    return image_size(bytes(image), settings)
