@@ -14,10 +14,10 @@ joins a frame's parts and publishes its one result (``RESULT``: not a stream).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from .settings import Settings
+# Settings is passed in, not imported: settings.py reads STAGES from here.
+Settings = Any
 
 STAGES = ("detect", "upscale", "score", "collect")
 FRAMES = STAGES[0]  # the stage whose inbox producers write: the frames inbox
