@@ -17,7 +17,7 @@ from ..common.images import crop_boxes, decode_bgr8, swap_rb
 from ..common.limits import check_captions
 from ..common.settings import Settings
 from ..common.topology import COLLECT, TRACK, next_stage
-from . import runtime
+from . import backends, runtime
 from .base import Routed, Stage
 from .libs import offline_env, undo_ultralytics_pil_patch
 
@@ -40,15 +40,26 @@ class Detect(Stage):
         self.crop_cap = 0
 
     def setup(self) -> None:
-        """Load the YOLO weights (.pt or architecture .yaml) and warm up."""
+        """Load the YOLO weights (.pt or architecture .yaml), or their export (settings
+        ``backend``: no torch then), and warm up."""
         paths = runtime.resolve_weights(self.settings)
-        self.device = runtime.resolve_device(self.settings)
-        self.half = runtime.use_half(self.settings, self.device)
-        self.model = load_detector(paths.detector)
-        # after the import: importing Ultralytics turns OpenCV's threads off
-        runtime.set_threads(self.settings, self.name)
-        self.model_name = paths.detector.name
-        self.device_name = self.device
+        precision = self.settings.export_precision
+        backend = backends.choose_backend(self.settings.backend, paths.detector, precision,
+                                          self.settings.device)
+        if backend == "torch":
+            self.device = runtime.resolve_device(self.settings)
+            self.half = runtime.use_half(self.settings, self.device)
+            self.model = load_detector(paths.detector)
+            # after the import: importing Ultralytics turns OpenCV's threads off
+            runtime.set_threads(self.settings, self.name)
+            self.model_name = paths.detector.name
+            self.device_name = self.device
+        else:
+            self.model = backends.load_detector(paths.detector, backend, precision,
+                                                runtime.threads_for(self.settings, self.name),
+                                                self.settings.device)
+            self.model_name = f"{paths.detector.name} ({backend} {precision})"
+            self.device_name = self.model.engine.provider
         if not self.settings.upscale:
             self.crop_cap = runtime.scorer_input_size(self.settings, paths.scorer)
         blank = np.zeros((WARMUP_SIZE[1], WARMUP_SIZE[0], 3), np.uint8)
@@ -87,6 +98,9 @@ def load_detector(path: Any) -> Any:
 def detect_frames(model: Any, images: list[np.ndarray], settings: Settings, device: str = "cpu",
                   half: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
     """(boxes float32 N×4 xyxy, scores float32 N) per BGR image, best first."""
+    if isinstance(model, backends.ExportedDetector):  # letterbox, TTA and NMS in numpy
+        return [model.predict(image, settings.imgsz, settings.conf, settings.iou,
+                              settings.max_det, settings.tta) for image in images]
     found: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros((0, 4), np.float32),
                                                    np.zeros(0, np.float32))] * len(images)
     for indices in predict_groups(images, device):

@@ -14,7 +14,7 @@ from ..common.envelope import Envelope
 from ..common.errors import ModelError
 from ..common.settings import Settings
 from ..common.topology import next_stage
-from . import runtime
+from . import backends, runtime
 from .base import Routed, Stage, check_crops
 from .libs import offline_env
 
@@ -39,12 +39,25 @@ class Score(Stage):
         self.cache: OrderedDict[str, Any] = OrderedDict()
         self.cache_hits = 0
         self.cache_misses = 0
+        self.exported: backends.ExportedScorer | None = None
 
     def setup(self) -> None:
-        """Load the model and processor from a local directory."""
+        """Load the model and processor from a local directory, or the exported towers
+        (settings ``backend``: numpy, tokenizers and one runtime; no torch)."""
+        paths = runtime.resolve_weights(self.settings)
+        precision = self.settings.export_precision
+        backend = backends.choose_backend(self.settings.backend, paths.scorer, precision,
+                                          self.settings.device)
+        if backend != "torch":
+            self.exported = backends.load_scorer(
+                paths.scorer, backend, precision, runtime.threads_for(self.settings, self.name),
+                self.settings.device)
+            self.max_length = self.exported.max_length
+            self.model_name = f"{paths.scorer.name} ({backend} {precision})"
+            self.device_name = self.exported.vision.provider
+            return
         import torch
 
-        paths = runtime.resolve_weights(self.settings)
         self.device = runtime.resolve_device(self.settings)
         runtime.set_threads(self.settings, self.name)
         half = runtime.use_half(self.settings, self.device)
@@ -58,7 +71,7 @@ class Score(Stage):
 
     def process(self, batch: list[Envelope]) -> list[Routed]:
         """All crops of the batch through the image tower at once; C×N scores per envelope."""
-        if self.model is None:
+        if self.model is None and self.exported is None:
             self.setup()
         for env in batch:
             check_crops(env)
@@ -78,8 +91,6 @@ class Score(Stage):
     # --- embeddings ----------------------------------------------------------------------------
     def text_embeds(self, captions: tuple[str, ...]) -> Any:
         """Normalised text embeddings (C×D, float32), from the LRU cache where possible."""
-        import torch
-
         missing = list(dict.fromkeys(c for c in captions if c not in self.cache))
         self.cache_hits += len(captions) - sum(1 for c in captions if c in missing)
         self.cache_misses += len(missing)
@@ -91,14 +102,20 @@ class Score(Stage):
         embeds = [self.cache[c] for c in captions]
         while len(self.cache) > self.settings.caption_cache_size:
             self.cache.popitem(last=False)
+        if self.exported is not None:
+            return np.stack(embeds) if embeds else np.zeros((0, 1), np.float32)
+        import torch
+
         if not embeds:
             return torch.zeros((0, 1), dtype=torch.float32, device=self.device)
         return torch.stack(embeds)
 
     def _encode_texts(self, captions: list[str]) -> Any:
+        prompts = [self.settings.prompt.format(caption=c) for c in captions]
+        if self.exported is not None:
+            return list(self.exported.text_embeds(prompts))
         import torch
 
-        prompts = [self.settings.prompt.format(caption=c) for c in captions]
         enc = self.processor.tokenizer(prompts, padding="max_length", truncation=True,
                                        max_length=self.max_length, return_tensors="pt")
         kwargs = {"input_ids": enc["input_ids"].to(self.device)}
@@ -110,6 +127,8 @@ class Score(Stage):
 
     def image_embeds(self, crops: list[np.ndarray]) -> Any:
         """Normalised image embeddings (N×D, float32) of RGB crops, in chunks."""
+        if self.exported is not None:
+            return self.exported.image_embeds(crops, IMAGE_CHUNK)
         import torch
 
         if not crops:
@@ -134,6 +153,8 @@ class Score(Stage):
 
     def logits_to_scores(self, texts: Any, images: Any) -> np.ndarray:
         """C×N float32: SiglipModel's logits_per_text through a sigmoid (CLIP: the logits)."""
+        if self.exported is not None:
+            return self.exported.scores(texts, images)
         import torch
 
         if texts.shape[0] == 0 or images.shape[0] == 0:

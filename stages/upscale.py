@@ -16,7 +16,7 @@ from ..common.errors import ModelError
 from ..common.images import cap_crop, swap_rb
 from ..common.settings import Settings
 from ..common.topology import next_stage
-from . import runtime
+from . import backends, runtime
 from .base import Routed, Stage, check_crops
 from .libs import torchvision_shim
 
@@ -34,15 +34,26 @@ class Upscale(Stage):
         self.crop_cap = 0
 
     def setup(self) -> None:
-        """Load the Real-ESRGAN weights (architecture inferred from the state dict)."""
+        """Load the Real-ESRGAN weights (architecture inferred from the state dict), or their
+        export (settings ``backend``: no torch then)."""
         paths = runtime.resolve_weights(self.settings)
-        device = runtime.resolve_device(self.settings)
-        runtime.set_threads(self.settings, self.name)
-        self.upsampler = load_upscaler(paths.upscaler, device,
-                                       runtime.use_half(self.settings, device))
+        precision = self.settings.export_precision
+        backend = backends.choose_backend(self.settings.backend, paths.upscaler, precision,
+                                          self.settings.device)
+        if backend == "torch":
+            device = runtime.resolve_device(self.settings)
+            runtime.set_threads(self.settings, self.name)
+            self.upsampler = load_upscaler(paths.upscaler, device,
+                                           runtime.use_half(self.settings, device))
+            self.model_name = paths.upscaler.name
+            self.device_name = device
+        else:
+            self.upsampler = backends.load_upscaler(
+                paths.upscaler, backend, precision, runtime.threads_for(self.settings, self.name),
+                self.settings.device)
+            self.model_name = f"{paths.upscaler.name} ({backend} {precision})"
+            self.device_name = self.upsampler.engine.provider
         self.crop_cap = runtime.scorer_input_size(self.settings, paths.scorer)
-        self.model_name = paths.upscaler.name
-        self.device_name = device
 
     def process(self, batch: list[Envelope]) -> list[Routed]:
         """Upscale every crop of every envelope; route each envelope onward."""
@@ -71,6 +82,8 @@ def upscale_crop(upsampler: Any, crop: np.ndarray, settings: Settings) -> np.nda
     """One RGB crop upscaled by ``upscale_factor`` (RGB in, RGB out; enhance works in BGR)."""
     if min(crop.shape[:2]) <= settings.upscale_skip_side:
         return crop
+    if isinstance(upsampler, backends.ExportedUpscaler):  # RGB in, RGB out
+        return upsampler.enhance(crop, pre_pad_for(crop, settings), settings.upscale_factor)
     upsampler.pre_pad = pre_pad_for(crop, settings)
     out, _mode = upsampler.enhance(swap_rb(crop), outscale=settings.upscale_factor)
     return swap_rb(out)

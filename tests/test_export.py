@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 import pytest
 
+from spotline.common.envelope import Envelope
 from spotline.common.errors import ModelError
 from spotline.common.settings import Settings, load_settings
 from spotline.export import export_model
@@ -247,3 +248,78 @@ def test_export_command(tiny: dict[str, Path], tmp_path: Path) -> None:
     assert f"upscaler: {source} -> {export_dir(source)} (onnx-fp32;" in out.stdout
     assert read_manifest(export_dir(source)).files == {
         "onnx-fp32": {"path": "onnx-fp32/upscaler.onnx"}}
+
+
+# --- the stages on exported models ----------------------------------------------------------
+def _frame_env(image: bytes, fid: str, *captions: str) -> Envelope:
+    return Envelope(frame_id=fid, captions=captions or ("red bus",), image=image)
+
+
+def _photo_bytes(name: str) -> bytes:
+    return (libs.ultralytics_assets() / name).read_bytes()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_stages_on_exported_models_match_torch(tiny: dict[str, Path], engine: str) -> None:
+    """Detect → Upscale → Score with backend=onnx/openvino give torch's boxes (±1 px) and
+    scores (±1e-3) on the same frames, TTA on."""
+    from spotline.stages.detect import Detect
+    from spotline.stages.score import Score
+    from spotline.stages.upscale import Upscale
+
+    frames = [_frame_env(_photo_bytes("bus.jpg"), "b", "grey missile", "red bus"),
+              _frame_env(_photo_bytes("zidane.jpg"), "z", "man with a tie")]
+    runs = {}
+    for backend in ("torch", engine):
+        settings = _settings(tiny, backend=backend, tta=True, max_det=4)
+        stages = [Detect(settings), Upscale(settings), Score(settings)]
+        for stage in stages:
+            stage.setup()
+        if backend != "torch":
+            assert all(f"({engine} fp32)" in s.model_name for s in stages)
+        envs = [env for _, env in stages[0].process(frames)]
+        envs = [env for _, env in stages[1].process(envs)]
+        runs[backend] = [env for _, env in stages[2].process(envs)]
+    assert len(runs["torch"]) == len(runs[engine]) > 0
+    for ref, out in zip(runs["torch"], runs[engine], strict=True):
+        assert (ref.frame_id, ref.part, ref.nparts) == (out.frame_id, out.part, out.nparts)
+        assert np.abs(ref.boxes - out.boxes).max() <= 1.0
+        assert ref.scores.shape == out.scores.shape
+        assert np.abs(ref.scores - out.scores).max() <= 1e-3
+
+
+STAGE_WORKER = """
+import json, sys
+from spotline.common.envelope import Envelope
+from spotline.common.settings import load_settings
+from spotline.stages import load_stage
+settings = load_settings()
+image = open(sys.argv[1], "rb").read()
+envs = [Envelope(frame_id="f", captions=("red bus",), image=image)]
+for name in ("detect", "upscale", "score"):
+    stage = load_stage(name, settings)
+    stage.setup()
+    envs = [env for _, env in stage.process(envs)]
+import psutil
+print(json.dumps({"heavy": sorted(m for m in ("torch", "ultralytics", "transformers",
+                                              "torchvision") if m in sys.modules),
+                  "rss_mb": psutil.Process().memory_info().rss / 2**20,
+                  "scores": [env.scores.tolist() for env in envs]}))
+"""
+
+
+def test_stage_workers_on_exports_stay_light(tiny: dict[str, Path]) -> None:
+    """The detect, upscale and score stages with backend=openvino (and onnx) run in a process
+    that never imports torch, Ultralytics or transformers."""
+    from .conftest import child_env
+
+    for engine in ENGINES:
+        settings = _settings(tiny, backend=engine)
+        out = subprocess.run([sys.executable, "-c", STAGE_WORKER,
+                              str(libs.ultralytics_assets() / "bus.jpg")],
+                             env=child_env(settings, ""), cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        report = json.loads(out.stdout.strip().splitlines()[-1])
+        assert report["heavy"] == [], engine
+        assert report["scores"], engine
