@@ -145,6 +145,23 @@ class Score(Stage):
             parts.append(_normalise(_pooled(feats)))
         return torch.cat(parts)
 
+    def image_array(self, crops: list[np.ndarray]) -> np.ndarray:
+        """Normalised image embeddings as a float32 numpy array, whatever the backend."""
+        embeds = self.image_embeds(crops)
+        return embeds if isinstance(embeds, np.ndarray) else embeds.float().cpu().numpy()
+
+    def scores_for(self, captions: tuple[str, ...], embeds: np.ndarray) -> np.ndarray:
+        """Captions × crops scores for image embeddings kept as numpy (e.g. per track)."""
+        texts = self.text_embeds(captions)
+        if len(embeds) == 0:
+            return np.zeros((len(captions), 0), np.float32)
+        images = np.ascontiguousarray(embeds, np.float32)
+        if self.exported is None:
+            import torch
+
+            images = torch.from_numpy(images).to(texts.device)
+        return self.logits_to_scores(texts, images)
+
     # --- scores ---------------------------------------------------------------------------------
     @property
     def is_siglip(self) -> bool:

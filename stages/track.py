@@ -190,17 +190,11 @@ class Embedder:
             env = Envelope(frame_id=frame_id, crops=tuple(crops),
                            boxes=np.zeros((len(crops), 4), np.float32))
             crops = list(self.upscale.process([env])[0][1].crops)  # type: ignore[union-attr]
-        return self.score.image_embeds(list(crops)).float().cpu().numpy()
+        return self.score.image_array(list(crops))
 
     def scores(self, captions: Sequence[str], embeds: np.ndarray) -> np.ndarray:
         """Captions × boxes scores (the score stage's formula) for image embeddings."""
-        import torch
-
-        texts = self.score.text_embeds(tuple(captions))
-        if len(embeds) == 0:
-            return np.zeros((len(captions), 0), np.float32)
-        images = torch.from_numpy(np.ascontiguousarray(embeds, np.float32)).to(texts.device)
-        return self.score.logits_to_scores(texts, images)
+        return self.score.scores_for(tuple(captions), embeds)
 
 
 def combine(plan: Plan, fresh: np.ndarray,

@@ -323,3 +323,23 @@ def test_stage_workers_on_exports_stay_light(tiny: dict[str, Path]) -> None:
         report = json.loads(out.stdout.strip().splitlines()[-1])
         assert report["heavy"] == [], engine
         assert report["scores"], engine
+
+
+def test_track_embedder_on_exported_models(tiny: dict[str, Path]) -> None:
+    """The track stage's embedder (upscale + score on chosen crops) gives torch's embeddings
+    and scores on the exported models too."""
+    from spotline.stages.track import Embedder
+
+    crops = _crops()[5:]
+    captions = ("grey missile", "red bus")
+    out = {}
+    for backend in ("torch", "openvino"):
+        embedder = Embedder(_settings(tiny, backend=backend))
+        embedder.setup()
+        embeds = embedder.embed("f", crops)
+        out[backend] = (embeds, embedder.scores(captions, embeds),
+                        embedder.scores(captions, embeds[:0]))
+    (ref_e, ref_s, ref_empty), (e, s, empty) = out["torch"], out["openvino"]
+    assert isinstance(e, np.ndarray) and e.shape == ref_e.shape
+    assert np.abs(e - ref_e).max() <= 1e-3 and np.abs(s - ref_s).max() <= 1e-3
+    assert empty.shape == ref_empty.shape == (2, 0)
