@@ -236,18 +236,24 @@ def test_static_int8_with_a_calibration_set(tiny: dict[str, Path], tmp_path: Pat
 
 def test_export_command(tiny: dict[str, Path], tmp_path: Path) -> None:
     """`spotline export` exports the configured checkpoint and says where it put it."""
-    from .conftest import child_env
+    from click.testing import CliRunner
+
+    from spotline.cli import cli
 
     source = tmp_path / "upscaler.pth"
     shutil.copyfile(tiny["upscaler"], source)
-    settings = _settings(tiny).replace(upscaler_weights=str(source))
-    out = subprocess.run([sys.executable, "-m", "spotline", "export", "--model", "upscaler",
-                          "--engine", "onnx"], env=child_env(settings, ""), cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert f"upscaler: {source} -> {export_dir(source)} (onnx-fp32;" in out.stdout
+    env = {"SPOTLINE_UPSCALER_WEIGHTS": str(source),
+           "SPOTLINE_DETECTOR_WEIGHTS": str(tiny["detector"]),
+           "SPOTLINE_SCORER_DIR": str(tiny["scorer"])}
+    result = CliRunner().invoke(cli, ["export", "--model", "upscaler", "--engine", "onnx"],
+                                env=env)
+    assert result.exit_code == 0, result.output
+    assert f"upscaler: {source} -> {export_dir(source)} (onnx-fp32;" in result.output
     assert read_manifest(export_dir(source)).files == {
         "onnx-fp32": {"path": "onnx-fp32/upscaler.onnx"}}
+    bad = CliRunner().invoke(cli, ["export", "--model", "upscaler", "--calibration",
+                                   str(tmp_path)], env=env)
+    assert bad.exit_code != 0 and "no readable images for int8 calibration" in bad.output
 
 
 # --- the stages on exported models ----------------------------------------------------------
@@ -343,3 +349,20 @@ def test_track_embedder_on_exported_models(tiny: dict[str, Path]) -> None:
     assert isinstance(e, np.ndarray) and e.shape == ref_e.shape
     assert np.abs(e - ref_e).max() <= 1e-3 and np.abs(s - ref_s).max() <= 1e-3
     assert empty.shape == ref_empty.shape == (2, 0)
+
+
+def test_bench_backends_reports_time_and_memory(tiny: dict[str, Path]) -> None:
+    """`bench --backends`' measurement on one model: a time, an RSS and the heavy imports per
+    backend (figures, not targets: only their presence is checked)."""
+    from spotline.bench_backends import bench_backends, table
+
+    paths = {k: str(v) for k, v in tiny.items()}
+    report = bench_backends(_settings(tiny), paths, runs=1, engines=("onnx",),
+                            precisions=("fp32",), cases=("upscaler",), say=lambda _m: None)
+    row = report["cases"]["upscaler"]
+    assert set(row) == {"torch", "onnx-fp32"}
+    assert row["torch"]["heavy_imports"] and row["onnx-fp32"]["heavy_imports"] == []
+    for figures in row.values():
+        assert figures["median_s"] > 0 and figures["rss_mb"] > 0
+    assert row["onnx-fp32"]["speedup"] > 0
+    assert "| upscaler |" in table(report)
