@@ -78,15 +78,15 @@ class Settings:
         "help": "track mode: detect → track (ByteTrack, reuse, evidence) → collect"})
     track_keyframe_every: int = field(default=10, metadata={
         "help": "a track's crop is embedded again at least every this many frames"})
-    track_min_iou: float = field(default=0.7, metadata={
+    track_min_iou: float = field(default=0.5, metadata={
         "help": "embed again when the box's IoU with the box last embedded is below this"})
     track_max_size_change: float = field(default=0.2, metadata={
         "help": "embed again when width or height changed by more than this share"})
-    track_decay: float = field(default=0.8, metadata={
+    track_decay: float = field(default=0.7, metadata={
         "help": "evidence weight of a frame one frame later (decaying log-odds)"})
-    track_margin: float = field(default=0.5, metadata={
+    track_margin: float = field(default=0.2, metadata={
         "help": "log-odds lead another track needs to take a caption"})
-    track_switch_frames: int = field(default=3, metadata={
+    track_switch_frames: int = field(default=2, metadata={
         "help": "consecutive frames of lead before a caption switches track"})
     track_buffer: int = field(default=30, metadata={"help": "frames a lost track is kept"})
     track_reorder_ms: int = field(default=200, metadata={

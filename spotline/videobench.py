@@ -17,6 +17,7 @@ and recall of the abstentions.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -33,7 +34,7 @@ from .common.settings import Settings
 from .stages import calibration as calib
 from .stages.assign import assign
 from .stages.collect import ltwh
-from .stages.track import TrackOptions
+from .stages.track import TrackOptions, options_from
 from .trackmode import FrameAnswer, FrameModels, PerFrame, Tracked
 
 BoxLTWH = tuple[float, float, float, float]
@@ -244,7 +245,9 @@ def video_bench(settings: Settings, clips_dir: str | Path, max_clips: int = 4,
                 max_frames: int = 60, options: TrackOptions | None = None, absent: int = 0,
                 abstain_below: float = 0.5, vocabulary: Sequence[str] = ()) -> dict[str, Any]:
     """Both modes on the same clips; a JSON-friendly report."""
-    options = options or TrackOptions()
+    # The settings' track mode (keyframes, IoU, evidence, joint), without abstaining: "not in
+    # view" is measured on its own below.
+    options = options or dataclasses.replace(options_from(settings), abstain_below=None)
     folders = find_clips(clips_dir)[:max_clips]
     clips = [(f.name, with_absent(load_clip(f, max_frames), vocabulary, absent, seed=i))
              for i, f in enumerate(folders)]
@@ -284,9 +287,7 @@ def _not_in_view(models: FrameModels, clips: list[tuple[str, list[VideoFrame]]],
         cal = calib.fit(scores, labels, "temperature")
     except ValueError as exc:  # e.g. no right box at all among the fitting clips
         return {**out, "error": f"cannot fit a calibration: {exc}"}
-    abstaining = TrackOptions(tracker=options.tracker, reuse=options.reuse,
-                              evidence=options.evidence, joint=options.joint,
-                              abstain_below=threshold)
+    abstaining = dataclasses.replace(options, abstain_below=threshold)
     tallies = run_modes(held_out, {"with": Tracked(models, abstaining, calibration=cal),
                                    "without": Tracked(models, options)})
     with_cal, without = tallies["with"], tallies["without"]
