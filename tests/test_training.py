@@ -306,3 +306,21 @@ def test_finetune_runs_as_an_rq_job_with_progress_in_meta(redis_server, tiny_set
     assert [e["epoch"] for e in done.meta["epochs_done"]] == [1, 2]
     result = done.return_value()
     assert Path(result["model"]).is_dir() and len(result["epochs"]) == 2
+
+
+def test_demo_models_apply_only_without_weights_and_keep_user_settings(tmp_path: Path) -> None:
+    from spotline.train import demo
+
+    (tmp_path / demo.SETTINGS_FILE).write_text(
+        'detector_weights = "models/demo/detector.pt"\nscorer_dir = "models/demo/scorer"\n'
+        "upscale = false\nimgsz = 448\ntta = false\n")
+    applied = demo.apply_demo_models(load_settings(env={}, conf=0.3), tmp_path)
+    assert applied.detector_weights == str((demo.REPO / "models/demo/detector.pt").resolve())
+    assert (applied.imgsz, applied.tta, applied.upscale, applied.conf) == (448, False, False, 0.3)
+    assert demo.is_demo(applied, tmp_path)
+    user = load_settings(env={}, imgsz=640)
+    assert demo.apply_demo_models(user, tmp_path).imgsz == 640  # what the user set stays
+    for kept in (load_settings(env={}, models="tiny"),
+                 load_settings(env={}, scorer_dir=str(tmp_path))):
+        assert demo.apply_demo_models(kept, tmp_path) == kept
+    assert demo.apply_demo_models(load_settings(env={}), tmp_path / "none").imgsz == 1600
