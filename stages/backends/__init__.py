@@ -33,7 +33,8 @@ def choose_backend(requested: str, source: Path | str, precision: str = "fp32",
     ``auto`` takes the fastest one that has an export of ``source`` at ``precision`` and an
     installed runtime: OpenVINO on x86 CPUs (3.6–4.6× torch on this machine's models, against
     1.7–1.9× for ONNX Runtime; docs/performance.md), ONNX Runtime elsewhere or on a CUDA
-    device (its CUDA/TensorRT providers), and torch when there is no export."""
+    device (``device`` cuda, or auto with a CUDA build of ONNX Runtime: its CUDA/TensorRT
+    providers), and torch when there is no export."""
     if requested not in BACKENDS:
         raise ModelError(f"backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
     if requested != "auto":
@@ -41,12 +42,22 @@ def choose_backend(requested: str, source: Path | str, precision: str = "fp32",
     if not has_exports(source):
         return "torch"
     manifest = read_manifest(export_dir(source))
-    cuda = device.startswith("cuda")
+    cuda = device.startswith("cuda") or (device == "auto" and onnx_has_cuda())
     order = ("onnx", "openvino") if cuda or not x86_cpu() else ("openvino", "onnx")
     for engine in order:
         if manifest.has(engine, precision) and available(engine):
             return engine
     return "torch"
+
+
+def onnx_has_cuda() -> bool:
+    """Whether the installed ONNX Runtime build has the CUDA (or TensorRT) provider."""
+    if not available("onnx"):
+        return False
+    import onnxruntime as ort
+
+    return bool({"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+                & set(ort.get_available_providers()))
 
 
 def _checked(source: Path | str, kind: str, engine: str,
