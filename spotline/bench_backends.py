@@ -172,9 +172,10 @@ def bench_backends(settings: Settings, paths: dict[str, str], runs: int = 3,
                    engines: Sequence[str] = ("onnx", "openvino"),
                    precisions: Sequence[str] = ("fp32", "int8"),
                    cases: Sequence[str] = tuple(c for c, _ in CASES), threads: int = 0,
-                   say: Callable[[str], None] = print,
-                   timeout_s: float = 1800.0) -> dict[str, Any]:
-    """{case: {"torch": figures, "onnx-fp32": figures, ...}} with speed-ups against torch."""
+                   say: Callable[[str], None] = print, timeout_s: float = 1800.0,
+                   skip: Sequence[str] = ()) -> dict[str, Any]:
+    """{case: {"torch": figures, "onnx-fp32": figures, ...}} with speed-ups against torch;
+    ``skip`` leaves out some "engine-precision" keys."""
     from spotline.stages import backends, runtime
 
     threads = threads or runtime.cpu_count()
@@ -188,6 +189,8 @@ def bench_backends(settings: Settings, paths: dict[str, str], runs: int = 3,
         for backend, precision in [("torch", "fp32"), *((e, p) for p in precisions
                                                          for e in engines)]:
             key = backend if backend == "torch" else f"{backend}-{precision}"
+            if key in skip:
+                continue
             spec = {"case": case, "backend": backend, "precision": precision, "paths": paths,
                     "runs": runs, "threads": threads}
             row[key] = run_child(spec, settings, timeout_s)
