@@ -366,3 +366,18 @@ def test_bench_backends_reports_time_and_memory(tiny: dict[str, Path]) -> None:
         assert figures["median_s"] > 0 and figures["rss_mb"] > 0
     assert row["onnx-fp32"]["speedup"] > 0
     assert "| upscaler |" in table(report)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3000), (3000, 1), (31, 33)])
+def test_exported_detector_takes_any_frame_shape(tiny: dict[str, Path],
+                                                 shape: tuple[int, int]) -> None:
+    """Thin, tiny and odd-sized frames letterbox and predict (with TTA too) without error,
+    boxes inside the frame."""
+    for engine in ENGINES:
+        model = backends.load_detector(tiny["detector"], engine)
+        for tta in (False, True):
+            boxes, scores = model.predict(np.full((*shape, 3), 200, np.uint8), 320, 0.1, 0.1,
+                                          10, tta)
+            assert boxes.shape == (len(scores), 4)
+            assert (boxes[:, [0, 2]] <= shape[1]).all() and (boxes[:, [1, 3]] <= shape[0]).all()
+            assert (boxes >= 0).all()
