@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+import redis
 
+from spotline.common.embedded import EmbeddedRedis
 from spotline.common.settings import Settings, load_settings
 from spotline.common.transport import Transport
 from spotline.up import pipeline_stages
@@ -30,13 +33,14 @@ GRACE_S = 30  # Supervisor.stop waits 20 s for workers before killing them
 class Up:
     """A real `spotline up` in its own process group (so signalling the group spares pytest)."""
 
-    def __init__(self, settings: Settings, tmp: Path) -> None:
+    def __init__(self, settings: Settings, tmp: Path, persist: bool = False) -> None:
         self.settings = settings
         self.log = tmp / "up.log"
         env = child_env(settings, "")
         env.pop("SPOTLINE_REDIS_URL")  # embedded Redis: `up` starts and stops its own
+        args = ["--persist"] if persist else []
         with self.log.open("wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "spotline", "up"], env=env,
+            self.proc = subprocess.Popen([sys.executable, "-m", "spotline", "up", *args], env=env,
                                          cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         up_file = Path(settings.data_dir) / "up.json"
@@ -81,22 +85,31 @@ class Up:
 
 
 @pytest.fixture
-def up(data_dir: Path, tmp_path: Path) -> Iterator[Up]:
-    """`up` over the session's data dir (its tiny models are written once for all tests)."""
+def up(data_dir: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Up]:
+    """`up` over the session's data dir (its tiny models are written once for all tests);
+    ``--persist`` when the test's ``persist`` parameter says so."""
+    callspec = getattr(request.node, "callspec", None)
+    persist = bool(callspec.params.get("persist")) if callspec else False
     s = load_settings(env={}, namespace=f"sig{uuid.uuid4().hex[:8]}", data_dir=str(data_dir),
                       upscale=False)
-    proc = Up(s, tmp_path)
+    proc = Up(s, tmp_path, persist=persist)
     yield proc
     proc.kill()
+    shutil.rmtree(Path(data_dir) / "redis", ignore_errors=True)  # no AOF for the next `up`
 
 
-@pytest.mark.parametrize("sig, to_group", [
-    (signal.SIGTERM, False), (signal.SIGINT, False),
-    (signal.SIGINT, True),  # a terminal's Ctrl-C: up and every worker get it at once
-    (signal.SIGTERM, True),  # `kill -TERM -PGID`, what some supervisors do
+@pytest.mark.parametrize("sig, to_group, persist", [
+    (signal.SIGTERM, False, True),  # `up --persist`: and what Redis held is saved
+    (signal.SIGINT, False, False),
+    (signal.SIGINT, True, False),  # a terminal's Ctrl-C: up and every worker get it at once
+    (signal.SIGTERM, True, False),  # `kill -TERM -PGID`, what some supervisors do
 ])
 def test_up_stops_gracefully_on_sigterm_and_sigint(up: Up, sig: signal.Signals,
-                                                   to_group: bool) -> None:
+                                                   to_group: bool, persist: bool) -> None:
+    if persist:  # written just before the signal: `up` must shut Redis down with it saved
+        probe = redis.Redis.from_url(up.url)
+        probe.set("sig-probe", "written before the signal")
+        probe.close()
     if to_group:
         os.killpg(up.proc.pid, sig)
     else:
@@ -113,6 +126,13 @@ def test_up_stops_gracefully_on_sigterm_and_sigint(up: Up, sig: signal.Signals,
     assert not (Path(up.settings.data_dir) / "up.json").exists()
     workers_done = text.count("done: Counts(")
     assert workers_done == len(pipeline_stages(up.settings)), "every worker left its loop"
+    if persist:
+        server = EmbeddedRedis(Path(up.settings.data_dir) / "redis", persist=True).start()
+        try:
+            assert redis.Redis.from_url(server.url).get("sig-probe") == (
+                b"written before the signal")
+        finally:
+            server.close()
 
 
 def test_children_die_with_a_killed_up(up: Up) -> None:
