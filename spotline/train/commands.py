@@ -312,8 +312,8 @@ def models_demo(retrain: bool, work: str | None, out: str | None) -> None:
     test = info["test"]
     click.echo(f"demo models in {plan.out} (settings: {Path(plan.out) / demo.SETTINGS_FILE})")
     click.echo(f"held-out accuracy {test['accuracy']:.4f} on {test['captions']} captions of "
-               f"{test['images']} synthetic images (chance {test['chance']:.4f}); made in "
-               f"{info['minutes']} minutes by `spotline models demo --retrain`")
+               f"{test['images']} synthetic images (chance {test['chance']:.4f}); how they "
+               f"were made (about {info['minutes']} minutes): {manifest}")
     click.echo(demo.NOTE)
 
 

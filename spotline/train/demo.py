@@ -36,7 +36,7 @@ MANIFEST_FILE = "manifest.json"
 WEIGHT_KEYS = ("detector_weights", "upscaler_weights", "scorer_dir")
 
 NOTE = ("NOTE: these are the demo models: small models (a 0.35 M-parameter YOLOv8 and a "
-        "1 M-parameter SigLIP) trained here on synthetic scenes of coloured shapes "
+        "1.5 M-parameter SigLIP) trained here on synthetic scenes of coloured shapes "
         "(`spotline models demo --retrain`). They find \"{colour} {shape}\" objects such as "
         "\"red star\" and nothing else; set SPOTLINE_DETECTOR_WEIGHTS / _SCORER_DIR for "
         "real weights.")
