@@ -297,6 +297,23 @@ class Transport:
         rows = self.call(lambda: self.r.xrange(stream, start, end, count=count), "range")
         return [(_s(i), f) for i, f in rows]
 
+    def last_id(self, stream: str) -> str:
+        """The id of a stream's newest entry ("0-0" when it is empty)."""
+        rows = self.call(lambda: self.r.xrevrange(stream, count=1), "last id")
+        return _s(rows[0][0]) if rows else "0-0"
+
+    def tail(self, stream: str, after: str, count: int,
+             block_ms: int) -> list[tuple[str, dict[bytes, bytes]]]:
+        """XREAD (no group): up to ``count`` entries after ``after``, waiting up to
+        ``block_ms`` for the first (0: no wait)."""
+        reply = self.call(lambda: self.r.xread({stream: after}, count=count,
+                                               block=block_ms or None), "tail")
+        return [(_s(i), f) for _name, items in reply or [] for i, f in items]
+
+    def get(self, key: str) -> bytes | None:
+        """GET a plain key (a frame's stored result)."""
+        return self.call(lambda: self.r.get(key), "get")  # type: ignore[return-value]
+
     def move(self, src: str, entry_id: str, dst: str, fields: dict[bytes, bytes]) -> None:
         """In one transaction: XADD ``fields`` to ``dst`` and XDEL the entry from ``src``."""
         def move() -> None:

@@ -73,7 +73,7 @@ class Client:
 
     def get_result(self, frame_id: str) -> Result | None:
         """The stored result of a frame, or None (not finished, or expired)."""
-        raw = self.t.call(lambda: self.t.r.get(self.keys.result(frame_id)), "get result")
+        raw = self.t.get(self.keys.result(frame_id))
         return _as_result(raw) if raw else None
 
     def await_result(self, frame_id: str, timeout: float = 60.0) -> Result:
@@ -115,26 +115,18 @@ class Client:
 
     def read_results(self, start: str = "0", count: int = 1000) -> list[tuple[str, Result]]:
         """Results already in the stream after ``start`` (no waiting)."""
-        rows = self.t.call(lambda: self.t.r.xrange(self.keys.results, min=f"({start}"
-                                                    if start != "0" else "-", count=count),
-                           "results")
-        results = [(_s(i), _as_result(f.get(DATA_FIELD, b""))) for i, f in rows]
+        rows = self.t.entries(self.keys.results, f"({start}" if start != "0" else "-", count=count)
+        results = [(i, _as_result(f.get(DATA_FIELD, b""))) for i, f in rows]
         return [(i, r) for i, r in results if r is not None]
 
     def _last_result_id(self) -> str:
-        rows = self.t.call(lambda: self.t.r.xrevrange(self.keys.results, count=1), "results")
-        return _s(rows[0][0]) if rows else "0-0"
+        return self.t.last_id(self.keys.results)
 
     def _read_results(self, last: str, block_ms: int, count: int = 500
                       ) -> list[tuple[str, Result | None]]:
         """XREAD after ``last``; undecodable entries come back as None so the caller moves on."""
-        reply = self.t.call(lambda: self.t.r.xread({self.keys.results: last}, count=count,
-                                                   block=block_ms or None), "read results")
-        out = []
-        for _stream, items in reply or []:
-            for entry_id, fields in items:
-                out.append((_s(entry_id), _as_result(fields.get(DATA_FIELD, b""))))
-        return out
+        return [(entry_id, _as_result(fields.get(DATA_FIELD, b"")))
+                for entry_id, fields in self.t.tail(self.keys.results, last, count, block_ms)]
 
     def backlog(self) -> int:
         """Frames published but not yet read by the pipeline (the backpressure signal)."""
@@ -154,7 +146,3 @@ def _as_result(raw: bytes) -> Result | None:
     except DecodeError:
         return None
     return msg if isinstance(msg, Result) else None
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
