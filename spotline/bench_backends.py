@@ -69,7 +69,7 @@ def _torch_call(case: str, settings: Settings, paths: dict[str, str]) -> Callabl
         return lambda: upscale_crop(upsampler, crop, settings)
     from spotline.stages.score import Score
 
-    stage = Score(settings.replace(backend="torch"))
+    stage = Score(settings.replace(backend="torch", scorer_dir=paths["scorer"]))
     stage.setup()
     if case == "scorer_vision":
         crops = _crops(_input_side(paths), CROPS)
