@@ -58,6 +58,7 @@ class DemoPlan:
     scorer_epochs: int = 40
     detector_images: int = 600
     detector_schedule: str = "384:20,448:4"  # (imgsz:epochs) phases, as the seed's 1280 -> 1600
+    detector_more: tuple[int, ...] = (4, 4)  # then phases of N epochs at 448 on all train images
     threads: int = 1  # per training process; the two run side by side
 
 
@@ -197,8 +198,31 @@ def train_both(plan: DemoPlan, data: dict[str, Path], say: Callable[[str], None]
     failed = [n for n, c in codes.items() if c != 0]
     if failed:
         raise RuntimeError(f"training failed: {failed} (see {work}/<name>.log)")
+    more = more_detector_phases(plan, data, spotline, env, say)
     return {"seconds": round(time.monotonic() - started), "scorer_cmd": scorer_cmd[1:],
-            "detector_cmd": detector_cmd[1:]}
+            "detector_cmd": detector_cmd[1:], "detector_more": more}
+
+
+def more_detector_phases(plan: DemoPlan, data: dict[str, Path], spotline: list[str],
+                         env: dict[str, str], say: Callable[[str], None]) -> list[list[str]]:
+    """Further detector phases on all training images, each from the last one's weights; the
+    final weights end up in WORK/detector/detector.pt."""
+    work, done = Path(plan.work), []
+    last = work / "detector" / "detector.pt"
+    for k, epochs in enumerate(plan.detector_more, 2):
+        out = work / f"detector{k}"
+        cmd = [*spotline, "finetune", "detector", str(data["train"]), str(out), "--val",
+               str(data["val"]), "--model", str(last), "--imgsz", str(detector_imgsz(plan)),
+               "--epochs", str(epochs), "--threads", str(2 * plan.threads)]
+        say(f"detector phase on all training images: {epochs} epochs")
+        with open(work / f"detector{k}.log", "w") as log:
+            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
+                raise RuntimeError(f"detector phase {k} failed (see {work}/detector{k}.log)")
+        last = out / "detector.pt"
+        done.append(cmd[1:])
+    if done:
+        shutil.copyfile(last, work / "detector" / "detector.pt")
+    return done
 
 
 def detector_imgsz(plan: DemoPlan) -> int:
@@ -250,7 +274,7 @@ def retrain(plan: DemoPlan, settings: Settings, say: Callable[[str], None]) -> d
     started = time.monotonic()
     data = make_data(plan, say)
     trained = train_both(plan, data, say)
-    install(plan, {"conf": 0.05, "iou": 0.5, "max_det": 20})
+    install(plan, {"conf": 0.1, "iou": 0.5, "max_det": 20})
     say("measuring on the held-out test split (in-process reference)...")
     test = measure(plan, data["test"], settings)
     manifest = {"plan": dataclasses.asdict(plan), "training": trained, "test": test,
