@@ -37,8 +37,8 @@ class Settings:
     upscaler_weights: str = field(default="", metadata={"help": "Real-ESRGAN .pth"})
     scorer_dir: str = field(default="", metadata={"help": "SigLIP/CLIP save_pretrained dir"})
     models: str = field(default="demo", metadata={
-        "help": "with no weight paths set, `up`/`demo` run: demo (models/demo/, trained on "
-                "synthetic shapes, with their settings) or tiny (random; tests)"})
+        "help": "with no weight paths set, every spotline command runs: demo (models/demo/, "
+                "trained on synthetic shapes, with their settings) or tiny (random; tests)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
     half: bool = field(default=True, metadata={"help": "fp16 on CUDA (ignored on CPU)"})
     torch_threads: int = field(default=0, metadata={

@@ -20,6 +20,9 @@ from tests import hypo
 
 hypo.load()  # hypothesis: derandomized "ci" unless HYPOTHESIS_PROFILE=fuzz (see tests/hypo.py)
 ROOT = Path(__file__).resolve().parents[1]
+# Commands run in-process (click's CliRunner) read os.environ: random tiny models there too,
+# not models/demo/ (tests that need the demo models say so in their own settings).
+os.environ.setdefault("SPOTLINE_MODELS", "tiny")
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import click
 from spotline.common.errors import SpotlineError
 from spotline.common.logs import setup_logging
 from spotline.common.settings import load_settings
+from spotline.train.demo import apply_demo_models
 
 from . import feeds, ops, pipeline
 from .context import Ctx, need_url, pass_ctx
@@ -40,7 +41,9 @@ def cli(ctx: click.Context, config_file: str | None, log_level: str | None) -> N
     Settings come from SPOTLINE_* environment variables and an optional --config file; see
     docs/settings.md. With no SPOTLINE_REDIS_URL, `up` and `demo` run an embedded redis-server.
     """
-    settings = load_settings(config_file=config_file, log_level=log_level)
+    # with no weight paths set, every command (up, worker, eval, bench, ...) runs the committed
+    # demo models with their settings, unless SPOTLINE_MODELS=tiny (issue 12)
+    settings = apply_demo_models(load_settings(config_file=config_file, log_level=log_level))
     setup_logging(settings.log_level)
     ctx.obj = Ctx(settings)
 

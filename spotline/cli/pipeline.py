@@ -41,11 +41,9 @@ def worker(ctx: Ctx, stage: str, burst: bool, metrics_port: int | None,
 def up(ctx: Ctx, worker_specs: tuple[str, ...], metrics: bool, persist: bool) -> None:
     """Run the whole pipeline here: Redis (embedded unless SPOTLINE_REDIS_URL) and supervised
     workers for every stage. Ctrl-C or SIGTERM stops it (exit 0)."""
-    from spotline.train.demo import apply_demo_models
     from spotline.up import parse_workers, run_up
 
-    # no weights configured: the demo models (models/demo/) with their settings (issue 12)
-    run_up(apply_demo_models(ctx.settings), parse_workers(worker_specs), metrics=metrics,
+    run_up(ctx.settings, parse_workers(worker_specs), metrics=metrics,
            persist=persist, echo=click.echo)
 
 
