@@ -99,9 +99,13 @@ def resolve_weights(settings: Settings) -> ModelPaths:
             raise ModelError(f"{key} {value!r} does not exist (weights are local paths; "
                              f"nothing is downloaded)")
     tiny: dict[str, Path] = {}
+    missing: list[str] = []
     if not all(given.values()):
         tiny = ensure_tiny_models(Path(settings.data_dir) / TINY_DIR)
-        missing = [k for k, v in given.items() if not v]
+        # the upscaler's stand-in is not worth a warning while upscaling is off
+        missing = [k for k, v in given.items()
+                   if not v and (settings.upscale or k != "upscaler_weights")]
+    if missing:
         _warn_once("using tiny RANDOM models for %s (from %s): boxes and scores are arbitrary; "
                     "set SPOTLINE_DETECTOR_WEIGHTS / _UPSCALER_WEIGHTS / _SCORER_DIR for real "
                     "results", ", ".join(missing), Path(settings.data_dir) / TINY_DIR)
@@ -109,7 +113,7 @@ def resolve_weights(settings: Settings) -> ModelPaths:
         detector=Path(settings.detector_weights) if settings.detector_weights else tiny["detector"],
         upscaler=Path(settings.upscaler_weights) if settings.upscaler_weights else tiny["upscaler"],
         scorer=Path(settings.scorer_dir) if settings.scorer_dir else tiny["scorer"],
-        tiny=bool(tiny))
+        tiny=bool(missing))
 
 
 _warned: set[str] = set()
