@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -239,14 +239,14 @@ def write_siglip(directory: Path, config: dict[str, Any], max_length: int,
     return directory
 
 
-def build_tokenizer(max_length: int) -> Any:
+def build_tokenizer(max_length: int, words: Sequence[str] = VOCAB_WORDS) -> Any:
     """A deterministic WordPiece fast tokenizer: known words whole, others letter by letter."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
     vocab: dict[str, int] = {"<pad>": 0, "<unk>": 1, "</s>": 2}
-    for token in (*VOCAB_WORDS, *chars, *("##" + c for c in chars), *".,-'!?&/()"):
+    for token in (*words, *chars, *("##" + c for c in chars), *".,-'!?&/()"):
         vocab.setdefault(token, len(vocab))
     tok = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", max_input_chars_per_word=64))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
