@@ -31,6 +31,7 @@ import numpy as np
 
 from .common.errors import InputError
 from .common.settings import Settings
+from .evaluate import iou_ltwh
 from .stages import calibration as calib
 from .stages.assign import assign
 from .stages.collect import ltwh
@@ -110,15 +111,9 @@ def with_absent(frames: list[VideoFrame], vocabulary: Sequence[str], count: int,
             for f in frames]
 
 
-def iou_ltwh(a: BoxLTWH | None, b: BoxLTWH | None) -> float:
-    if a is None or b is None:
-        return 0.0
-    ax2, ay2, bx2, by2 = a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]
-    iw = max(0.0, min(ax2, bx2) - max(a[0], b[0]))
-    ih = max(0.0, min(ay2, by2) - max(a[1], b[1]))
-    inter = iw * ih
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    return inter / union if union > 0 else 0.0
+def iou_or_zero(a: BoxLTWH | None, b: BoxLTWH | None) -> float:
+    """evaluate's IoU, 0 where either box is missing (not in view, or no answer)."""
+    return 0.0 if a is None or b is None else iou_ltwh(a, b)
 
 
 @dataclass
@@ -147,7 +142,7 @@ class Tally:
                 self.abstained_right += box is None
             else:
                 self.asked += 1
-                self.hits += iou_ltwh(box, truth) > IOU_HIT
+                self.hits += iou_or_zero(box, truth) > IOU_HIT
                 self.abstained_wrong += box is None
             ids.append(identity(box, frame))
             if previous is not None and truth is not None and previous[k] != ids[k]:
@@ -172,7 +167,7 @@ def identity(box: BoxLTWH | None, frame: VideoFrame) -> int:
     none, -2 for no box. A caption "flips" when this changes from one frame to the next."""
     if box is None:
         return -2
-    overlaps = [iou_ltwh(box, t) for t in frame.truth]
+    overlaps = [iou_or_zero(box, t) for t in frame.truth]
     best = int(np.argmax(overlaps)) if overlaps else -1
     return best if best >= 0 and overlaps[best] > IOU_HIT else -1
 
@@ -237,7 +232,7 @@ def calibration_pairs(models: FrameModels,
             for row, truth in enumerate(frame.truth):
                 for b in range(len(boxes)):
                     scores.append(float(matrix[row, b]))
-                    labels.append(float(iou_ltwh(ltwh(boxes[b]), truth) > IOU_HIT))
+                    labels.append(float(iou_or_zero(ltwh(boxes[b]), truth) > IOU_HIT))
     return np.asarray(scores), np.asarray(labels)
 
 
