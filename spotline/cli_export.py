@@ -32,7 +32,8 @@ def export(obj: Any, models: tuple[str, ...], engines: tuple[str, ...],
     _SCORER_DIR; tiny random models when empty) to `<checkpoint>.export/`, with a manifest
     holding the checkpoint's sha256. Workers then load them with SPOTLINE_BACKEND=auto,
     onnx or openvino, and refuse an export made from another checkpoint."""
-    from spotline.export import export_model, load_calibration
+    from spotline.export import export_model
+    from spotline.export_precision import load_calibration
     from spotline.stages.runtime import resolve_weights
 
     try:

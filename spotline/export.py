@@ -14,12 +14,11 @@ manifest that records the checkpoint's sha256 (stages refuse a stale export).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,12 @@ from typing import Any
 import numpy as np
 
 from spotline.common.errors import ModelError
+from spotline.export_precision import (
+    Calibration,
+    ir_to_fp16,
+    onnx_to_openvino,
+    onnx_variants,
+)
 from spotline.stages.backends.manifest import (
     PRECISIONS,
     Manifest,
@@ -54,154 +59,6 @@ class ExportResult:
     directory: Path
     files: dict[str, dict[str, str]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
-
-
-# --- calibration for static int8 ------------------------------------------------------------
-CALIBRATION_IMAGES = 16
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-@dataclass
-class Calibration:
-    """Inputs that set static int8's activation ranges: frames (BGR) and object crops (RGB),
-    the first images of a dataset directory in name order (deterministic)."""
-
-    directory: str
-    frames: list[np.ndarray]
-    crops: list[np.ndarray]
-
-    def describe(self) -> dict[str, Any]:
-        return {"method": "static", "calibration": self.directory, "frames": len(self.frames),
-                "crops": len(self.crops)}
-
-
-def load_calibration(directory: Path | str, limit: int = CALIBRATION_IMAGES) -> Calibration:
-    """A TIL dataset (vlm.jsonl: its frames and the crops of its boxes) or any folder of
-    images (the frames and their centre crops)."""
-    import cv2
-
-    from spotline.common.images import crop_boxes
-    from spotline.producer.dataset import DATASET_FILE, load_til
-
-    directory = Path(directory)
-    frames: list[np.ndarray] = []
-    crops: list[np.ndarray] = []
-    if (directory / DATASET_FILE).is_file():
-        for item in load_til(directory)[:limit]:
-            frame = cv2.imread(str(item.image_path), cv2.IMREAD_COLOR)
-            if frame is None:
-                continue
-            frames.append(frame)
-            boxes = np.asarray([(x, y, x + w, y + h) for x, y, w, h in item.boxes], np.float32)
-            crops += crop_boxes(frame[..., ::-1].copy(), boxes.reshape(-1, 4))
-    elif directory.is_dir():
-        for path in sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-            frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
-            if frame is not None:
-                frames.append(frame)
-                h, w = frame.shape[:2]
-                crops.append(np.ascontiguousarray(frame[h // 4:h - h // 4,
-                                                        w // 4:w - w // 4, ::-1]))
-            if len(frames) >= limit:
-                break
-    if not frames:
-        raise ModelError(f"no readable images for int8 calibration in {directory} (a TIL "
-                         f"dataset with {DATASET_FILE}, or a folder of images)")
-    return Calibration(str(directory), frames, crops[:limit * 4])
-
-
-# --- precisions shared by every model ---------------------------------------------------------
-def onnx_variants(fp32: Path, precisions: Iterable[str],
-                  feeds: Sequence[dict[str, np.ndarray]] | None = None) -> dict[str, Path]:
-    """fp16 and int8 ONNX files derived from an fp32 one (fp32 itself included when asked).
-    int8 is static (QDQ, calibrated on ``feeds``) when feeds are given, else dynamic."""
-    out: dict[str, Path] = {}
-    for precision in precisions:
-        target = fp32.with_name(fp32.stem.replace("-fp32", "") + f"-{precision}.onnx")
-        if precision == "fp32":
-            out[precision] = fp32
-        elif precision == "fp16":
-            _to_fp16(fp32, target)
-            out[precision] = target
-        elif precision == "int8":
-            if feeds:
-                _quantize_static(fp32, target, feeds)
-            else:
-                _quantize_dynamic(fp32, target)
-            out[precision] = target
-    return out
-
-
-def _to_fp16(src: Path, dst: Path) -> None:
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
-    onnx.save(model, str(dst))
-
-
-def _quantize_dynamic(src: Path, dst: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    with _quiet_root_logger():
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
-
-
-def _quantize_static(src: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]]) -> None:
-    """Static int8 in QDQ form (ONNX Runtime runs it with int8 kernels, OpenVINO reads the
-    quantise/dequantise pairs as int8 layers): int8 per-channel weights, uint8 activations with
-    min/max ranges from the calibration inputs. The calibrator holds every intermediate tensor
-    of every input until the end (its CalibMaxIntermediateOutputs option drops them instead in
-    onnxruntime 1.32): SigLIP-large needs several GiB per 16 crops."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter(feeds)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.items, None)
-
-    with _quiet_root_logger():
-        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, weight_type=QuantType.QInt8,
-                        activation_type=QuantType.QUInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
-
-
-@contextlib.contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    """ONNX Runtime's quantiser logs every tensor (and advice) on the root logger."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.ERROR))
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
-def onnx_to_openvino(src: Path, dst: Path, fp16: bool = False) -> Path:
-    """An OpenVINO IR (.xml + .bin) of an ONNX file, weights fp16-compressed when asked."""
-    import openvino as ov
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    ov.save_model(ov.convert_model(str(src)), str(dst), compress_to_fp16=fp16)
-    return dst
-
-
-def ir_to_fp16(src: Path, dst: Path) -> Path:
-    import openvino as ov
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    ov.save_model(ov.Core().read_model(str(src)), str(dst), compress_to_fp16=True)
-    return dst
 
 
 def _rel(path: Path, root: Path) -> str:

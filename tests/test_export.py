@@ -213,7 +213,7 @@ def test_static_int8_with_a_calibration_set(tiny: dict[str, Path], tmp_path: Pat
                                             capsys: pytest.CaptureFixture[str]) -> None:
     """`spotline export --precision int8 --calibration DIR` quantises statically (QDQ) from
     the folder's images; both engines load the result (its error is reported)."""
-    from spotline.export import load_calibration
+    from spotline.export_precision import load_calibration
 
     calib = load_calibration(libs.ultralytics_assets())
     assert len(calib.frames) == 2 and len(calib.crops) == 2
