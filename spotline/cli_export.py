@@ -29,7 +29,7 @@ MODELS = ("detector", "upscaler", "scorer")
 def export(obj: Any, models: tuple[str, ...], engines: tuple[str, ...],
            precisions: tuple[str, ...], calibration: str | None) -> None:
     """Export the configured checkpoints (SPOTLINE_DETECTOR_WEIGHTS, _UPSCALER_WEIGHTS,
-    _SCORER_DIR; tiny random models when empty) to `<checkpoint>.export/`, with a manifest
+    _SCORER_DIR; the demo models when none is set) to `<checkpoint>.export/`, with a manifest
     holding the checkpoint's sha256. Workers then load them with SPOTLINE_BACKEND=auto,
     onnx or openvino, and refuse an export made from another checkpoint."""
     from spotline.export import export_model
