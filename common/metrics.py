@@ -19,7 +19,7 @@ from prometheus_client import (
     start_http_server,
 )
 
-from .topology import STAGES
+from .topology import pipeline
 from .transport import Transport
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def gauge_refresher(t: Transport, metrics: Metrics,
 
     def refresh() -> None:
         nonlocal seen_outages
-        for stage in STAGES:
+        for stage in pipeline(t.settings):  # the track stage too, in track mode
             metrics.backlog.labels(stage).set(t.backlog(stage))
             try:
                 metrics.pending.labels(stage).set(t.pending_count(stage))
