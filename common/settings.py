@@ -22,6 +22,7 @@ CONFIG_ENV = "SPOTLINE_CONFIG"
 BACKPRESSURE = ("block", "drop-oldest")
 BACKENDS = ("auto", "torch", "onnx", "openvino")
 PRECISIONS = ("fp32", "fp16", "int8")
+THREAD_POLICIES = ("follow", "static")  # common/cores.py
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,11 @@ class Settings:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
     half: bool = field(default=True, metadata={"help": "fp16 on CUDA (ignored on CPU)"})
     torch_threads: int = field(default=0, metadata={
-        "help": "threads per model worker; 0: auto (a share of the cores, docs/performance.md)"})
+        "help": "threads per model worker; 0: auto (threads_policy decides, docs/performance.md)"})
+    threads_policy: str = field(default="follow", metadata={
+        "help": "with torch_threads 0: follow (before each batch, a stage takes the cores the "
+                "idle stages leave: all when alone, its share when all are busy) or static "
+                "(always its share)"})
     backend: str = field(default="auto", metadata={
         "help": "model runtime: auto (an export of the checkpoint when there is one: OpenVINO "
                 "on x86 CPUs, else ONNX Runtime; torch when none), torch, onnx, openvino"})
@@ -155,7 +160,7 @@ def _validate_tracking(s: Settings) -> None:
                 "track_state_ttl_s", "track_cache_tracks", "batch_track"):
         if getattr(s, key) <= 0:
             raise ConfigError(f"{key} must be > 0, got {getattr(s, key)!r}")
-    for key in ("track_min_iou", "not_in_view"):
+    for key in ("track_min_iou", "not_in_view_threshold"):
         if not 0.0 <= getattr(s, key) <= 1.0:
             raise ConfigError(f"{key} must be in [0, 1], got {getattr(s, key)!r}")
     if not 0.0 < s.track_decay <= 1.0:

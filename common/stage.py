@@ -36,6 +36,10 @@ class Stage(ABC):
     def setup(self) -> None:  # noqa: B027 - optional hook
         """Load models and warm up; called once before the first batch."""
 
+    def use_threads(self, threads: int) -> None:  # noqa: B027 - optional hook
+        """Run the next batch's model on ``threads`` intra-op threads (common/cores.py: the
+        worker decides before each batch). Stages that run no model ignore it."""
+
     @abstractmethod
     def process(self, batch: list[Envelope]) -> list[Routed]:
         """Model work on a batch of envelopes; returns routed outputs (any number per input).

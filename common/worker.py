@@ -15,16 +15,17 @@ import time
 from dataclasses import dataclass, field
 from types import FrameType
 
+from . import cores
 from .codec import decode, encode
 from .deadletters import answer_for, dead_letter
 from .envelope import Envelope, Result, strip
-from .errors import DecodeError
+from .errors import DecodeError, TransportError
 from .logs import StageLog, about
 from .metrics import Metrics
 from .runner import Observer, Pair, run_batch, traced
 from .settings import Settings
 from .stage import Stage
-from .topology import RESULT, error_target
+from .topology import RESULT, error_target, pipeline
 from .transport import Entry, Output, Transport, consumer_name
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class Worker:
         self.stopping = False
         self._last_claim = 0.0
         self._last_beat = 0.0
+        self.threads = 0  # the count the stage last ran a batch on (threads_policy follow)
 
     # --- lifecycle -------------------------------------------------------------------------
     def stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
@@ -243,6 +245,7 @@ class Worker:
         """Run the stage on the batch and commit its outputs with the inputs' acks."""
         name = self.stage.name
         by_frame = {it.env.frame_id: it.entry for it in items}
+        self.take_cores()
         pairs = run_batch(self.stage, [it.env for it in items], self.settings, self.observer,
                           self.log, {fid: e.id for fid, e in by_frame.items()})
         finished = time.time()
@@ -256,6 +259,28 @@ class Worker:
         self.t.commit(name, outputs, [it.entry.id for it in items])
         self.metrics.stage_seconds.labels(name, "redis").observe(time.time() - t0)
         self.counts.outputs += len(outputs)
+
+    def take_cores(self) -> int:
+        """``threads_policy`` follow: before each batch, the threads this model stage may use
+        given the other model stages' work (unread plus in-flight entries; common/cores.py),
+        applied through the stage. Returns the count (0: the policy does not apply: static,
+        a fixed ``torch_threads``, or a stage without a model)."""
+        s, name = self.settings, self.stage.name
+        if s.threads_policy != "follow" or s.torch_threads > 0 or name not in cores.SHARES:
+            return 0
+        others = [st for st in cores.model_stages(pipeline(s)) if st != name]
+        try:
+            work = {st: self.t.backlog(st) + self.t.pending_count(st) for st in others}
+        except TransportError as exc:  # keep the last count; the commit will meet the outage
+            self.log.warning("threads unchanged (%s): cannot read the backlogs: %s",
+                             self.threads, exc)
+            return self.threads
+        n = cores.follow_threads(cores.cpu_count(), name, work)
+        if n != self.threads:
+            self.stage.use_threads(n)
+            self.threads = n
+        self.metrics.threads.labels(name).set(n)
+        return n
 
     def _observe_boxes(self, pairs: list[Pair]) -> None:
         """Boxes per frame, counted where frames get their boxes: a stage whose inputs have

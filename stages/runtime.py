@@ -10,12 +10,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..common import cores
+from ..common.cores import cpu_count
 from ..common.errors import ModelError
 from ..common.settings import Settings
+from ..common.topology import TRACK, pipeline
 from .tiny import TINY_DIR, ensure_tiny_models
 
 log = logging.getLogger(__name__)
@@ -44,32 +48,24 @@ def use_half(settings: Settings, device: str) -> bool:
     return bool(settings.half) and device.startswith("cuda")
 
 
-# How the cores are shared when ``torch_threads`` is 0 (auto) and each model stage is its own
-# process on one machine: score (SigLIP-large, the slowest real-size model) gets half, detect
-# and upscale a quarter each; with upscaling off, score two thirds and detect one third.
-THREAD_SHARES = {"detect": 1, "upscale": 1, "score": 2}
-
-
-def cpu_count() -> int:
-    """The cores this process may run on (its affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+# How the cores are shared (common/cores.py): score (SigLIP-large, the slowest real-size
+# model) weighs 2, detect and upscale 1 each. ``threads_policy`` static keeps each stage on its
+# share; follow (the default) re-decides before every batch from the other stages' backlogs.
+THREAD_SHARES = {st: cores.SHARES[st] for st in ("detect", "upscale", "score")}
 
 
 def threads_for(settings: Settings, stage: str | None = None) -> int:
-    """Intra-op threads for a stage's process: ``torch_threads`` when set; else (auto) the
-    stage's share of the cores, at least 1 (2 cores: 1 each; 16: detect 4, upscale 4,
-    score 8). ``stage=None`` is a process that runs every stage (the in-process reference):
-    all cores."""
+    """Intra-op threads a stage's process starts with: ``torch_threads`` when set; else the
+    stage's static share of the cores, at least 1 (2 cores: 1 each; 16: detect 4, upscale 4,
+    score 8; with upscaling off, detect a third and score two thirds). ``stage=None`` is a
+    process that runs every stage (the in-process reference): all cores. With
+    ``threads_policy`` follow the worker changes it per batch (``apply_threads``)."""
     if settings.torch_threads > 0:
         return settings.torch_threads
-    cores = cpu_count()
-    if stage is None or stage not in THREAD_SHARES:
-        return cores
-    shares = {k: v for k, v in THREAD_SHARES.items() if k != "upscale" or settings.upscale}
-    return max(1, cores * shares.get(stage, 1) // sum(shares.values()))
+    stages = pipeline(settings)
+    if stage in THREAD_SHARES and stage not in stages and TRACK in stages:
+        stage = TRACK  # the upscaler and scorer inside track mode's track stage
+    return cores.static_threads(cpu_count(), stage, stages)
 
 
 def set_threads(settings: Settings, stage: str | None = None) -> int:
@@ -79,14 +75,25 @@ def set_threads(settings: Settings, stage: str | None = None) -> int:
     cores with another busy process waits on its slowest thread (measured on 2 cores,
     SigLIP-large: 2 threads 11 s alone but 22 s beside a busy process; 1 thread 20 s either
     way; docs/performance.md)."""
+    n = threads_for(settings, stage)
+    apply_threads(n)
+    return n
+
+
+def apply_threads(n: int, engines: Sequence[Any] = ()) -> None:
+    """Run the next batch on ``n`` threads: the exported ``engines`` (each keeps a compiled
+    model per thread count it was asked for), else torch; OpenCV either way."""
     import cv2
+
+    cv2.setNumThreads(n)
+    if engines:
+        for engine in engines:
+            engine.use_threads(n)
+        return
     import torch
 
-    n = threads_for(settings, stage)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
-    cv2.setNumThreads(n)
-    return n
 
 
 # --- where the weights are --------------------------------------------------------------------

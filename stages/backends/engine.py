@@ -38,14 +38,29 @@ class Engine(ABC):
 
     kind = ""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, threads: int = 0) -> None:
         self.path = path
         self.input_names: list[str] = []
         self.provider = ""
+        self.threads = threads
 
     @abstractmethod
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """One inference: the model's outputs, in order."""
+
+    def use_threads(self, threads: int) -> None:
+        """Run the next inferences on ``threads`` intra-op threads. Neither runtime changes a
+        loaded model's thread count, so the engine keeps one session (ONNX Runtime) or compiled
+        model (OpenVINO) per count it was asked for, made on first use: each holds its own
+        copy of the weights (threads_policy follow asks for at most 2 counts on 2 cores, 4 with
+        three model stages on more; docs/performance.md)."""
+        if threads > 0 and threads != self.threads:
+            self._switch(threads)
+            self.threads = threads
+
+    @abstractmethod
+    def _switch(self, threads: int) -> None:
+        """Make (or take from the cache) the model loaded for ``threads``."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path.name}, {self.provider})"
@@ -58,21 +73,33 @@ class OnnxEngine(Engine):
     kind = "onnx"
 
     def __init__(self, path: Path, threads: int = 0, device: str = "cpu") -> None:
-        super().__init__(path)
+        super().__init__(path, threads)
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        if threads > 0:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        providers = onnx_providers(ort.get_available_providers(), device)
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as exc:  # noqa: BLE001 - any load failure is a ModelError
-            raise ModelError(f"cannot load {path} with onnxruntime: {exc}") from exc
+        self.providers = onnx_providers(ort.get_available_providers(), device)
+        self.sessions: dict[int, Any] = {}
+        self.session = self._session(threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.provider = self.session.get_providers()[0]
+
+    def _session(self, threads: int) -> Any:
+        if threads not in self.sessions:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            if threads > 0:
+                options.intra_op_num_threads = threads
+                options.inter_op_num_threads = 1
+            options.log_severity_level = 3
+            try:
+                self.sessions[threads] = ort.InferenceSession(str(self.path), options,
+                                                              providers=self.providers)
+            except Exception as exc:  # noqa: BLE001 - any load failure is a ModelError
+                raise ModelError(f"cannot load {self.path} with onnxruntime: {exc}") from exc
+        return self.sessions[threads]
+
+    def _switch(self, threads: int) -> None:
+        self.session = self._session(threads)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         return list(self.session.run(None, dict(feeds)))
@@ -96,24 +123,39 @@ class OpenVinoEngine(Engine):
 
     def __init__(self, path: Path, threads: int = 0, precision: str = "fp32",
                  device: str = "cpu") -> None:
-        super().__init__(path)
+        super().__init__(path, threads)
         import openvino as ov
 
-        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
-        if threads > 0:
-            config["INFERENCE_NUM_THREADS"] = threads
-        if precision == "fp32":
-            config["INFERENCE_PRECISION_HINT"] = "f32"
-        target = "GPU" if device.startswith("cuda") and "GPU" in ov.Core().available_devices \
-            else "CPU"
+        self.precision = precision
+        self.core = ov.Core()
+        self.target = "GPU" if device.startswith("cuda") and "GPU" in \
+            self.core.available_devices else "CPU"
         try:
-            core = ov.Core()
-            self.compiled = core.compile_model(core.read_model(str(path)), target, config)
+            self.model = self.core.read_model(str(path))
         except Exception as exc:  # noqa: BLE001 - any load failure is a ModelError
             raise ModelError(f"cannot load {path} with openvino: {exc}") from exc
+        self.loaded: dict[int, tuple[Any, Any]] = {}
+        self.compiled, self.request = self._compiled(threads)
         self.input_names = [port.any_name for port in self.compiled.inputs]
-        self.request = self.compiled.create_infer_request()
-        self.provider = f"openvino-{target}"
+        self.provider = f"openvino-{self.target}"
+
+    def _compiled(self, threads: int) -> tuple[Any, Any]:
+        """The model compiled for ``threads`` (one Core and one read model for every count)."""
+        if threads not in self.loaded:
+            config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+            if threads > 0:
+                config["INFERENCE_NUM_THREADS"] = threads
+            if self.precision == "fp32":
+                config["INFERENCE_PRECISION_HINT"] = "f32"
+            try:
+                compiled = self.core.compile_model(self.model, self.target, config)
+            except Exception as exc:  # noqa: BLE001 - any load failure is a ModelError
+                raise ModelError(f"cannot load {self.path} with openvino: {exc}") from exc
+            self.loaded[threads] = (compiled, compiled.create_infer_request())
+        return self.loaded[threads]
+
+    def _switch(self, threads: int) -> None:
+        self.compiled, self.request = self._compiled(threads)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         result = self.request.infer(dict(feeds))
