@@ -41,20 +41,38 @@ class DeadLetter:
         return max(0.0, time.time() - self.time)
 
 
+def record(entry: Entry, stage: str, reason: str,
+           deliveries: int | None = None) -> dict[bytes, bytes]:
+    """The dead-letter record of an entry: its stream, the stage (or sink group) that gave up
+    on it, why, how often it was tried (its delivery count by default), and the entry."""
+    return {
+        STREAM: entry.stream.encode(), STAGE: stage.encode(), ID: entry.id.encode(),
+        REASON: reason.encode("utf-8", "replace"),
+        DELIVERIES: str(entry.deliveries if deliveries is None else deliveries).encode(),
+        FRAME: (entry.frame_id or "").encode(), TIME: repr(time.time()).encode(),
+        PAYLOAD: entry.payload,
+    }
+
+
 def dead_letter(t: Transport, stage: str, entry: Entry, reason: str,
                 outputs: Sequence[Output] = ()) -> None:
     """Move an entry to the dead-letter stream with its reason (plus any outputs, such as the
     error answer for its frame) and ack it, in one atomic step; then cap the stream."""
-    record = {
-        STREAM: t.keys.inbox(stage).encode(), STAGE: stage.encode(), ID: entry.id.encode(),
-        REASON: reason.encode("utf-8", "replace"),
-        DELIVERIES: str(entry.deliveries).encode(), FRAME: (entry.frame_id or "").encode(),
-        TIME: repr(time.time()).encode(), PAYLOAD: entry.payload,
-    }
-    records = [(t.keys.dead, record)]
+    records = [(t.keys.dead, record(entry, stage, reason))]
     records += [(o.stream, {FRAME_FIELD: o.frame_id.encode(), DATA_FIELD: o.payload})
                 for o in outputs]
     t.write(stage, records, [entry.id], "dead-letter")
+    t.trim(t.keys.dead, t.settings.dead_maxlen)
+
+
+def dead_letter_shared(t: Transport, group: str, entry: Entry, reason: str,
+                       deliveries: int) -> None:
+    """Dead-letter an entry of a stream other groups read too (a sink's, on the results
+    stream): write the record and XACK the entry in ``group``, one atomic step, without XDEL;
+    then cap the stream."""
+    t.write_and_ack(entry.stream, group, [(t.keys.dead, record(entry, group, reason,
+                                                               deliveries))],
+                    [entry.id], delete=False, what="dead-letter")
     t.trim(t.keys.dead, t.settings.dead_maxlen)
 
 

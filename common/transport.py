@@ -4,6 +4,9 @@ reclaim (XAUTOCLAIM) of a dead consumer's entries, liveness, and reconnects.
 Stages never see this module; the worker loop (common/worker.py) drives it, the collector
 (common/collector.py) adds its join scripts through ``script``, and the dead-letter stream
 (common/deadletters.py) is written and read through ``write``, ``entries`` and ``move``.
+The stream+group methods (``create_group``, ``read_group``, ``reclaim_group``, ``ack``,
+``group_info``, ``write_and_ack``) serve any group on any stream: the result sinks
+(producer/sinks.py) read the results stream through them.
 """
 
 from __future__ import annotations
@@ -36,16 +39,17 @@ FILL_POLL_S = 0.001
 
 _CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
 
-# The commit of one batch: XADD every output, then XACK + XDEL every input. A script, not
+# The commit of one batch: XADD every output, then XACK (+ XDEL) every input. A script, not
 # MULTI/EXEC: Redis runs the rest of a MULTI after a command fails (WRONGTYPE, OOM), which
 # would ack inputs whose outputs were never written; a script stops at the first error, before
 # any ack, so the inputs stay pending and are retried (a partial write can only duplicate an
 # output, and the collector is idempotent by frame id).
-# KEYS: inbox, output streams...; ARGV: group, n_outputs, then per output (key index, n_fields,
+# KEYS: input stream, output streams...; ARGV: group, delete ("1": XDEL the inputs too; "0":
+# XACK only, for a stream other groups read), n_outputs, then per output (key index, n_fields,
 # field, value, ...), then the input ids to ack.
 _COMMIT = """
-local i = 3
-for _ = 1, tonumber(ARGV[2]) do
+local i = 4
+for _ = 1, tonumber(ARGV[3]) do
   local key = KEYS[tonumber(ARGV[i])]
   local n = tonumber(ARGV[i + 1])
   local fields = {}
@@ -57,7 +61,7 @@ local ids = {}
 for j = i, #ARGV do ids[#ids + 1] = ARGV[j] end
 if #ids > 0 then
   redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
-  redis.call('XDEL', KEYS[1], unpack(ids))
+  if ARGV[2] == '1' then redis.call('XDEL', KEYS[1], unpack(ids)) end
 end
 return #ids
 """
@@ -167,30 +171,106 @@ class Transport:
                 log.warning("redis reachable again (%s)", what)
             return result
 
-    def grouped(self, stage: str, fn: Callable[[], T], what: str) -> T:
-        """``call`` for a command on the stage's consumer group; if the group is gone (a Redis
-        restarted without persistence forgets it) recreate it, say so, and run ``fn`` again."""
+    def on_group(self, stream: str, group: str, start: str, fn: Callable[[], T],
+                 what: str) -> T:
+        """``call`` for a command on a consumer group; if the group is gone (a Redis restarted
+        without persistence forgets it) recreate it at ``start``, say so, and run ``fn``
+        again."""
         try:
             return self.call(fn, what)
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-            log.warning("stage=%s consumer group missing (Redis restarted without persistence?);"
-                        " recreating it", stage)
-            self.ensure_group(stage)
+            log.warning("stream=%s group=%s consumer group missing (Redis restarted without "
+                        "persistence?); recreating it", stream, group)
+            self.create_group(stream, group, start)
             return self.call(fn, what)
 
-    # --- groups and reads ------------------------------------------------------------------
-    def ensure_group(self, stage: str) -> None:
-        """Create the stage's consumer group (and stream) if missing; idempotent."""
-        def create() -> None:
+    # --- any stream and group --------------------------------------------------------------
+    # The stages' inboxes and the sinks' groups on the results stream alike; the stage-level
+    # methods further down apply these to a stage's inbox and group.
+    def create_group(self, stream: str, group: str, start: str = "0") -> bool:
+        """Create ``group`` on ``stream`` (and the stream) if missing, reading from ``start``
+        ("0": all the stream holds; "$": only what comes after now); idempotent. True when
+        this call created it."""
+        def create() -> bool:
             try:
-                self.r.xgroup_create(self.keys.inbox(stage), self.keys.group(stage), id="0",
-                                     mkstream=True)
+                self.r.xgroup_create(stream, group, id=start, mkstream=True)
             except redis.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
-        self.call(create, f"create group {stage}")
+                return False
+            return True
+        return self.call(create, f"create group {group}")
+
+    def read_group(self, stream: str, group: str, consumer: str, count: int,
+                   block_ms: int = 0, *, pending: bool = False, start: str = "0") -> list[Entry]:
+        """XREADGROUP: up to ``count`` new entries, waiting up to ``block_ms`` for the first (0:
+        no wait). ``pending``: instead, this consumer's own entries read earlier and not acked
+        (no wait; one trimmed from the stream since comes back with no fields). A group gone
+        missing is recreated at ``start``."""
+        since, block = ("0", None) if pending else (">", block_ms or None)
+        reply = self.on_group(stream, group, start, lambda: self.r.xreadgroup(
+            group, consumer, {stream: since}, count=count, block=block), "read")
+        return [Entry(stream, _s(i), f or {}) for _name, items in reply or [] for i, f in items]
+
+    def reclaim_group(self, stream: str, group: str, consumer: str, count: int,
+                      idle_ms: int | None = None, *, start: str = "0") -> list[Entry]:
+        """XAUTOCLAIM: take over up to ``count`` entries of the group pending longer than
+        ``idle_ms`` (the visibility timeout by default): a dead consumer's. Pending ids whose
+        entries are gone (trimmed or deleted) are acked, as there is nothing to redo; each
+        entry returned carries its delivery count."""
+        idle = self.settings.visibility_timeout_ms if idle_ms is None else idle_ms
+        reply = self.on_group(stream, group, start, lambda: self.r.xautoclaim(
+            stream, group, consumer, idle, "0-0", count=count), "reclaim")
+        items = reply[1] if len(reply) > 1 else []
+        live = [(_s(eid), fields) for eid, fields in items if eid is not None and fields]
+        deleted = [_s(eid) for eid in (reply[2] if len(reply) > 2 else [])]
+        if any(eid is None or not fields for eid, fields in items):  # Redis 6.2: a nil each
+            deleted += self._gone(stream, group, consumer, {eid for eid, _ in live})
+        self.ack(stream, group, deleted)
+        if not live:
+            return []
+        counts = self._delivery_counts(stream, group, [eid for eid, _ in live])
+        return [Entry(stream, eid, fields, counts.get(eid, 1)) for eid, fields in live]
+
+    def _gone(self, stream: str, group: str, consumer: str, live: set[str]) -> list[str]:
+        """The consumer's pending ids whose entries are no longer in the stream. Redis 6.2's
+        XAUTOCLAIM claims such an entry but answers nil for it, id included (7.0 lists the ids
+        apart and drops them from the pending list itself)."""
+        rows = self.call(lambda: self.r.xpending_range(stream, group, min="-", max="+",
+                                                       count=1000, consumername=consumer),
+                         "pending")
+        ids = [_s(row["message_id"]) for row in rows if _s(row["message_id"]) not in live]
+        return [i for i in ids if not self.call(lambda i=i: self.r.xrange(stream, i, i),
+                                                "range")]
+
+    def _delivery_counts(self, stream: str, group: str, ids: list[str]) -> dict[str, int]:
+        rows = self.call(lambda: self.r.xpending_range(stream, group, min=ids[0], max=ids[-1],
+                                                       count=len(ids) + 1000), "pending")
+        return {_s(row["message_id"]): int(row["times_delivered"]) for row in rows}
+
+    def ack(self, stream: str, group: str, ids: Sequence[str]) -> int:
+        """XACK ``ids`` in the group, without XDEL (the stream may be read by other groups);
+        how many were pending."""
+        if not ids:
+            return 0
+        return int(self.call(lambda: self.r.xack(stream, group, *ids), "ack"))
+
+    def group_info(self, stream: str, group: str) -> dict[str, Any] | None:
+        """The group's row of XINFO GROUPS (``pending``; ``lag``: entries not yet read, None
+        where Redis cannot count it: before 7.0, or across a trim), or None when the stream
+        or the group does not exist."""
+        try:
+            rows = self.call(lambda: self.r.xinfo_groups(stream), "group info")
+        except redis.ResponseError:  # no such stream
+            return None
+        return next((g for g in rows if _s(g["name"]) == group), None)
+
+    # --- a stage's inbox -------------------------------------------------------------------
+    def ensure_group(self, stage: str) -> None:
+        """Create the stage's consumer group (and stream) if missing; idempotent."""
+        self.create_group(self.keys.inbox(stage), self.keys.group(stage))
 
     def read(self, stage: str, consumer: str, count: int, block_ms: int,
              max_wait_ms: int) -> list[Entry]:
@@ -201,7 +281,8 @@ class Transport:
         (every 100 ms at the default ``hz`` 10), so a 5 ms BLOCK that finds nothing returns
         after up to 100 ms (measured: docs/performance.md). An XADD still wakes the first,
         long BLOCK at once."""
-        got = self._xread(stage, consumer, count, block_ms)
+        stream, group = self.keys.inbox(stage), self.keys.group(stage)
+        got = self.read_group(stream, group, consumer, count, block_ms)
         if got and len(got) < count and max_wait_ms > 0:
             deadline = time.monotonic() + max_wait_ms / 1000
             while len(got) < count:
@@ -209,40 +290,13 @@ class Transport:
                 if left <= 0:
                     break
                 time.sleep(min(FILL_POLL_S, left))
-                got += self._xread(stage, consumer, count - len(got), 0)
+                got += self.read_group(stream, group, consumer, count - len(got))
         return got
-
-    def _xread(self, stage: str, consumer: str, count: int, block_ms: int) -> list[Entry]:
-        stream, group = self.keys.inbox(stage), self.keys.group(stage)
-        reply = self.grouped(stage, lambda: self.r.xreadgroup(
-            group, consumer, {stream: ">"}, count=count, block=block_ms or None), "read")
-        entries = []
-        for _name, items in reply or []:
-            for entry_id, fields in items:
-                entries.append(Entry(stream, _s(entry_id), fields or {}))
-        return entries
 
     def reclaim(self, stage: str, consumer: str, count: int) -> list[Entry]:
         """Take over entries pending longer than the visibility timeout (a dead consumer's)."""
-        stream, group = self.keys.inbox(stage), self.keys.group(stage)
-        idle = self.settings.visibility_timeout_ms
-        reply = self.grouped(stage, lambda: self.r.xautoclaim(stream, group, consumer, idle,
-                                                              "0-0", count=count), "reclaim")
-        items = reply[1] if len(reply) > 1 else []
-        deleted = list(reply[2] if len(reply) > 2 else [])
-        deleted += [eid for eid, fields in items if not fields]  # Redis 6.2 reports them so
-        if deleted:  # pending ids whose entries are gone: nothing to redo
-            self.call(lambda: self.r.xack(stream, group, *deleted), "ack deleted")
-        live = [(eid, fields) for eid, fields in items if fields]
-        if not live:
-            return []
-        counts = self._delivery_counts(stream, group, [_s(eid) for eid, _ in live])
-        return [Entry(stream, _s(eid), fields, counts.get(_s(eid), 1)) for eid, fields in live]
-
-    def _delivery_counts(self, stream: str, group: str, ids: list[str]) -> dict[str, int]:
-        rows = self.call(lambda: self.r.xpending_range(stream, group, min=ids[0], max=ids[-1],
-                                                       count=len(ids) + 1000), "pending")
-        return {_s(row["message_id"]): int(row["times_delivered"]) for row in rows}
+        return self.reclaim_group(self.keys.inbox(stage), self.keys.group(stage), consumer,
+                                  count)
 
     def pending_count(self, stage: str) -> int:
         """Entries read but not acknowledged (0 when the group does not exist)."""
@@ -257,19 +311,13 @@ class Transport:
 
     def backlog(self, stage: str) -> int:
         """Entries not yet read by the stage's group (lag), falling back to XLEN - pending."""
-        stream, group = self.keys.inbox(stage), self.keys.group(stage)
-
-        def lag() -> int:
-            for g in self.r.xinfo_groups(stream):
-                if _s(g["name"]) == group:
-                    if g.get("lag") is not None:
-                        return int(g["lag"])
-                    return max(0, int(self.r.xlen(stream)) - int(g["pending"]))
-            return int(self.r.xlen(stream))
-        try:
-            return self.call(lag, "backlog")
-        except redis.ResponseError:  # no such stream yet
-            return 0
+        stream = self.keys.inbox(stage)
+        g = self.group_info(stream, self.keys.group(stage))
+        if g is None:
+            return self.length(stream)
+        if g.get("lag") is not None:
+            return int(g["lag"])
+        return max(0, self.length(stream) - int(g["pending"]))
 
     # --- writes ----------------------------------------------------------------------------
     def add(self, stream: str, frame_id: str, payload: bytes) -> str:
@@ -281,7 +329,7 @@ class Transport:
         """In one atomic step: XADD every output, then XACK and XDEL every input id."""
         records = [(o.stream, {FRAME_FIELD: o.frame_id.encode(), DATA_FIELD: o.payload})
                    for o in outputs]
-        self._atomic(stage, records, list(done), "commit")
+        self.write(stage, records, done, "commit")
 
     def trim(self, stream: str, maxlen: int) -> None:
         """Cap a stream at about ``maxlen`` entries (MAXLEN ~)."""
@@ -297,10 +345,15 @@ class Transport:
         rows = self.call(lambda: self.r.xrange(stream, start, end, count=count), "range")
         return [(_s(i), f) for i, f in rows]
 
+    def recent(self, stream: str, count: int) -> list[tuple[str, dict[bytes, bytes]]]:
+        """XREVRANGE: (id, fields) of a stream's ``count`` newest entries, newest first."""
+        rows = self.call(lambda: self.r.xrevrange(stream, count=count), "recent")
+        return [(_s(i), f) for i, f in rows]
+
     def last_id(self, stream: str) -> str:
         """The id of a stream's newest entry ("0-0" when it is empty)."""
-        rows = self.call(lambda: self.r.xrevrange(stream, count=1), "last id")
-        return _s(rows[0][0]) if rows else "0-0"
+        rows = self.recent(stream, 1)
+        return rows[0][0] if rows else "0-0"
 
     def tail(self, stream: str, after: str, count: int,
              block_ms: int) -> list[tuple[str, dict[bytes, bytes]]]:
@@ -311,8 +364,13 @@ class Transport:
         return [(_s(i), f) for _name, items in reply or [] for i, f in items]
 
     def get(self, key: str) -> bytes | None:
-        """GET a plain key (a frame's stored result)."""
+        """GET a plain key (a frame's stored result, a preview)."""
         return self.call(lambda: self.r.get(key), "get")  # type: ignore[return-value]
+
+    def fields(self, key: str) -> dict[str, bytes]:
+        """HGETALL a hash, field names as text ({} when the key does not exist)."""
+        raw = self.call(lambda: self.r.hgetall(key), "hash")
+        return {_s(k): v for k, v in raw.items()}  # type: ignore[union-attr]
 
     def move(self, src: str, entry_id: str, dst: str, fields: dict[bytes, bytes]) -> None:
         """In one transaction: XADD ``fields`` to ``dst`` and XDEL the entry from ``src``."""
@@ -329,25 +387,31 @@ class Transport:
         return self.r.register_script(source)
 
     def write(self, stage: str, records: Sequence[tuple[str, dict[bytes, bytes]]],
-              done: Sequence[str], what: str) -> None:
+              done: Iterable[str], what: str) -> None:
         """In one atomic step: XADD each (stream, fields) record, then XACK + XDEL ``done``
         from the stage's inbox (the commit; the dead-letter move)."""
-        self._atomic(stage, records, list(done), what)
+        self.write_and_ack(self.keys.inbox(stage), self.keys.group(stage), records, done,
+                           what=what)
 
-    def _atomic(self, stage: str, records: Sequence[tuple[str, dict[bytes, bytes]]],
-                done: list[str], what: str) -> None:
+    def write_and_ack(self, stream: str, group: str,
+                      records: Sequence[tuple[str, dict[bytes, bytes]]], done: Iterable[str],
+                      *, delete: bool = True, what: str = "write") -> None:
+        """In one atomic step (a script: nothing is acked unless every record was written):
+        XADD each (stream, fields) record, then XACK ``done`` in ``group`` of ``stream`` and,
+        with ``delete``, XDEL them (not for a stream other groups read too)."""
+        done = list(done)
         if not records and not done:
             return
         streams: list[str] = []
-        args: list[Any] = [self.keys.group(stage), len(records)]
-        for stream, fields in records:
-            if stream not in streams:
-                streams.append(stream)
-            args += [streams.index(stream) + 2, len(fields)]
+        args: list[Any] = [group, "1" if delete else "0", len(records)]
+        for out, fields in records:
+            if out not in streams:
+                streams.append(out)
+            args += [streams.index(out) + 2, len(fields)]
             for k, v in fields.items():
                 args += [k, v]
         args += done
-        keys = [self.keys.inbox(stage), *streams]
+        keys = [stream, *streams]
         self.call(lambda: self._commit(keys=keys, args=args), what)
 
     # --- liveness --------------------------------------------------------------------------
@@ -361,9 +425,17 @@ class Transport:
         except _CONNECTION_ERRORS:
             pass
 
-    def workers_alive(self, stage: str, within_s: float = 30.0) -> int:
-        return int(self.call(lambda: self.r.zcount(self.keys.heartbeat(stage),
-                                                   time.time() - within_s, "+inf"), "workers"))
+    def workers_alive(self, stage: str, within_s: float = 30.0, *, retry: bool = True) -> int:
+        """Consumers of the stage that beat within ``within_s``. ``retry=False``: one try, no
+        reconnect loop (a probe answers now; a connection error is raised as it is)."""
+        def count() -> int:
+            return int(self.r.zcount(self.keys.heartbeat(stage), time.time() - within_s,
+                                     "+inf"))
+        return self.call(count, "workers") if retry else count()
+
+    def ping(self) -> None:
+        """PING once, no reconnect loop (a probe answers now): raises what redis-py raises."""
+        self.r.ping()
 
     claim = reclaim  # the Redis name (XAUTOCLAIM); tests and older callers use it
 
