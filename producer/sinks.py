@@ -35,13 +35,14 @@ from types import FrameType
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
-import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from redis import RedisError
 
 from spotline.common.codec import decode
+from spotline.common.deadletters import dead_letter_shared
 from spotline.common.envelope import Result
 from spotline.common.errors import DecodeError, SpotlineError
-from spotline.common.transport import DATA_FIELD, FRAME_FIELD, Transport
+from spotline.common.transport import Entry, Transport
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,11 @@ class SinkOptions:
     def group(self) -> str:
         return f"sink-{self.name}"
 
+    @property
+    def group_start(self) -> str:
+        """Where a new group (or one recreated after a Redis restart) starts reading."""
+        return "$" if self.start == "new" else "0"
+
 
 @dataclass
 class SinkCounts:
@@ -261,18 +267,9 @@ class Sink:
         return self._stop.is_set()
 
     def ensure_group(self) -> None:
-        stream, group = self.t.keys.results, self.opts.group
-
-        def create() -> None:
-            try:
-                self.t.r.xgroup_create(stream, group, id="$" if self.opts.start == "new" else "0",
-                                       mkstream=True)
-                log.info("sink=%s created on %s (from %s results)", group, stream,
-                         self.opts.start)
-            except redis.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
-        self.t.call(create, f"create group {group}")
+        if self.t.create_group(self.t.keys.results, self.opts.group, self.opts.group_start):
+            log.info("sink=%s created on %s (from %s results)", self.opts.group,
+                     self.t.keys.results, self.opts.start)
 
     def run(self, until: Callable[[], bool] | None = None) -> SinkCounts:
         """Deliver until stopped (or until ``until()`` holds, checked between batches)."""
@@ -284,14 +281,14 @@ class Sink:
             while not self.stopping and not (until and until()):
                 self._refresh_lag()
                 if own_pending:
-                    rows = self._read("0")
+                    rows = self._read(pending=True)
                     own_pending = bool(rows)
                 else:
-                    rows = self._claim() or self._read(">")
-                for entry_id, fields in rows:
+                    rows = self._claim() or self._read()
+                for entry in rows:
                     if self.stopping:
                         break
-                    self._handle(entry_id, fields)
+                    self._handle(entry)
         finally:
             self._refresh_lag(force=True)
             self.target.close()
@@ -299,39 +296,20 @@ class Sink:
         return self.counts
 
     # --- reading -------------------------------------------------------------------------
-    def _read(self, start: str) -> list[tuple[str, dict[bytes, bytes]]]:
-        stream, group = self.t.keys.results, self.opts.group
-        block = None if start == "0" else self.opts.block_ms
+    def _read(self, pending: bool = False) -> list[Entry]:
+        """New results, or (``pending``) those this consumer read before and never acked."""
+        return self.t.read_group(self.t.keys.results, self.opts.group, self.consumer,
+                                 self.opts.batch, self.opts.block_ms, pending=pending,
+                                 start=self.opts.group_start)
 
-        def read() -> Any:
-            return self.t.r.xreadgroup(group, self.consumer, {stream: start},
-                                       count=self.opts.batch, block=block)
-        try:
-            reply = self.t.call(read, "sink read")
-        except redis.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            log.warning("sink=%s group missing (Redis restarted without persistence?); "
-                        "recreating it", group)
-            self.ensure_group()
-            return []
-        return [(_s(i), f or {}) for _name, items in reply or [] for i, f in items]
-
-    def _claim(self) -> list[tuple[str, dict[bytes, bytes]]]:
+    def _claim(self) -> list[Entry]:
         """Entries another consumer of this group read and left pending (it died)."""
         now = time.monotonic()
         if now - self._last_claim < self.t.settings.visibility_timeout_ms / 4000:
             return []
         self._last_claim = now
-        stream, group = self.t.keys.results, self.opts.group
-        reply = self.t.call(lambda: self.t.r.xautoclaim(
-            stream, group, self.consumer, self.t.settings.visibility_timeout_ms, "0-0",
-            count=self.opts.batch), "sink claim")
-        items = reply[1] if len(reply) > 1 else []
-        gone = [i for i, f in items if not f]  # trimmed away while pending: nothing to send
-        if gone:
-            self.t.call(lambda: self.t.r.xack(stream, group, *gone), "sink ack trimmed")
-        return [(_s(i), f) for i, f in items if f]
+        return self.t.reclaim_group(self.t.keys.results, self.opts.group, self.consumer,
+                                    self.opts.batch, start=self.opts.group_start)
 
     def _refresh_lag(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -340,47 +318,45 @@ class Sink:
         self._last_lag = now
         try:
             self.metrics.lag.labels(self.opts.name).set(self.lag())
-        except (SpotlineError, redis.RedisError) as exc:
+        except (SpotlineError, RedisError) as exc:
             log.debug("sink lag not refreshed: %s", exc)
 
     def lag(self) -> int:
         """Results of the stream this sink has not delivered yet: unread plus in flight."""
-        stream, group = self.t.keys.results, self.opts.group
-        for g in self.t.call(lambda: self.t.r.xinfo_groups(stream), "sink lag"):
-            if _s(g["name"]) == group:
-                unread = g.get("lag")
-                if unread is None:  # Redis < 7, or after a trim it cannot count across
-                    unread = 0
-                return int(unread) + int(g["pending"])
-        return 0
+        g = self.t.group_info(self.t.keys.results, self.opts.group)
+        if g is None:
+            return 0
+        # lag is None before Redis 7, or after a trim it cannot count across
+        return int(g.get("lag") or 0) + int(g["pending"])
 
     # --- delivering ----------------------------------------------------------------------
-    def _handle(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
-        if not fields:  # trimmed from the stream while pending: nothing left to send
-            log.warning("sink=%s entry=%s was trimmed before delivery", self.opts.group, entry_id)
-            self._ack(entry_id)
+    def _handle(self, entry: Entry) -> None:
+        if not entry.fields:  # trimmed from the stream while pending: nothing left to send
+            log.warning("sink=%s entry=%s was trimmed before delivery", self.opts.group,
+                        entry.id)
+            self._ack(entry.id)
             return
         try:
-            result = decode(fields.get(DATA_FIELD, b""))
+            result = decode(entry.payload)
         except DecodeError as exc:
-            self._dead(entry_id, fields, f"undecodable result: {exc}", 0)
+            self._dead(entry, f"undecodable result: {exc}", 0)
             return
         if not isinstance(result, Result):
-            self._dead(entry_id, fields, f"a {type(result).__name__} is not a result", 0)
+            self._dead(entry, f"a {type(result).__name__} is not a result", 0)
             return
         try:
             payload = result_payload(result)
         except (ValueError, TypeError) as exc:  # a NaN or infinity where JSON has none
-            self._dead(entry_id, fields, f"result not representable as JSON: {exc}", 0)
+            self._dead(entry, f"result not representable as JSON: {exc}", 0)
             return
-        attempts, error = self._deliver(entry_id, result, payload)
+        attempts, error = self._deliver(entry.id, result, payload)
         if error is None:
-            self._ack(entry_id)
+            self._ack(entry.id)
             self.counts.delivered += 1
             self.metrics.delivered.labels(self.opts.name).inc()
         elif attempts:
-            self._dead(entry_id, fields, f"{self.target.kind} failed after {attempts} "
-                       f"attempt(s): {error}", attempts)
+            self._dead(entry, f"{self.target.kind} failed after {attempts} attempt(s): "
+                       f"{error}", attempts)
         # else: stopped between retries; left pending, re-sent when the sink starts again
 
     def _deliver(self, entry_id: str, result: Result,
@@ -407,31 +383,13 @@ class Sink:
         raise AssertionError("unreachable")
 
     def _ack(self, entry_id: str) -> None:
-        stream, group = self.t.keys.results, self.opts.group
         # XACK only, never XDEL: the results stream is shared with other groups and readers.
-        self.t.call(lambda: self.t.r.xack(stream, group, entry_id), "sink ack")
+        self.t.ack(self.t.keys.results, self.opts.group, [entry_id])
 
-    def _dead(self, entry_id: str, fields: dict[bytes, bytes], reason: str,
-              attempts: int) -> None:
+    def _dead(self, entry: Entry, reason: str, attempts: int) -> None:
         """Move a result to the dead-letter stream with its reason and ack it, atomically."""
-        keys, group = self.t.keys, self.opts.group
-        frame = fields.get(FRAME_FIELD) or b""
-        log.error("sink=%s frame=%s entry=%s dead-lettered: %s", group,
-                  frame.decode("utf-8", "replace"), entry_id, reason)
-        record = {b"stream": keys.results.encode(), b"stage": group.encode(),
-                  b"id": entry_id.encode(), b"reason": reason.encode("utf-8", "replace"),
-                  b"deliveries": str(attempts).encode(), b"frame": frame,
-                  b"time": repr(time.time()).encode(), b"payload": fields.get(DATA_FIELD, b"")}
-
-        def move() -> None:
-            pipe = self.t.r.pipeline(transaction=True)
-            pipe.xadd(keys.dead, record, maxlen=self.t.settings.dead_maxlen, approximate=True)
-            pipe.xack(keys.results, group, entry_id)
-            pipe.execute()
-        self.t.call(move, "sink dead-letter")
+        log.error("sink=%s frame=%s entry=%s dead-lettered: %s", self.opts.group,
+                  entry.frame_id or "", entry.id, reason)
+        dead_letter_shared(self.t, self.opts.group, entry, reason, attempts)
         self.counts.failed += 1
         self.metrics.failed.labels(self.opts.name).inc()
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
