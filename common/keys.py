@@ -70,6 +70,10 @@ class Keys:
         """Sorted set of live consumers of a stage, scored by last beat (unix seconds)."""
         return f"{self.tag}:workers:{stage}"
 
+    def ratelimit(self, caller: str) -> str:
+        """A caller's token bucket (hash, with a TTL): the gateway's rate limit."""
+        return f"{self.tag}:ratelimit:{caller}"
+
     def preview(self, frame_id: str) -> str:
         """A small JPEG of a sampled frame (with a TTL), for the gateway's live view."""
         return f"{self.tag}:preview:{frame_id}"

@@ -119,11 +119,11 @@ class RateLimiter:
     burst: int
 
     def __post_init__(self) -> None:
-        self._script = self.transport.r.register_script(TOKEN_BUCKET)
+        self._script = self.transport.script(TOKEN_BUCKET)
 
     def take(self, caller: str) -> float:
         """0 when the caller may go on, else the seconds until it may."""
-        bucket = f"{self.transport.keys.tag}:ratelimit:{caller}"
+        bucket = self.transport.keys.ratelimit(caller)
         allowed, wait = self.transport.call(
             lambda: self._script(keys=[bucket], args=[self.rate, self.burst, 1]), "rate limit")
         return 0.0 if int(allowed) else float(wait)

@@ -136,23 +136,21 @@ class Registry:
         return bool(self.t.call(remove, "remove source"))
 
     def feeds(self) -> dict[str, FeedSpec]:
-        raw = self.t.call(lambda: self.t.r.hgetall(self.keys.sources), "list sources")
         out = {}
-        for k, v in raw.items():
-            sid = k.decode() if isinstance(k, bytes) else k
+        for sid, raw in self.t.fields(self.keys.sources).items():
             try:
-                out[sid] = FeedSpec.from_json(v)
+                out[sid] = FeedSpec.from_json(raw)
             except (ValueError, TypeError, SpotlineError) as exc:
                 log.error("source %s: unreadable registry entry (%s); ignored", sid, exc)
         return out
 
     def statuses(self) -> dict[str, FeedStatus]:
-        raw = self.t.call(lambda: self.t.r.hgetall(self.keys.source_status), "source status")
+        """Each feed's last reported status (one that does not parse, from an older version,
+        is left out: it is rewritten within a poll)."""
         out = {}
-        for k, v in raw.items():
-            sid = k.decode() if isinstance(k, bytes) else k
+        for sid, raw in self.t.fields(self.keys.source_status).items():
             try:
-                out[sid] = FeedStatus(**json.loads(v))
+                out[sid] = FeedStatus(**json.loads(raw))
             except (ValueError, TypeError):
                 continue
         return out
@@ -275,8 +273,8 @@ class Supervisor:
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.feeds: dict[str, _Feed] = {}
         self._stop = threading.Event()
-        self._renew = self.t.r.register_script(_RENEW)
-        self._release = self.t.r.register_script(_RELEASE)
+        self._renew = self.t.script(_RENEW)
+        self._release = self.t.script(_RELEASE)
 
     def stop(self, *_args: Any) -> None:
         self._stop.set()

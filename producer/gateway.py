@@ -131,19 +131,15 @@ READY_WITHIN_S = 15.0  # a worker whose last heartbeat is older is not live (wor
 def readiness(settings: Settings, client: Client) -> list[str]:
     """What keeps the pipeline from answering: Redis not answering, or a stage without a live
     worker that has loaded its model (workers beat only once set up). Empty when ready."""
-    r = client.t.r
-    try:
-        r.ping()  # no retry loop: a probe answers now
+    t = client.t
+    try:  # no retry loops: a probe answers now
+        t.ping()
+        alive = {stage: t.workers_alive(stage, READY_WITHIN_S, retry=False)
+                 for stage in pipeline(settings)}
     except Exception as exc:  # noqa: BLE001 - any failure to reach Redis is "not ready"
         return [f"redis: {type(exc).__name__}: {exc}"]
-    missing = []
-    now = time.time()
-    for stage in pipeline(settings):
-        alive = int(r.zcount(client.keys.heartbeat(stage), now - READY_WITHIN_S, "+inf"))
-        if alive < 1:
-            missing.append(f"{stage}: no live worker with its model loaded "
-                           f"(no heartbeat in {READY_WITHIN_S:.0f}s)")
-    return missing
+    return [f"{stage}: no live worker with its model loaded (no heartbeat in "
+            f"{READY_WITHIN_S:.0f}s)" for stage, n in alive.items() if n < 1]
 
 
 class Identify:

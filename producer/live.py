@@ -138,19 +138,15 @@ class LiveState:
                 if time.monotonic() >= next_drops:
                     next_drops = time.monotonic() + DROPS_EVERY_S
                     self._refresh_drops()
-                reply = self.t.call(lambda after=last: self.t.r.xread(
-                    {self.t.keys.results: after}, count=500, block=500), "live read")
-                for _stream, items in reply or []:
-                    for entry_id, fields in items:
-                        last = entry_id
-                        self._on_entry(fields)
+                for entry_id, fields in self.t.tail(self.t.keys.results, last, 500, 500):
+                    last = entry_id
+                    self._on_entry(fields)
             except SpotlineError as exc:  # Redis gone longer than reconnect_max_s
                 log.warning("live view: %s; retrying", exc)
                 self._stop.wait(1.0)
 
-    def _seed(self) -> bytes | str:
-        rows = self.t.call(lambda: self.t.r.xrevrange(self.t.keys.results, count=SEED_RESULTS),
-                           "live seed")
+    def _seed(self) -> str:
+        rows = self.t.recent(self.t.keys.results, SEED_RESULTS)
         for _entry_id, fields in reversed(rows):
             self._on_entry(fields, seeding=True)
         return rows[0][0] if rows else "0-0"

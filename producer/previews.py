@@ -87,7 +87,7 @@ class Previews:
         return True
 
     def get(self, frame_id: str) -> bytes | None:
-        raw = self.t.call(lambda: self.t.r.get(self.t.keys.preview(frame_id)), "preview")
+        raw = self.t.get(self.t.keys.preview(frame_id))
         return bytes(raw) if raw else None
 
     def count_drop(self, source_id: str, reason: str = "dropped") -> None:
@@ -102,10 +102,8 @@ class Previews:
 
     def drops(self) -> dict[str, dict[str, int]]:
         """{source: {"dropped": n, "rejected": m}} from the counters hash."""
-        raw = self.t.call(lambda: self.t.r.hgetall(self.t.keys.counters), "drops")
         out: dict[str, dict[str, int]] = {}
-        for k, v in raw.items():
-            field = k.decode() if isinstance(k, bytes) else str(k)
+        for field, v in self.t.fields(self.t.keys.counters).items():
             reason, _, source = field.partition(":")
             if reason in DROP_REASONS and source:
                 out.setdefault(source, {r: 0 for r in DROP_REASONS})[reason] = int(v)
