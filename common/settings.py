@@ -102,9 +102,12 @@ class Settings:
         "help": "cached track embeddings per source at most"})
     joint_assign: bool = field(default=True, metadata={
         "help": "track mode: one box per caption (Hungarian) when a frame has several"})
-    not_in_view: float = field(default=0.0, metadata={
-        "help": "track mode: no box under this calibrated probability (needs "
-                "calibration.json beside the scorer); 0: off"})
+    not_in_view: bool = field(default=False, metadata={
+        "help": "track mode: no box (bbox null) for a caption probably not in the frame "
+                "(needs calibration.json beside the scorer: `spotline eval DATA --calibrate`)"})
+    not_in_view_threshold: float = field(default=0.0, metadata={
+        "help": "with not_in_view: abstain under this probability of being in view; 0: the "
+                "threshold fitted with the calibration"})
     # --- batching (dynamic: max entries or max wait, whichever first)
     batch_detect: int = field(default=4, metadata={"help": "max frames per YOLO call"})
     batch_upscale: int = field(default=8, metadata={"help": "max entries per upscale batch"})

@@ -22,7 +22,7 @@ def video_bench(settings: Settings, clips: str, max_clips: int, frames: int, abs
     try:
         report = videobench.video_bench(settings, clips, max_clips=max_clips,
                                         max_frames=frames, absent=absent,
-                                        abstain_below=settings.not_in_view or 0.5,
+                                        abstain_below=settings.not_in_view_threshold or 0.5,
                                         vocabulary=all_captions())
     except SpotlineError as exc:
         raise click.ClickException(str(exc)) from None
@@ -33,19 +33,27 @@ def video_bench(settings: Settings, clips: str, max_clips: int, frames: int, abs
     return report
 
 
-def fit_and_save(settings: Settings, dataset: str, method: str, limit: int | None) -> None:
+def fit_and_save(settings: Settings, dataset: str, method: str, limit: int | None,
+                 absent: int = 1, target_precision: float = 0.9) -> None:
     """Fit the scorer's calibration on a labelled TIL dataset and write it beside the scorer."""
     from spotline.grounding_eval import fit_calibration
     from spotline.producer.dataset import load_til
 
     try:
-        cal, path = fit_calibration(settings, load_til(dataset)[:limit], method)
+        cal, path = fit_calibration(settings, load_til(dataset)[:limit], method, absent=absent,
+                                    target_precision=target_precision)
     except (SpotlineError, ValueError) as exc:
         raise click.ClickException(f"cannot calibrate: {exc}") from None
     what = (f"temperature {cal.temperature:.3f}, bias {cal.bias:.3f}" if cal.method ==
             "temperature" else f"{len(cal.knots_x)} knots")
     click.echo(f"calibration ({cal.method}: {what}; {cal.fitted_on} caption×box pairs, "
                f"NLL {cal.nll:.4f}) written to {path}")
+    if cal.threshold is not None:
+        fit = cal.threshold_fit
+        click.echo(f"not in view: abstain under P(in view) {cal.threshold:.3f} (abstentions "
+                   f"precision {fit['precision']:.3f}, recall {fit['recall']:.3f} on these "
+                   f"{fit['captions']} captions, {fit['absent']} naming nothing; target "
+                   f"precision {fit['target_precision']})")
 
 
 def grounding_lines(settings: Settings, dataset: str, limit: int | None, absent: int) -> None:
@@ -59,7 +67,7 @@ def grounding_lines(settings: Settings, dataset: str, limit: int | None, absent:
         click.echo("(no calibration.json beside the scorer: `--calibrate` fits one; "
                    "\"not in view\" is left out)", err=True)
     scored = score_dataset(settings, load_til(dataset)[:limit], absent=absent if cal else 0)
-    report = grounding_report(scored, cal, abstain_below=settings.not_in_view or 0.5)
+    report = grounding_report(scored, cal, abstain_below=settings.not_in_view_threshold or None)
     for line in report_lines(report):
         click.echo(line)
 
@@ -69,13 +77,19 @@ def grounding_lines(settings: Settings, dataset: str, limit: int | None, absent:
 @click.option("--method", type=click.Choice(["temperature", "isotonic"]),
               default="temperature", show_default=True, help="How scores become probabilities.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N images.")
-def calibrate(dataset: str, method: str, limit: int | None) -> None:
+@click.option("--absent", type=click.IntRange(0), default=1, show_default=True,
+              help="Captions per image naming nothing in it, for \"not in view\" (0: none).")
+@click.option("--target-precision", type=click.FloatRange(0, 1, min_open=True), default=0.9,
+              show_default=True, help="\"Not in view\" threshold: the one reaching this "
+              "abstention precision on DATASET.")
+def calibrate(dataset: str, method: str, limit: int | None, absent: int,
+              target_precision: float) -> None:
     """Fit the scorer's calibration on a labelled TIL DATASET (the same as `spotline eval
     DATASET --calibrate`): writes calibration.json beside the scorer, which "not in view"
-    (the not_in_view setting, track mode) needs."""
+    (the not_in_view setting, track mode) needs. Use a validation split, not the test split."""
     from spotline.cli.context import current
 
-    fit_and_save(current().settings, dataset, method, limit)
+    fit_and_save(current().settings, dataset, method, limit, absent, target_precision)
 
 
 def _root_settings() -> Settings:
@@ -136,17 +150,22 @@ def add_grounding_options(command: Any) -> Any:
                      "caption, and (with a calibration) \"not in view\" precision and recall "
                      "over --absent captions per image that name nothing in it."),
         click.Option(["--absent"], type=click.IntRange(0), default=1, show_default=True,
-                     help="With --grounding: such captions per image."),
+                     help="With --grounding or --calibrate: such captions per image."),
+        click.Option(["--target-precision"], type=click.FloatRange(0, 1, min_open=True),
+                     default=0.9, show_default=True,
+                     help="With --calibrate: the \"not in view\" threshold is the one reaching "
+                     "this abstention precision on DATASET."),
     ]
     original = command.callback
 
     @functools.wraps(original)
     def callback(*args: Any, calibrate: bool = False, calibration_method: str = "temperature",
-                 grounding: bool = False, absent: int = 1, **kwargs: Any) -> Any:
+                 grounding: bool = False, absent: int = 1, target_precision: float = 0.9,
+                 **kwargs: Any) -> Any:
         settings = _root_settings()
         dataset, limit = kwargs["dataset"], kwargs.get("limit")
         if calibrate:
-            fit_and_save(settings, dataset, calibration_method, limit)
+            fit_and_save(settings, dataset, calibration_method, limit, absent, target_precision)
             if not grounding:
                 return None
         else:

@@ -10,8 +10,9 @@ when there are not enough boxes). Captions that are the same text are grounded o
 the answer.
 
 ``ground`` adds "not in view": with a calibration (stages/calibration.py) and a threshold, a
-caption whose best calibrated probability is below the threshold gets no box (``box`` None)
-and that probability, instead of a box it probably does not describe.
+caption whose calibrated probability of being in view is below the threshold gets no box
+(``box`` None) and that probability, instead of a box it probably does not describe; the other
+captions are assigned among themselves.
 """
 
 from __future__ import annotations
@@ -108,24 +109,42 @@ def ground(scores: np.ndarray, captions: Sequence[str] | None = None, joint: boo
            abstain_below: float | None = None) -> list[Pick]:
     """Every caption's pick: its assigned box, or ``box=None`` when "not in view".
 
-    Abstaining needs both a ``calibration`` and ``abstain_below``: a caption abstains when the
-    calibrated probability of its best box is below the threshold. A frame without boxes
-    abstains for every caption (probability 0).
+    Abstaining needs both a ``calibration`` and ``abstain_below``: a caption abstains when its
+    probability of being in view (``in_view``) is below the threshold. The captions that stay
+    are then assigned jointly among themselves, so an absent caption never takes a box from a
+    caption in view. A frame without boxes abstains for every caption (probability 0).
     """
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 2:
         raise ValueError(f"scores must be captions × boxes, got shape {scores.shape}")
     if scores.shape[1] == 0:
         return [Pick(None, math.nan, 0.0) for _ in range(scores.shape[0])]
-    boxes = assign(scores, joint=joint, captions=captions)
     probs = (np.asarray(calibration.apply(scores), dtype=np.float64) if calibration is not None
              else np.full(scores.shape, math.nan))
+    present = (in_view(calibration, scores, captions)
+               if calibration is not None and abstain_below is not None else None)
+    kept = [r for r in range(scores.shape[0])
+            if present is None or present[r] >= abstain_below]
+    boxes = dict(zip(kept, assign(scores[kept], joint=joint,
+                                  captions=None if captions is None
+                                  else [captions[r] for r in kept]), strict=True))
     picks = []
-    for row, box in enumerate(boxes):
-        best = int(np.argmax(_finite(scores[row:row + 1])[0]))
-        if abstain_below is not None and calibration is not None \
-                and not probs[row, best] >= abstain_below:
-            picks.append(Pick(None, float(scores[row, best]), float(probs[row, best])))
-        else:
+    for row in range(scores.shape[0]):
+        if row in boxes:
+            box = boxes[row]
             picks.append(Pick(box, float(scores[row, box]), float(probs[row, box])))
+        else:
+            best = int(np.argmax(_finite(scores[row:row + 1])[0]))
+            picks.append(Pick(None, float(scores[row, best]), float(present[row])))
     return picks
+
+
+def in_view(calibration: Calibrator, scores: np.ndarray,
+            captions: Sequence[str] | None = None) -> np.ndarray:
+    """Each caption's probability of being in view: the calibration's presence model when it
+    has one (stages/calibration.py), else its best box's calibrated probability."""
+    presence = getattr(calibration, "presence", None)
+    if presence is not None:
+        return np.asarray(presence(scores, captions), dtype=np.float64)
+    probs = np.asarray(calibration.apply(scores), dtype=np.float64)
+    return np.where(np.isnan(probs), -np.inf, probs).max(axis=1)

@@ -12,12 +12,25 @@ stored as a small JSON file beside the scorer (``<scorer_dir>/calibration.json``
   stored as knots and applied by linear interpolation between them.
 
 Scores outside [0, 1] (CLIP's logits) are taken as logits as they are.
+
+"Not in view" asks another question: is the caption's object in the frame at all? The best
+box's calibrated probability answers it poorly (a caption naming nothing still has a best box,
+and an object in view often scores low), so a calibration may also carry a *presence* model
+(``fit_presence``): a logistic regression, fitted on captions of a labelled split some of which
+name nothing in their image, of P(the caption's object is in view) on two features of the
+captions × boxes logits: the caption's best logit, and its margin over the other captions of
+the frame on that box (another caption that claims the box more strongly says this one is
+probably absent). A frame with one distinct caption has no margin: a second regression on the
+best logit alone answers it. The threshold is chosen on the same split: the lowest probability
+whose abstentions reach a target precision there (``choose_threshold``), stored with the model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +39,12 @@ import numpy as np
 from scipy.optimize import isotonic_regression, minimize
 from scipy.special import expit, logit
 
+from ..common.errors import ConfigError
+
 FILENAME = "calibration.json"
 METHODS = ("temperature", "isotonic")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS_VERSIONS = (1, 2)  # version 1: no presence model
 # Probabilities are clipped into [EPS, 1 - EPS] before logit so a 0 or 1 stays finite.
 EPS = 1e-7
 MAX_KNOTS = 512
@@ -48,6 +64,12 @@ class Calibration:
     nll: float = math.nan
     version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    # presence model (logistic regression on logits): weights of (best logit, bias) for frames
+    # with one distinct caption, and of (best logit, margin over other captions, bias)
+    presence_single: tuple[float, ...] = ()
+    presence_multi: tuple[float, ...] = ()
+    threshold: float | None = None  # "not in view" under this presence probability
+    threshold_fit: dict[str, Any] = field(default_factory=dict)  # how it was chosen
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -59,6 +81,11 @@ class Calibration:
         if self.method == "isotonic" and (len(self.knots_x) != len(self.knots_y)
                                           or not self.knots_x):
             raise ValueError("an isotonic calibration needs knots_x and knots_y of one length")
+        if (len(self.presence_single), len(self.presence_multi)) not in ((0, 0), (2, 3)):
+            raise ValueError("a presence model needs 2 single-caption and 3 multi-caption "
+                             "weights")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
 
     def apply(self, scores: np.ndarray) -> np.ndarray:
         """Calibrated probabilities, same shape as ``scores`` (nan stays nan)."""
@@ -68,22 +95,41 @@ class Calibration:
             return np.where(np.isnan(scores), np.nan, out)
         return expit(_logits(scores, self.space) / self.temperature + self.bias)
 
+    @property
+    def has_presence(self) -> bool:
+        return bool(self.presence_multi)
+
+    def presence(self, scores: np.ndarray, captions: Sequence[str] | None = None) -> np.ndarray:
+        """P(in view) of each caption (row) of a captions × boxes score matrix: the presence
+        model's, or without one the best box's calibrated probability; 0 without boxes."""
+        scores = np.asarray(scores, dtype=np.float64)
+        if scores.shape[1] == 0:
+            return np.zeros(scores.shape[0])
+        if not self.has_presence:
+            probs = self.apply(scores)
+            return np.where(np.isnan(probs), -np.inf, probs).max(axis=1).clip(0.0, 1.0)
+        feats, multi = presence_features(_logits(scores, self.space), captions)
+        w1, w2 = np.asarray(self.presence_single), np.asarray(self.presence_multi)
+        z = np.where(multi, feats @ w2[:2] + w2[2], feats[:, 0] * w1[0] + w1[1])
+        return np.where(np.isfinite(feats[:, 0]), expit(z), 0.0)
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        data["knots_x"], data["knots_y"] = list(self.knots_x), list(self.knots_y)
+        for key in ("knots_x", "knots_y", "presence_single", "presence_multi"):
+            data[key] = list(data[key])
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Calibration:
-        if data.get("version") != FORMAT_VERSION:
-            raise ValueError(f"calibration format version {data.get('version')!r} is not "
-                             f"{FORMAT_VERSION}")
+        if data.get("version") not in READS_VERSIONS:
+            raise ValueError(f"calibration format version {data.get('version')!r} is not one "
+                             f"of {READS_VERSIONS}")
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown calibration fields {sorted(unknown)}")
-        data = dict(data, knots_x=tuple(data.get("knots_x", ())),
-                    knots_y=tuple(data.get("knots_y", ())))
+        data = dict(data, **{key: tuple(data.get(key, ())) for key in
+                             ("knots_x", "knots_y", "presence_single", "presence_multi")})
         return cls(**data)
 
 
@@ -161,6 +207,109 @@ def fit_isotonic(scores: np.ndarray, correct: np.ndarray) -> Calibration:
                        fitted_on=int(scores.size), nll=nll(probs, correct))
 
 
+# --- presence ("not in view") ------------------------------------------------------------------
+MARGIN_CAP = 20.0  # |margin over other captions| is clipped to this (logits)
+BIG = 50.0  # a +inf score (in logits)
+L2 = 1e-4  # ridge on the presence weights (keeps a separable split finite)
+TARGET_PRECISION = 0.9
+
+
+def presence_features(logits: np.ndarray, captions: Sequence[str] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(C×2 features: best logit, margin over the other captions on that box; C flags: the
+    frame has another distinct caption). Rows without a finite score get best = -inf."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = np.where(np.isfinite(z), z, np.where(np.isposinf(z), BIG, -np.inf))
+    n_rows = z.shape[0]
+    texts = list(captions) if captions is not None else list(range(n_rows))
+    if len(texts) != n_rows:
+        raise ValueError(f"{len(texts)} captions for {n_rows} score rows")
+    feats = np.zeros((n_rows, 2))
+    multi = np.zeros(n_rows, dtype=bool)
+    if z.shape[1] == 0:
+        feats[:, 0] = -np.inf
+        return feats, multi
+    best_box = np.argmax(z, axis=1)
+    feats[:, 0] = z[np.arange(n_rows), best_box]
+    for r in range(n_rows):
+        others = [k for k in range(n_rows) if texts[k] != texts[r]]
+        if not others or not np.isfinite(feats[r, 0]):
+            continue
+        multi[r] = True
+        rival = float(z[others, best_box[r]].max())
+        feats[r, 1] = np.clip(feats[r, 0] - rival, -MARGIN_CAP, MARGIN_CAP)
+    return feats, multi
+
+
+def _logistic(x: np.ndarray, y: np.ndarray) -> tuple[float, ...]:
+    """Weights (then bias) of a ridge-regularised logistic regression of 0/1 ``y`` on ``x``."""
+    design = np.c_[x, np.ones(len(x))]
+    ridge = np.r_[np.full(x.shape[1], L2), 0.0]
+
+    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+        p = expit(design @ w)
+        return (nll(p, y) + float(ridge @ (w * w)),
+                design.T @ (p - y) / len(y) + 2 * ridge * w)
+
+    res = minimize(loss, np.zeros(design.shape[1]), jac=True, method="L-BFGS-B")
+    return tuple(float(v) for v in res.x)
+
+
+def fit_presence(calibration: Calibration,
+                 frames: Sequence[tuple[np.ndarray, Sequence[str], Sequence[bool]]],
+                 target_precision: float = TARGET_PRECISION) -> Calibration:
+    """``calibration`` with a presence model and threshold fitted on ``frames``: (captions ×
+    boxes scores, captions, whether each caption's object is in the image)."""
+    if not 0.0 < target_precision <= 1.0:
+        raise ValueError(f"target precision must be in (0, 1], got {target_precision}")
+    feats, multi, present = [], [], []
+    for scores, captions, in_view in frames:
+        if len(in_view) != np.shape(scores)[0]:
+            raise ValueError(f"{len(in_view)} labels for {np.shape(scores)[0]} score rows")
+        f, m = presence_features(_logits(np.asarray(scores, np.float64), calibration.space),
+                                 captions)
+        feats.append(f)
+        multi.append(m)
+        present.append(np.asarray(in_view, dtype=np.float64))
+    x, m, y = np.concatenate(feats), np.concatenate(multi), np.concatenate(present)
+    keep = np.isfinite(x[:, 0])  # frames without boxes abstain anyway
+    x, m, y = x[keep], m[keep], y[keep]
+    if y.size == 0 or y.min() == y.max():
+        raise ValueError("a presence model needs captions in view and captions that name "
+                         "nothing in their image (eval's --absent)")
+    if m.sum() < 2 or y[m].min() == y[m].max():
+        raise ValueError("a presence model needs frames with several captions, some absent")
+    fitted = dataclasses.replace(calibration, presence_single=_logistic(x[:, :1], y),
+                                 presence_multi=_logistic(x[m], y[m]))
+    probs = np.where(m, expit(x @ fitted.presence_multi[:2] + fitted.presence_multi[2]),
+                     expit(x[:, 0] * fitted.presence_single[0] + fitted.presence_single[1]))
+    threshold, how = choose_threshold(probs, y.astype(bool), target_precision)
+    return dataclasses.replace(fitted, threshold=threshold, threshold_fit=how)
+
+
+def choose_threshold(probs: np.ndarray, present: np.ndarray,
+                     target_precision: float = TARGET_PRECISION) -> tuple[float, dict[str, Any]]:
+    """The threshold under which abstaining catches the most absent captions at a precision of
+    at least ``target_precision`` on these labels (0.0, never abstain, when none reaches it);
+    with the precision and recall it had."""
+    probs = np.asarray(probs, dtype=np.float64)
+    absent = ~np.asarray(present, dtype=bool)
+    order = np.argsort(probs, kind="stable")
+    p, hits = probs[order], np.cumsum(absent[order])
+    k = np.arange(1, p.size + 1)
+    precision = hits / k
+    cut = np.r_[p[1:] > p[:-1], True]  # abstain on the k lowest only between distinct values
+    ok = np.flatnonzero(cut & (precision >= target_precision))
+    how: dict[str, Any] = {"target_precision": target_precision, "captions": int(p.size),
+                           "absent": int(absent.sum())}
+    if not ok.size:
+        return 0.0, {**how, "precision": math.nan, "recall": 0.0}
+    i = int(ok[-1])
+    threshold = float((p[i] + p[i + 1]) / 2 if i + 1 < p.size else min(1.0, p[i] + EPS))
+    return threshold, {**how, "precision": float(precision[i]),
+                       "recall": float(hits[i] / max(1, absent.sum()))}
+
+
 def fit(scores: np.ndarray, correct: np.ndarray, method: str = "temperature") -> Calibration:
     """Fit a calibration of ``method`` (temperature or isotonic)."""
     if method == "temperature":
@@ -168,6 +317,20 @@ def fit(scores: np.ndarray, correct: np.ndarray, method: str = "temperature") ->
     if method == "isotonic":
         return fit_isotonic(scores, correct)
     raise ValueError(f"calibration method {method!r}: choose from {METHODS}")
+
+
+def abstain_threshold(settings: Any, calibration: Calibration | None) -> float | None:
+    """The "not in view" threshold the settings ask for: None when not_in_view is off, the
+    explicit not_in_view_threshold when set, else the one fitted with the calibration."""
+    if not settings.not_in_view:
+        return None
+    if settings.not_in_view_threshold > 0:
+        return float(settings.not_in_view_threshold)
+    if calibration is None or calibration.threshold is None:
+        raise ConfigError("not_in_view needs a threshold: refit the calibration with captions "
+                          "that name nothing (`spotline eval DATASET --calibrate --absent 1`) "
+                          "or set not_in_view_threshold")
+    return calibration.threshold
 
 
 def calibration_path(scorer_dir: str | Path) -> Path:

@@ -9,8 +9,9 @@ For each caption of a frame:
    captions chose the same box (then the one-to-one solution settles it); boxes without a
    track (below the tracker's thresholds) have no history: they compete with the chosen box
    on this frame's logit alone;
-3. with a calibration and a threshold, a caption whose best box's calibrated probability
-   (of the posterior, read back as a score) is below the threshold is "not in view".
+3. before that, with a calibration and a threshold, a caption whose probability of being in
+   view (``assign.in_view`` of the posteriors, read back as scores) is below the threshold is
+   "not in view", and the other captions are assigned among themselves.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .assign import Calibrator, assign
+from .assign import Calibrator, assign, in_view
 from .evidence import Evidence
 
 # Added to the log-odds of the box a caption's hysteresis chose: larger than any difference of
@@ -82,24 +83,32 @@ def ground_frame(evidence: Evidence, seq: int, captions: Sequence[str], scores: 
             evidence.update(seq, caption, {})
         return [Grounded(None, NO_TRACK, math.nan, 0.0) for _ in captions]
     post, chosen, switched = posterior_matrix(evidence, seq, captions, scores, track_ids)
+    probs = _calibrated(post, calibration, evidence)
+    present = (in_view(calibration, _as_scores(post, evidence), captions)
+               if calibration is not None and abstain_below is not None else None)
+    kept = [r for r in range(len(captions)) if present is None or present[r] >= abstain_below]
     weighted = post.copy()
     weighted[:, track_ids < 0] += HOLD  # untracked boxes have no history: always eligible
     for row, box in enumerate(chosen):
         if box is not None:
             weighted[row, box] += HOLD
-    boxes = assign(weighted, joint=joint, captions=captions)
-    probs = _calibrated(post, calibration, evidence)
+    boxes = dict(zip(kept, assign(weighted[kept], joint=joint,
+                                  captions=[captions[r] for r in kept]), strict=True))
     out = []
-    for row, box in enumerate(boxes):
-        best = int(np.argmax(post[row]))
-        if calibration is not None and abstain_below is not None \
-                and not probs[row, best] >= abstain_below:
-            out.append(Grounded(None, NO_TRACK, float(scores[row, best]),
-                                float(probs[row, best])))
+    for row in range(len(captions)):
+        if row not in boxes:  # not in view: the others were assigned without it
+            best = int(np.argmax(post[row]))
+            out.append(Grounded(None, NO_TRACK, float(scores[row, best]), float(present[row])))
             continue
+        box = boxes[row]
         out.append(Grounded(box, int(track_ids[box]), float(scores[row, box]),
                             float(probs[row, box]), switched[row] and box == chosen[row]))
     return out
+
+
+def _as_scores(post: np.ndarray, evidence: Evidence) -> np.ndarray:
+    """Posterior log-odds read back as scores of the scorer's kind."""
+    return post if evidence.config.scores_are_logits else 1.0 / (1.0 + np.exp(-post))
 
 
 def _calibrated(post: np.ndarray, calibration: Calibrator | None,
@@ -107,5 +116,4 @@ def _calibrated(post: np.ndarray, calibration: Calibrator | None,
     """Calibrated probabilities of posteriors, read back as scores of the scorer's kind."""
     if calibration is None:
         return np.full(post.shape, math.nan)
-    as_scores = post if evidence.config.scores_are_logits else 1.0 / (1.0 + np.exp(-post))
-    return np.asarray(calibration.apply(as_scores), dtype=np.float64)
+    return np.asarray(calibration.apply(_as_scores(post, evidence)), dtype=np.float64)

@@ -159,7 +159,8 @@ def options_from(settings: Any) -> TrackOptions:
         evidence=EvidenceConfig(decay=settings.track_decay, margin=settings.track_margin,
                                 switch_frames=settings.track_switch_frames),
         joint=settings.joint_assign,
-        abstain_below=settings.not_in_view or None)
+        # not in view: the explicit threshold, or (None) the calibration's, resolved in setup
+        abstain_below=(settings.not_in_view_threshold or None) if settings.not_in_view else None)
 
 
 class Embedder:
@@ -269,6 +270,8 @@ class Track(Stage):
             if self.calibration is None:
                 raise ConfigError(f"not_in_view needs {calibration.calibration_path(scorer_dir)}"
                                   ": fit it with `spotline eval DATASET --calibrate`")
+            self.options = dataclasses.replace(self.options, abstain_below=calibration.
+                                               abstain_threshold(self.settings, self.calibration))
 
     def process(self, batch: list[Envelope]) -> list[Routed]:
         """Each source's frames of the batch in sequence order; one whole frame each to

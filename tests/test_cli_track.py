@@ -52,7 +52,7 @@ def test_calibrate_writes_beside_the_scorer(tmp_path, data_dir, redis_server):
            "SPOTLINE_IMGSZ": "256", "SPOTLINE_WARMUP": "0", "SPOTLINE_MAX_DET": "4",
            "SPOTLINE_TTA": "false", "SPOTLINE_UPSCALE": "false"}
     # Without a calibration, "not in view" cannot start.
-    stage = Track(s.replace(redis_url=redis_server.url, tracking=True, not_in_view=0.5))
+    stage = Track(s.replace(redis_url=redis_server.url, tracking=True, not_in_view=True))
     with pytest.raises(ConfigError, match="calibration.json"):
         stage.setup()
     out = CliRunner().invoke(calibrate, [str(dataset)], env=env)

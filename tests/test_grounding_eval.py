@@ -34,12 +34,17 @@ def test_report_on_scripted_scores():
     assert report["joint_not_in_view"] == 1.0
     assert report["abstain_precision"] == 1.0 and report["abstain_recall"] == 1.0
     assert report["captions"] == 2 and report["absent_captions"] == 1
-    assert len(report_lines(report)) == 4
+    lines = report_lines(report)
+    assert len(lines) == 2 and "1.0000 with one box per caption, 0.5000 without" in lines[0]
+    assert "precision 1.0000, recall 1.0000" in lines[1]
     no_cal = grounding_report(scored)
-    assert "abstain_recall" not in no_cal and len(report_lines(no_cal)) == 2
+    assert "abstain_recall" not in no_cal and "not measured" in report_lines(no_cal)[1]
+    # A calibration without its own threshold and none given: no "not in view" line.
+    assert "joint_not_in_view" not in grounding_report(scored, identity)
+    # Pairs come from the captions in view only (absent ones feed the presence model).
     scores, labels = labelled_pairs(scored)
-    assert scores.tolist() == [0.9, 0.1, 0.8, 0.7, 0.05, 0.1]
-    assert labels.tolist() == [1, 0, 0, 1, 0, 0]
+    assert scores.tolist() == [0.9, 0.1, 0.8, 0.7]
+    assert labels.tolist() == [1, 0, 0, 1]
 
 
 def test_fit_on_a_small_dataset_with_the_tiny_models(tmp_path, data_dir):
@@ -63,6 +68,7 @@ def test_fit_on_a_small_dataset_with_the_tiny_models(tmp_path, data_dir):
     images = load_til(tmp_path)
     cal, path = fit_calibration(settings, images, save=False)
     assert path is None and cal.fitted_on >= 3 and cal.temperature > 0
+    assert cal.has_presence and cal.threshold is not None  # one absent caption per image
     scored = score_dataset(settings, images, absent=1)
     assert all(len(s.captions) == 2 and s.truth[1] is None for s in scored)
     report = grounding_report(scored, cal)

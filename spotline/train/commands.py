@@ -285,11 +285,13 @@ def finetune_detector_cmd(train: str, out: str, val: str | None, val_fraction: f
 @click.command("demo")
 @click.option("--retrain", is_flag=True, help="Make them again from nothing: synthetic data, "
               "both trainings side by side, held-out accuracy (about 45-60 minutes on 2 cores).")
+@click.option("--calibrate", is_flag=True, help="Only fit the scorer's calibration and \"not in "
+              "view\" threshold again on the val split (about a minute), as --retrain does.")
 @click.option("--work", default=None, type=click.Path(file_okay=False),
               help="Scratch folder for data and runs [default: data_dir/demo-train].")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Where the models go [default: models/demo in the repository].")
-def models_demo(retrain: bool, work: str | None, out: str | None) -> None:
+def models_demo(retrain: bool, calibrate: bool, work: str | None, out: str | None) -> None:
     """The demo models (models/demo/): small models trained on synthetic shapes by these
     commands. Shows how they were made and their held-out accuracy; --retrain remakes them."""
     import json
@@ -299,11 +301,13 @@ def models_demo(retrain: bool, work: str | None, out: str | None) -> None:
     settings = _settings()
     plan = demo.DemoPlan(work=work or str(Path(settings.data_dir) / "demo-train"),
                          out=out or str(demo.DEMO_DIR))
-    if retrain:
-        try:
+    try:
+        if retrain:
             demo.retrain(plan, settings, say=click.echo)
-        except (SpotlineError, RuntimeError) as exc:
-            raise _fail(exc) from None
+        elif calibrate:
+            demo.recalibrate(plan, settings, say=click.echo)
+    except (SpotlineError, RuntimeError, ValueError) as exc:
+        raise _fail(exc) from None
     manifest = Path(plan.out) / demo.MANIFEST_FILE
     if not manifest.is_file():
         raise click.ClickException(f"no demo models in {plan.out}: run `spotline models demo "

@@ -8,7 +8,9 @@ commands on synthetic scenes of coloured shapes, and the settings they need.
   keeps the random tiny models (tests).
 - ``retrain(...)``: `spotline models demo --retrain` makes them again from nothing: synthetic
   train/val/test splits, the scorer and the detector trained in parallel (one core each), the
-  held-out accuracy measured with the in-process reference, the manifest written.
+  scorer's calibration fitted on the val split (``calibrate``), the held-out accuracy measured
+  with the in-process reference, the manifest written. `spotline models demo --calibrate`
+  fits the calibration alone again.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class DemoPlan:
     detector_schedule: str = "384:20,448:4"  # (imgsz:epochs) phases, as the seed's 1280 -> 1600
     detector_more: tuple[int, ...] = (4, 4)  # then phases of N epochs at 448 on all train images
     threads: int = 1  # per training process; the two run side by side
+    calibration_absent: int = 1  # captions per val image naming nothing, for "not in view"
+    calibration_precision: float = 0.9  # "not in view" threshold's abstention precision on val
 
 
 def demo_dir() -> Path:
@@ -269,15 +273,60 @@ def measure(plan: DemoPlan, dataset: Path, settings: Settings) -> dict[str, Any]
             "seconds": round(report.total_seconds, 1)}
 
 
+def calibrate(plan: DemoPlan, val: Path, settings: Settings,
+              say: Callable[[str], None]) -> dict[str, Any]:
+    """Fit the installed demo scorer's calibration and "not in view" model on the val split
+    (never the test split) and write calibration.json beside it; what was fitted."""
+    from spotline.grounding_eval import fit_calibration
+    from spotline.producer.dataset import load_til
+
+    demo = apply_demo_models(settings.replace(**{k: "" for k in WEIGHT_KEYS}, models="demo"),
+                             Path(plan.out))
+    cal, path = fit_calibration(demo, load_til(val), absent=plan.calibration_absent,
+                                target_precision=plan.calibration_precision)
+    fit = cal.threshold_fit
+    say(f"calibration: temperature {cal.temperature:.3f}, bias {cal.bias:.3f}; not in view "
+        f"under P(in view) {cal.threshold:.3f} (val abstentions precision "
+        f"{fit.get('precision', float('nan')):.3f}, recall {fit.get('recall', 0.0):.3f}): "
+        f"{path}")
+    return {"file": f"scorer/{path.name}", "split": "val", "seed": plan.val_seed,
+            "images": plan.val_images, "absent_per_image": plan.calibration_absent,
+            "threshold": round(float(cal.threshold or 0.0), 4),
+            "val_precision": round(float(fit.get("precision", float("nan"))), 4),
+            "val_recall": round(float(fit.get("recall", 0.0)), 4),
+            "target_precision": plan.calibration_precision}
+
+
+def recalibrate(plan: DemoPlan, settings: Settings, say: Callable[[str], None]) -> dict[str, Any]:
+    """`spotline models demo --calibrate`: the val split (made again when missing), the
+    calibration fitted on it, the manifest's ``calibration`` entry updated."""
+    from spotline.data import synth
+
+    val = Path(plan.work) / "data" / "val"
+    if not (val / "vlm.jsonl").is_file():
+        options = synth.SynthOptions(seed=plan.val_seed, images=plan.val_images, size=plan.size)
+        val = synth.synthesize(Path(plan.work) / "data", options, split="val")["val"]
+        say(f"synth val: {plan.val_images} images (seed {plan.val_seed})")
+    fitted = calibrate(plan, val, settings, say)
+    manifest_path = Path(plan.out) / MANIFEST_FILE
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        manifest["calibration"] = fitted
+        manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    return fitted
+
+
 def retrain(plan: DemoPlan, settings: Settings, say: Callable[[str], None]) -> dict[str, Any]:
     """Everything: data, training, installing, measuring; writes the manifest."""
     started = time.monotonic()
     data = make_data(plan, say)
     trained = train_both(plan, data, say)
     install(plan, {"conf": 0.1, "iou": 0.5, "max_det": 20})
+    calibration = calibrate(plan, data["val"], settings, say)
     say("measuring on the held-out test split (in-process reference)...")
     test = measure(plan, data["test"], settings)
     manifest = {"plan": dataclasses.asdict(plan), "training": trained, "test": test,
+                "calibration": calibration,
                 "minutes": round((time.monotonic() - started) / 60, 1)}
     (Path(plan.out) / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
     say(f"held-out accuracy {test['accuracy']:.4f} on {test['captions']} captions "
