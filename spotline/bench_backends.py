@@ -265,12 +265,20 @@ def add_backends_options(command: Any) -> Any:
         click.Option(["--backend-runs"], type=click.IntRange(1), default=None,
                      help="Timed calls per model and backend after one warm-up [default: 3; "
                      "1 with --real]."),
+        click.Option(["--backend-part"], type=click.Choice(["all", "models", "pipeline"]),
+                     default="all", show_default=True,
+                     help="With --backends: the per-model table, the whole pipeline on the "
+                     "exports (settings backend and export_precision) against the torch "
+                     "in-process reference, or both."),
+        click.Option(["--pipeline-frames"], type=click.IntRange(2), default=4,
+                     show_default=True, help="Frames of the whole-pipeline part (2 of them "
+                     "again one at a time for light load)."),
     ]
     original = command.callback
 
     @functools.wraps(original)
     def callback(*args: Any, backends: bool = False, backend_runs: int | None = None,
-                 **kwargs: Any) -> Any:
+                 backend_part: str = "all", pipeline_frames: int = 4, **kwargs: Any) -> Any:
         if not backends:
             return original(*args, **kwargs)
         from spotline.common.errors import SpotlineError
@@ -278,13 +286,28 @@ def add_backends_options(command: Any) -> Any:
         settings = click.get_current_context().find_root().obj.settings
         real = bool(kwargs.get("real"))
         runs = backend_runs or (1 if real else 3)
+        say = functools.partial(click.echo, err=True)
+        paths = model_paths(settings, real)
+        report: dict[str, Any] = {"real": real, "cases": {}}
         try:
-            report = bench_backends(settings, model_paths(settings, real), runs=runs,
-                                    say=lambda m: click.echo(m, err=True))
+            if backend_part != "pipeline":
+                report.update(bench_backends(settings, paths, runs=runs, say=say))
+            if backend_part != "models":
+                from spotline.bench import exported
+
+                ensure_exports(paths, [settings.backend] if settings.backend in ("onnx",
+                               "openvino") else ["onnx", "openvino"],
+                               [settings.export_precision], say)
+                report["pipeline"] = exported.pipeline_vs_reference(
+                    settings, paths, frames=pipeline_frames, say=say)
         except SpotlineError as exc:
             raise click.ClickException(str(exc)) from None
         report["real"] = real
-        click.echo(table(report))
+        report["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
+        if report["cases"]:
+            click.echo(table(report))
+        if "pipeline" in report:
+            click.echo(exported.lines(report["pipeline"]))
         if kwargs.get("json_path"):
             Path(kwargs["json_path"]).write_text(json.dumps(report, indent=2))
             click.echo(f"wrote {kwargs['json_path']}")
