@@ -55,6 +55,7 @@ for _command in (pipeline.worker, pipeline.up, pipeline.serve, pipeline.demo, fe
 cli.add_command(__import__("spotline.cli_sink", fromlist=["sink"]).sink)  # spotline sink
 cli.add_command(__import__("spotline.cli_sources", fromlist=["sources"]).sources)
 cli.add_command(__import__("spotline.cli_export", fromlist=["export"]).export)  # export
+cli.add_command(__import__("spotline.bench_gpu", fromlist=["x"]).bench_gpu)  # bench-gpu
 __import__("spotline.bench.soak", fromlist=["x"]).add_soak_options(ops.bench)  # --soak
 __import__("spotline.bench_backends", fromlist=["x"]).add_backends_options(ops.bench)  # --backends
 __import__("spotline.cli_track", fromlist=["x"]).add_video_options(ops.bench)  # bench --video
