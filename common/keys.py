@@ -54,6 +54,14 @@ class Keys:
         """Hash of a source's tracking state (tracker, evidence) and its sequence number."""
         return f"{self.tag}:track:{source_id}"
 
+    def track_answers(self, source_id: str) -> str:
+        """Hash of a source's last answers by frame id, saved with its tracking state."""
+        return f"{self.tag}:track-answers:{source_id}"
+
+    def track_answers_order(self, source_id: str) -> str:
+        """Sorted set of those answers' frame ids by sequence number (for the cap)."""
+        return f"{self.tag}:track-answers-order:{source_id}"
+
     def seq(self, source_id: str) -> str:
         """Counter of a source's frames (INCR at publish): the order track mode follows."""
         return f"{self.tag}:seq:{source_id}"

@@ -94,6 +94,12 @@ class Settings:
     track_switch_frames: int = field(default=2, metadata={
         "help": "consecutive frames of lead before a caption switches track"})
     track_buffer: int = field(default=30, metadata={"help": "frames a lost track is kept"})
+    track_detect_every: int = field(default=1, metadata={
+        "help": "run the detector on every Nth frame of a source; between, boxes follow the "
+                "tracks' Kalman prediction (1: every frame)"})
+    track_settle: int = field(default=2, metadata={
+        "help": "with track_detect_every > 1: detect every frame while a track has fewer "
+                "detections than this"})
     track_reorder_ms: int = field(default=200, metadata={
         "help": "wait this long for a source's missing earlier frame before going on"})
     track_state_ttl_s: int = field(default=3600, metadata={
@@ -159,7 +165,7 @@ class Settings:
 
 
 def _validate_tracking(s: Settings) -> None:
-    for key in ("track_keyframe_every", "track_switch_frames", "track_buffer",
+    for key in ("track_keyframe_every", "track_switch_frames", "track_buffer", "track_detect_every",
                 "track_state_ttl_s", "track_cache_tracks", "batch_track"):
         if getattr(s, key) <= 0:
             raise ConfigError(f"{key} must be > 0, got {getattr(s, key)!r}")
@@ -168,6 +174,8 @@ def _validate_tracking(s: Settings) -> None:
             raise ConfigError(f"{key} must be in [0, 1], got {getattr(s, key)!r}")
     if not 0.0 < s.track_decay <= 1.0:
         raise ConfigError(f"track_decay must be in (0, 1], got {s.track_decay!r}")
+    if s.track_settle < 0:
+        raise ConfigError(f"track_settle must be >= 0, got {s.track_settle!r}")
     for key in ("track_margin", "track_max_size_change", "track_reorder_ms"):
         if getattr(s, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(s, key)!r}")

@@ -5,6 +5,8 @@ and a worker's death loses nothing (docs/architecture.md, "Tracks").
   evidence, as the codec's ``encode_state`` bytes) and the sequence number of the frame that
   made it. ``save`` is a compare-and-set on that number: a state only replaces an older one,
   so a worker that took a frame over from a dead or slow one can never be overwritten by it.
+  The same script keeps the frame's answer (by frame id, the last ``answers_kept``): a frame
+  delivered again after its state was saved is answered from it, never tracked twice.
 - ``EmbeddingCache``: per source, each track's last image embedding with the frame and box it
   was computed on, kept with a TTL and at most ``max_tracks`` tracks per source (the tracks
   scored longest ago go first).
@@ -21,12 +23,26 @@ import numpy as np
 from .codec import decode_state, encode_state
 from .keys import Keys
 
-# KEYS[1] state hash; ARGV: seq, state bytes, ttl ms. 1 saved, 0 a newer state is there.
+# KEYS[1] state hash, KEYS[2] answers hash, KEYS[3] answers order zset; ARGV: seq, state
+# bytes, ttl ms, answers kept, then frame id and answer bytes (or nothing). The state and the
+# frame's answer are written together or not at all: 1 saved, 0 a newer state is there.
 _SAVE = """
 local cur = redis.call('HGET', KEYS[1], 'seq')
 if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'state', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if #ARGV >= 6 then
+  redis.call('HSET', KEYS[2], ARGV[5], ARGV[6])
+  redis.call('ZADD', KEYS[3], ARGV[1], ARGV[5])
+  local over = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[4])
+  if over > 0 then
+    local old = redis.call('ZRANGE', KEYS[3], 0, over - 1)
+    redis.call('ZREMRANGEBYRANK', KEYS[3], 0, over - 1)
+    redis.call('HDEL', KEYS[2], unpack(old))
+  end
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  redis.call('PEXPIRE', KEYS[3], ARGV[3])
+end
 return 1
 """
 
@@ -54,10 +70,14 @@ return over
 class TrackStore:
     """The tracking state of each source, saved after each frame of it."""
 
-    def __init__(self, client: Any, keys: Keys, ttl_s: float = 3600.0) -> None:
+    def __init__(self, client: Any, keys: Keys, ttl_s: float = 3600.0,
+                 answers_kept: int = 1024) -> None:
+        if answers_kept < 1:
+            raise ValueError(f"answers_kept must be >= 1, got {answers_kept}")
         self.r = client
         self.keys = keys
         self.ttl_ms = int(ttl_s * 1000)
+        self.answers_kept = answers_kept
         self._save = client.register_script(_SAVE)
 
     def load(self, source_id: str) -> tuple[int, dict[str, Any] | None]:
@@ -67,11 +87,23 @@ class TrackStore:
             return -1, None
         return int(seq), decode_state(raw)
 
-    def save(self, source_id: str, seq: int, state: dict[str, Any]) -> bool:
-        """Store the state after frame ``seq``; False (nothing written) if a state of that or a
-        later frame is already stored."""
-        key = self.keys.track_state(source_id)
-        return bool(self._save(keys=[key], args=[int(seq), encode_state(state), self.ttl_ms]))
+    def save(self, source_id: str, seq: int, state: dict[str, Any],
+             answer: tuple[str, dict[str, Any]] | None = None) -> bool:
+        """Store the state after frame ``seq`` and, in the same step, that frame's answer
+        (frame id, answer; the last ``answers_kept`` are kept); False (nothing written) if a
+        state of that or a later frame is already stored."""
+        k = self.keys
+        keys = [k.track_state(source_id), k.track_answers(source_id),
+                k.track_answers_order(source_id)]
+        args: list[Any] = [int(seq), encode_state(state), self.ttl_ms, self.answers_kept]
+        if answer is not None:
+            args += [answer[0], encode_state(answer[1])]
+        return bool(self._save(keys=keys, args=args))
+
+    def answer(self, source_id: str, frame_id: str) -> dict[str, Any] | None:
+        """The answer saved with the state for a frame (None: none kept)."""
+        raw = self.r.hget(self.keys.track_answers(source_id), frame_id)
+        return None if raw is None else decode_state(raw)
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,18 @@ class FrameModels:
                         np.concatenate([p.det_scores for p in with_boxes]),  # type: ignore[misc]
                         [c for p in with_boxes for c in p.crops])
 
+    def decode(self, frame_id: str, image: bytes) -> np.ndarray:
+        """The frame as detect decodes it (BGR), for frames the detector skips."""
+        from .stages.detect import decode_frame
+
+        return decode_frame(Envelope(frame_id=frame_id, image=image), self.settings)
+
+    def crops(self, bgr: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
+        """The boxes' crops, cut as detect cuts them."""
+        from .common.images import crop_boxes, swap_rb
+
+        return crop_boxes(swap_rb(bgr), boxes, self.detect.crop_cap)
+
     def embed(self, frame_id: str, crops: list[np.ndarray]) -> np.ndarray:
         """Image embeddings (N×D float32) of plain crops, upscaled first when upscale is on."""
         return self.embedder.embed(frame_id, crops)
@@ -124,6 +136,7 @@ class TrackCounters:
     """What track mode did, summed over frames."""
 
     frames: int = 0
+    detected: int = 0  # frames the detector ran on (the others: Kalman predictions)
     boxes: int = 0
     embedded: int = 0
     reused: int = 0
@@ -178,9 +191,8 @@ class Tracked:
 
     def frame(self, source: str, seq: int, frame_id: str, image: bytes,
               captions: Sequence[str]) -> FrameAnswer:
-        det = self.models.detected(frame_id, image, captions)
         state = self._load(source)
-        plan = state.plan(seq, det.boxes, det.det_scores)
+        det, plan = self._observe(state, seq, frame_id, image, captions)
         cached = self._cached(source, plan.track_ids.tolist())
         plan = state.with_cache(plan, det.boxes, cached)
         embeds = self._embeddings(frame_id, det, plan, cached)
@@ -193,6 +205,17 @@ class Tracked:
             tuple(p.score for p in picks), tuple(p.track_id for p in picks),
             int(plan.embed.sum()), len(det.boxes), tuple(p.switched for p in picks))
 
+    def _observe(self, state: SourceState, seq: int, frame_id: str, image: bytes,
+                 captions: Sequence[str]) -> tuple[Detected, Plan]:
+        """The frame's boxes, from the detector, or from the tracks' Kalman prediction when
+        the source's state says they will do (``SourceState.needs_detection``)."""
+        if state.needs_detection(seq):
+            det = self.models.detected(frame_id, image, captions)
+            return det, state.plan(seq, det.boxes, det.det_scores)
+        bgr = self.models.decode(frame_id, image)
+        plan, boxes, scores = state.propagate(seq, (bgr.shape[1], bgr.shape[0]))
+        return Detected(boxes, scores, self.models.crops(bgr, boxes)), plan
+
     def _embeddings(self, frame_id: str, det: Detected, plan: Plan,
                     cached: dict[int, CachedEmbedding]) -> np.ndarray:
         todo = [int(i) for i in np.flatnonzero(plan.embed)]
@@ -201,6 +224,7 @@ class Tracked:
     def _count(self, plan: Plan, picks: Sequence[Any]) -> None:
         c = self.counters
         c.frames += 1
+        c.detected += int(plan.detected)
         c.boxes += len(plan.embed)
         c.embedded += int((plan.embed & (plan.track_ids >= 0)).sum())
         c.reused += int((~plan.embed).sum())

@@ -79,13 +79,28 @@ class Detect(Stage):
         for env in batch:
             check_input(env, self.settings)
         images = [decode_frame(env, self.settings) for env in batch]
-        found = detect_frames(self.model, images, self.settings, self.device, self.half)
+        todo = [i for i, env in enumerate(batch) if not left_to_track(env, self.settings)]
+        found = dict(zip(todo, detect_frames(self.model, [images[i] for i in todo],
+                                             self.settings, self.device, self.half),
+                         strict=True))
         out: list[Routed] = []
-        for env, image, (boxes, scores) in zip(batch, images, found, strict=True):
+        for i, (env, image) in enumerate(zip(batch, images, strict=True)):
+            env = env.replace(image_size=(image.shape[1], image.shape[0]))
+            if i not in found:  # the track stage predicts its boxes (it keeps the image)
+                out.append((TRACK, env.replace(part=0, nparts=1)))
+                continue
+            boxes, scores = found[i]
             crops = crop_boxes(swap_rb(image), boxes, self.crop_cap)
-            out += split_parts(env.replace(image_size=(image.shape[1], image.shape[0])), boxes,
-                               scores, crops, self.settings)
+            out += split_parts(env, boxes, scores, crops, self.settings)
         return out
+
+    def find(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """One BGR frame's boxes (xyxy), scores and crops, as ``process`` finds them."""
+        if self.model is None:
+            self.setup()
+        boxes, scores = detect_frames(self.model, [image], self.settings, self.device,
+                                      self.half)[0]
+        return boxes, scores, crop_boxes(swap_rb(image), boxes, self.crop_cap)
 
 
 def load_detector(path: Any) -> Any:
@@ -158,6 +173,16 @@ def _precision(half: bool) -> dict[str, Any]:
     from ultralytics.cfg import DEFAULT_CFG_DICT
 
     return {"quantize": 16} if "quantize" in DEFAULT_CFG_DICT else {"half": True}
+
+
+def left_to_track(env: Envelope, settings: Settings) -> bool:
+    """Track mode with ``track_detect_every`` N > 1: a numbered frame whose number is not a
+    multiple of N goes to the track stage undetected; the tracks' Kalman predictions give
+    its boxes there (or the track stage detects it, when they cannot: see
+    ``SourceState.needs_detection``)."""
+    every = getattr(settings, "track_detect_every", 1)
+    return (every > 1 and env.seq >= 0 and env.seq % every != 0
+            and next_stage(Detect.name, settings) == TRACK)
 
 
 def check_input(env: Envelope, settings: Settings) -> None:

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..common.envelope import Envelope
 from ..common.errors import ConfigError
+from ..common.images import crop_boxes, swap_rb
 from ..common.keys import Keys
 from ..common.settings import Settings
 from ..common.topology import next_stage
@@ -39,6 +40,7 @@ from ..common.trackstore import CachedEmbedding, EmbeddingCache, TrackStore
 from ..common.transport import connect
 from .assign import Calibrator, ground
 from .base import Routed, Stage, check_crops
+from .detect import decode_frame
 from .evidence import Evidence, EvidenceConfig
 from .grounding import NO_TRACK, Grounded, ground_frame
 from .tracker import ReuseConfig, SourceTracker, TrackerConfig, needs_embedding
@@ -55,6 +57,12 @@ class TrackOptions:
     evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
     joint: bool = True  # one box per caption where a frame has several captions
     abstain_below: float | None = None  # "not in view" under this calibrated probability
+    detect_every: int = 1  # the detector runs on frames whose seq is a multiple of this
+    settle: int = 2  # ...and on every frame while a track has fewer detections than this
+
+    def __post_init__(self) -> None:
+        if self.detect_every < 1 or self.settle < 0:
+            raise ValueError("detect_every >= 1 and settle >= 0 are required")
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,7 @@ class Plan:
     embed: np.ndarray  # bool, True: embed this crop; False: use the cached embedding
     tracked: bool
     skipped: int = 0
+    detected: bool = True  # False: the boxes are the tracker's Kalman predictions
 
 
 class SourceState:
@@ -90,6 +99,32 @@ class SourceState:
         self.seq = seq
         plan = Plan(seq, ids, np.ones(len(boxes), bool), tracked=True, skipped=skipped)
         return self.with_cache(plan, boxes, cached) if cached else plan
+
+    def needs_detection(self, seq: int) -> bool:
+        """Whether frame ``seq`` needs the detector's boxes, or the tracks' predicted boxes
+        will do: the detector runs on keyframes (``seq`` a multiple of ``detect_every``), on
+        a source's first frames, after a gap longer than ``detect_every``, on late frames, and
+        while a track is young (matched in fewer than ``settle`` detections: its velocity is a
+        guess) or none is followed. Between, the tracks move along their Kalman prediction."""
+        every = self.options.detect_every
+        if every <= 1 or seq % every == 0 or self.seq < 0 or not 0 < seq - self.seq <= every:
+            return True
+        return self.tracker.young(self.options.settle)
+
+    def propagate(self, seq: int, size: tuple[int, int]) -> tuple[Plan, np.ndarray, np.ndarray]:
+        """The plan for a new frame the detector did not see (see ``needs_detection``): the
+        followed tracks' predicted boxes, clipped to the image (``size`` = width, height),
+        with their track ids; returns (plan, xyxy boxes, scores)."""
+        if seq <= self.seq:
+            raise ValueError(f"frame {seq} is not after {self.seq}: detect it instead")
+        skipped = seq - self.seq - 1 if self.seq >= 0 else 0
+        boxes, scores, ids = self.tracker.predict(skipped=skipped)
+        width, height = size
+        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
+        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
+        self.seq = seq
+        return (Plan(seq, ids, np.ones(len(ids), bool), tracked=True, skipped=skipped,
+                     detected=False), boxes, scores)
 
     def with_cache(self, plan: Plan, boxes: np.ndarray,
                    cached: Mapping[int, CachedEmbedding]) -> Plan:
@@ -146,7 +181,7 @@ def fresh_embeddings(plan: Plan, boxes: np.ndarray,
 
 
 # --- the streaming stage ---------------------------------------------------------------------
-ANSWERS_KEPT = 8  # a source's last answers kept in its state, for frames delivered again
+ANSWERS_KEPT = 1024  # answers kept beside a source's state, for frames delivered again
 
 
 def options_from(settings: Any) -> TrackOptions:
@@ -160,7 +195,8 @@ def options_from(settings: Any) -> TrackOptions:
                                 switch_frames=settings.track_switch_frames),
         joint=settings.joint_assign,
         # not in view: the explicit threshold, or (None) the calibration's, resolved in setup
-        abstain_below=(settings.not_in_view_threshold or None) if settings.not_in_view else None)
+        abstain_below=(settings.not_in_view_threshold or None) if settings.not_in_view else None,
+        detect_every=settings.track_detect_every, settle=settings.track_settle)
 
 
 class Embedder:
@@ -219,6 +255,8 @@ class TrackStats:
 
     frames: int = 0
     untracked: int = 0  # frames answered without tracks (no seq, late, or delivered again)
+    predicted: int = 0  # frames whose boxes were the tracks' Kalman predictions
+    detected_here: int = 0  # frames the detect stage left undetected but that needed it
     replayed: int = 0  # frames delivered again after their answer was saved
     waited_s: float = 0.0  # time spent waiting for a missing earlier frame
     embedded: int = 0
@@ -247,6 +285,7 @@ class Track(Stage):
         self.cache: EmbeddingCache | None = None
         self.calibration: Any = None
         self.stats = TrackStats()
+        self.detector: Any = None  # the detect stage's code, for frames it left to this one
 
     def setup(self) -> None:
         """Connect to the state's Redis, load the upscaler and scorer, and the calibration
@@ -259,7 +298,7 @@ class Track(Stage):
         client = connect(self.settings.redis_url)
         keys = Keys(self.settings.namespace)
         ttl = self.settings.track_state_ttl_s
-        self.store = TrackStore(client, keys, ttl)
+        self.store = TrackStore(client, keys, ttl, ANSWERS_KEPT)
         self.cache = EmbeddingCache(client, keys, ttl, self.settings.track_cache_tracks)
         self.embedder.setup()
         self.model_name = self.embedder.score.model_name
@@ -293,21 +332,27 @@ class Track(Stage):
         if env.seq < 0:
             return self._untracked(env)
         last, saved = self._wait_turn(env)
-        for answer in (saved or {}).get("answers", []):
-            if answer["frame_id"] == env.frame_id:  # delivered again: same answer
-                self.stats.replayed += 1
-                self._count("replayed")
-                return _with_answer(env, answer)
-        if env.seq <= last:
-            return self._untracked(env)
+        if env.seq <= last:  # delivered again (its answer was saved) or late
+            return self._replayed(env) or self._untracked(env)
         state = SourceState.from_state(saved["source"] if saved else None, self.options)
         answer, fresh = self._track(env, state)
         self.cache.put(env.source_id, fresh)
-        answers = [*(saved or {}).get("answers", []), answer][-ANSWERS_KEPT:]
-        self.store.save(env.source_id, env.seq, {"source": state.to_state(),
-                                                 "answers": answers})
+        if not self.store.save(env.source_id, env.seq, {"source": state.to_state()},
+                               answer=(env.frame_id, answer)):
+            # another worker saved this frame (or a later one) first: its answer stands
+            return self._replayed(env) or self._untracked(env)
         self.stats.alive[env.source_id] = state.alive()
         self._count("tracked", env.source_id, state.alive(), answer["flips"])
+        return _with_answer(env, answer)
+
+    def _replayed(self, env: Envelope) -> Envelope | None:
+        """The frame answered as it was when its state was saved (None: no answer kept)."""
+        assert self.store is not None
+        answer = self.store.answer(env.source_id, env.frame_id)
+        if answer is None:
+            return None
+        self.stats.replayed += 1
+        self._count("replayed")
         return _with_answer(env, answer)
 
     def _count(self, outcome: str, source: str = "", alive: int = 0, flips: int = 0) -> None:
@@ -335,12 +380,51 @@ class Track(Stage):
                 return last, saved
             time.sleep(0.005)
 
+    def _detect(self, env: Envelope, bgr: np.ndarray | None = None) -> Envelope:
+        """The frame with the detector's boxes and crops: as the detect stage sent it, or, for
+        a frame it left undetected (``track_detect_every``), found here."""
+        if env.boxes is not None:
+            return env
+        if self.detector is None:
+            from .detect import Detect
+
+            self.detector = Detect(self.settings)
+            self.detector.setup()
+        if bgr is None:
+            bgr = decode_frame(env, self.settings)
+        boxes, scores, crops = self.detector.find(bgr)
+        self.stats.detected_here += 1
+        return env.replace(image=None, boxes=boxes, det_scores=scores, crops=tuple(crops))
+
+    def _observe(self, env: Envelope, state: SourceState) -> tuple[Envelope, Plan]:
+        """The frame's boxes (the detector's, or the tracks' Kalman predictions where
+        ``SourceState.needs_detection`` says they will do) and the tracker's plan."""
+        bgr = None
+        if env.boxes is None and not state.needs_detection(env.seq):
+            bgr = decode_frame(env, self.settings)
+            plan, boxes, scores = state.propagate(env.seq, (bgr.shape[1], bgr.shape[0]))
+            crops = crop_boxes(swap_rb(bgr), boxes, self._crop_cap())
+            return env.replace(image=None, boxes=boxes, det_scores=scores,
+                               crops=tuple(crops)), plan
+        env = self._detect(env, bgr)
+        assert env.boxes is not None and env.det_scores is not None
+        return env, state.plan(env.seq, env.boxes, env.det_scores)
+
+    def _crop_cap(self) -> int:
+        """The crops' cap, as detect cuts them (the scorer's input size without upscaling)."""
+        if self.settings.upscale:
+            return 0
+        from . import runtime
+
+        return runtime.scorer_input_size(self.settings, runtime.resolve_weights(
+            self.settings).scorer)
+
     def _track(self, env: Envelope, state: SourceState) -> tuple[dict[str, Any],
                                                                    dict[int, CachedEmbedding]]:
         assert self.cache is not None
-        boxes = env.boxes if env.boxes is not None else np.zeros((0, 4), np.float32)
-        det = env.det_scores if env.det_scores is not None else np.ones(len(boxes), np.float32)
-        plan = state.plan(env.seq, boxes, det)
+        env, plan = self._observe(env, state)
+        assert env.boxes is not None
+        boxes = env.boxes
         cached = self.cache.get(env.source_id, [t for t in plan.track_ids.tolist() if t >= 0])
         plan = state.with_cache(plan, boxes, cached)
         todo = [int(i) for i in np.flatnonzero(plan.embed)]
@@ -355,13 +439,15 @@ class Track(Stage):
         if self.metrics is not None:
             self.metrics.track_crops.labels("embedded").inc(len(todo))
             self.metrics.track_crops.labels("reused").inc(len(boxes) - len(todo))
-        answer = _answer(env.frame_id, scores, plan.track_ids,
+        self.stats.predicted += int(not plan.detected)
+        answer = _answer(env, scores, plan.track_ids,
                          [-1 if p.box is None else p.box for p in picks],
                          [p.probability for p in picks])
         return {**answer, "flips": flips}, fresh_embeddings(plan, boxes, embeds)
 
     def _untracked(self, env: Envelope) -> Envelope:
         """Per-frame answer (every crop embedded), for frames that cannot be tracked."""
+        env = self._detect(env)
         self.stats.untracked += 1
         self.stats.embedded += len(env.crops)
         self._count("untracked")
@@ -370,19 +456,27 @@ class Track(Stage):
         picks = ground(scores, env.captions, joint=self.options.joint,
                        calibration=self.calibration, abstain_below=self.options.abstain_below)
         n = len(env.crops)
-        return _with_answer(env, _answer(env.frame_id, scores, np.full(n, NO_TRACK, np.int64),
+        return _with_answer(env, _answer(env, scores, np.full(n, NO_TRACK, np.int64),
                                          [-1 if p.box is None else p.box for p in picks],
                                          [p.probability for p in picks]))
 
 
-def _answer(frame_id: str, scores: np.ndarray, track_ids: np.ndarray, picks: Sequence[int],
+def _answer(env: Envelope, scores: np.ndarray, track_ids: np.ndarray, picks: Sequence[int],
             probs: Sequence[float]) -> dict[str, Any]:
-    return {"frame_id": frame_id, "scores": np.asarray(scores, np.float32),
+    boxes = env.boxes if env.boxes is not None else np.zeros((0, 4), np.float32)
+    det = env.det_scores if env.det_scores is not None else np.ones(len(boxes), np.float32)
+    return {"frame_id": env.frame_id, "scores": np.asarray(scores, np.float32),
+            "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+            "det_scores": np.asarray(det, np.float32).reshape(-1),
             "track_ids": np.asarray(track_ids, np.int64),
             "picks": np.asarray(picks, np.int64).reshape(-1),
             "probs": np.asarray(probs, np.float32).reshape(-1)}
 
 
 def _with_answer(env: Envelope, answer: Mapping[str, Any]) -> Envelope:
-    return env.replace(crops=(), scores=answer["scores"], track_ids=answer["track_ids"],
+    """The frame for collect: its boxes (the detector's or predicted) with the answer."""
+    boxes = answer.get("boxes", env.boxes)
+    return env.replace(image=None, crops=(), boxes=boxes,
+                       det_scores=answer.get("det_scores", env.det_scores),
+                       scores=answer["scores"], track_ids=answer["track_ids"],
                        picks=answer["picks"], probs=answer["probs"])

@@ -116,6 +116,36 @@ class SourceTracker:
                 ids[int(track.idx)] = int(track.track_id)
         return ids
 
+    def predict(self, skipped: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A frame the detector did not see: every track moves one step along its Kalman
+        prediction (as ``update`` would before matching), and the tracks being followed give
+        the frame's boxes. Returns (xyxy boxes float32, their scores, their track ids); no
+        track is started, matched or lost (only detections do that).
+
+        The next ``update`` predicts again from here, so N frames between two detections are
+        N Kalman steps, as if the detector had run and found nothing new."""
+        if skipped < 0:
+            raise ValueError(f"skipped must be >= 0, got {skipped}")
+        tracker = self.tracker
+        if tracker.frame_id > 0 and skipped:
+            self._skip(skipped)
+        tracker.frame_id += 1
+        # The pool update() predicts: the confirmed tracks and the lost ones.
+        confirmed = [t for t in tracker.tracked_stracks if t.is_activated]
+        tracker.multi_predict([*confirmed, *tracker.lost_stracks])
+        shown = tracker.tracked_stracks  # unconfirmed ones too: they stay where they were seen
+        boxes = np.array([t.xyxy for t in shown], np.float32).reshape(-1, 4)
+        scores = np.array([float(t.score) for t in shown], np.float32)
+        return boxes, scores, np.array([int(t.track_id) for t in shown], np.int64)
+
+    def young(self, frames: int) -> bool:
+        """True while there is nothing solid to predict: no confirmed track is followed, or
+        one has been matched in fewer than ``frames`` detections (its Kalman velocity is still
+        a guess). Unconfirmed tracks (one detection; often the detector's flicker) do not
+        count: the next detection confirms or drops them."""
+        confirmed = [t for t in self.tracker.tracked_stracks if t.is_activated]
+        return not confirmed or any(int(t.tracklet_len) < frames for t in confirmed)
+
     def _skip(self, frames: int) -> None:
         """What ``frames`` empty updates would have done: tracks unseen for longer than
         ``track_buffer`` by then are removed. (Tracks still within it stay in their pool; the

@@ -1,0 +1,131 @@
+"""Track mode with the detector on every Nth frame only (``track_detect_every``): between
+detections the tracks' Kalman predictions give the boxes, every frame still gets exactly one
+answer, and a frame's state and answer are saved in one step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from spotline.common.collector import Collector
+from spotline.common.keys import Keys
+from spotline.common.trackstore import TrackStore
+from spotline.common.transport import Transport, connect
+from spotline.common.worker import Worker
+from spotline.producer.client import Client
+from spotline.stages.collect import Collect
+from spotline.stages.detect import Detect, left_to_track
+from spotline.stages.track import SourceState, Track, TrackOptions
+from spotline.stages.tracker import SourceTracker, iou
+from tests.test_track_stage import CAPTIONS, still_frame
+from tests.test_tracker import scene
+
+
+def steady(frames: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Two objects moving at constant speed (no noise): xyxy boxes and scores per frame."""
+    start = np.array([[20, 30, 60, 70], [200, 40, 260, 90]], np.float32)
+    step = np.array([[3, 1, 3, 1], [-2, 2, -2, 2]], np.float32)
+    return [(start + f * step, np.array([0.9, 0.8], np.float32)) for f in range(frames)]
+
+
+def test_predicted_boxes_follow_the_motion():
+    clip = steady(12)
+    tracker = SourceTracker()
+    for boxes, scores in clip[:8]:
+        ids = tracker.update(boxes, scores)
+    boxes, scores, predicted_ids = tracker.predict()
+    assert sorted(predicted_ids.tolist()) == sorted(ids.tolist())
+    order = np.argsort(predicted_ids)
+    expected = clip[8][0][np.argsort(ids)]
+    # The Kalman filter has learned the speed: the prediction is where the objects are.
+    assert min(iou(a, b) for a, b in zip(boxes[order], expected, strict=True)) > 0.85
+    assert scores.shape == (2,) and tracker.frame_count == 9
+    # Two frames without the detector, then a detection: the same ids (nothing was lost).
+    tracker.predict()
+    again = tracker.update(*clip[10])
+    assert again.tolist() == ids.tolist()
+
+
+def test_prediction_survives_the_state_round_trip():
+    memory, state = SourceTracker(), None
+    for k, (boxes, scores, _) in enumerate(scene(30)):
+        restored = SourceTracker.from_state(state)
+        if k % 3 and k > 4:
+            got, want = restored.predict()[2], memory.predict()[2]
+        else:
+            got, want = restored.update(boxes, scores), memory.update(boxes, scores)
+        assert got.tolist() == want.tolist()
+        state = restored.state()
+    np.testing.assert_array_equal(state["tracked"]["mean"], memory.state()["tracked"]["mean"])
+
+
+def test_when_the_detector_runs():
+    state = SourceState(TrackOptions(detect_every=3, settle=2))
+    clip = steady(12)
+    detected = []
+    for seq in range(1, 10):
+        if state.needs_detection(seq):
+            detected.append(seq)
+            state.plan(seq, *clip[seq])
+        else:
+            plan, boxes, _ = state.propagate(seq, (400, 300))
+            assert not plan.detected and len(boxes) == 2 and (plan.track_ids > 0).all()
+    # First frames (young tracks: fewer than 2 detections), then every third frame.
+    assert detected == [1, 2, 3, 6, 9]
+    assert state.needs_detection(9) and state.needs_detection(14)  # late; after a long gap
+    assert SourceState(TrackOptions()).needs_detection(5)  # detect_every 1: always
+    with pytest.raises(ValueError):
+        TrackOptions(detect_every=0)
+    with pytest.raises(ValueError, match="not after"):
+        state.propagate(9, (400, 300))
+
+
+def test_state_and_answer_are_saved_together(redis_server, settings):
+    r = connect(redis_server.url)
+    store = TrackStore(r, Keys(settings.namespace), ttl_s=60, answers_kept=2)
+    for seq in (1, 2, 3):
+        assert store.save("cam", seq, {"v": seq}, answer=(f"f{seq}", {"picks": [seq]}))
+    assert store.answer("cam", "f3") == {"picks": [3]} and store.answer("cam", "f2")
+    assert store.answer("cam", "f1") is None  # beyond the last 2
+    # A stale save writes neither the state nor the answer.
+    assert not store.save("cam", 2, {"v": 0}, answer=("zombie", {"picks": [0]}))
+    assert store.answer("cam", "zombie") is None and store.load("cam") == (3, {"v": 3})
+    r.close()
+
+
+def test_workers_skip_the_detector_between_keyframes(redis_server, settings):
+    s = settings.replace(redis_url=redis_server.url, tracking=True, imgsz=256, warmup=0,
+                         max_det=4, tta=False, upscale=False, track_detect_every=3,
+                         track_settle=1)
+    t = Transport(s, url=redis_server.url)
+    client = Client(t)
+    image = still_frame()
+    ids = [client.publish(image, CAPTIONS, source_id="cam") for _ in range(7)]
+    detect, track = Detect(s), Track(s)
+    Worker(detect, s, t, burst=True).run()
+    Worker(track, s, t, burst=True).run()
+    Collector(Collect(s), s, t, burst=True).run()
+    got = [(fid, r) for _, r in client.read_results() for fid in [r.frame_id]]
+    results = dict(got)
+    assert len(got) == len(ids) and set(results) == set(ids), "one answer per frame"
+    answers = [results[f] for f in ids]
+    assert all(r.error is None and len(r.boxes) == 2 for r in answers)
+    # Producers number frames from 1: detect finds the boxes of 3 and 6 only. The track
+    # stage detects 1 (a new source) and 2 (its tracks are young: no detection matched yet);
+    # 4, 5 and 7 are the Kalman predictions of a still scene: the detector's boxes.
+    assert track.stats.predicted == 3 and track.stats.detected_here == 2
+    assert len({r.track_ids for r in answers}) == 1 and min(answers[0].track_ids) > 0
+    for r in answers[1:]:
+        np.testing.assert_allclose(np.array(r.boxes), np.array(answers[0].boxes), atol=1.0)
+    t.close()
+
+
+def test_detect_leaves_frames_to_track_only_in_track_mode(settings):
+    from spotline.common.envelope import Envelope
+
+    every = settings.replace(tracking=True, track_detect_every=3)
+    assert [left_to_track(Envelope(frame_id="f", seq=k), every) for k in (-1, 1, 3, 4)] == [
+        False, True, False, True]
+    assert not left_to_track(Envelope(frame_id="f", seq=1),
+                             settings.replace(track_detect_every=3))  # per-frame mode
+    assert not left_to_track(Envelope(frame_id="f", seq=1), settings.replace(tracking=True))
