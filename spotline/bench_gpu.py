@@ -149,10 +149,15 @@ def environment(rec: Recorder, device: str) -> None:
     except (OSError, subprocess.SubprocessError) as exc:
         info["nvidia_smi"] = f"unavailable: {exc}"
     rec.say(info["nvidia_smi"])
+    from spotline.stages.libs import offline_env, torchvision_shim
+
+    offline_env()  # before the model libraries are imported: no network
     import torch
 
     info.update(torch=torch.__version__, cuda=torch.version.cuda,
-                cuda_available=torch.cuda.is_available(), cudnn=torch.backends.cudnn.version())
+                cuda_available=torch.cuda.is_available(), cudnn=torch.backends.cudnn.version(),
+                tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+                tf32_cudnn=torch.backends.cudnn.allow_tf32)
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     try:
@@ -161,8 +166,6 @@ def environment(rec: Recorder, device: str) -> None:
         info.update(onnxruntime=ort.__version__, ort_providers=ort.get_available_providers())
     except ImportError as exc:
         info["onnxruntime"] = f"missing: {exc}"
-    from spotline.stages.libs import torchvision_shim
-
     torchvision_shim()  # basicsr/realesrgan import a module torchvision removed
     for name in ("ultralytics", "transformers", "realesrgan", "basicsr", "cv2", "numpy"):
         try:
@@ -421,7 +424,7 @@ def run(settings: Settings, device: str, real: bool, runs: int, frames: int, rou
 @click.option("--rounds", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for gpu.json and gpu.txt (written as the run goes).")
-@click.option("--budget-s", type=float, default=270.0, show_default=True,
+@click.option("--budget-s", type=float, default=240.0, show_default=True,
               help="Sections that would start past this many seconds are skipped.")
 @click.option("--only", multiple=True, type=click.Choice(SECTIONS),
               help="Run only these sections (repeatable).")
