@@ -25,6 +25,6 @@ chmod +x .whl/bin/redis-server 2>/dev/null  # the embedded Redis of the streamin
 export PYTHONPATH="$pkg:$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$root/.whl/bin:$PATH"
 export SPOTLINE_DATA_DIR=/tmp/spotline-data YOLO_CONFIG_DIR=/tmp/ultralytics-config
 export SPOTLINE_LOG_LEVEL=WARNING YOLO_OFFLINE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-timeout "${GPU_BENCH_TIMEOUT_S:-360}" "$PY" -m spotline.bench_gpu --device cuda \
+cd /tmp && timeout "${GPU_BENCH_TIMEOUT_S:-360}" "$PY" -m spotline.bench_gpu --device cuda \
     --out "$OUT" "$@" 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/log.txt"
 echo "exit ${PIPESTATUS[0]}"
