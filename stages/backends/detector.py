@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .engine import Engine
+from .engine import Engine, release_memory
 
 PAD_VALUE = 114  # Ultralytics' letterbox grey
 TTA_SCALES = (1.0, 0.83, 0.67)
@@ -188,4 +188,7 @@ class ExportedDetector:
             boxes, scores = end2end_filter(pred, conf, max_det)
         else:
             boxes, scores = non_max_suppression(pred, conf, iou, max_det)
-        return scale_boxes(boxes, box), scores
+        found = scale_boxes(boxes, box), scores
+        del pred, box
+        release_memory()
+        return found
