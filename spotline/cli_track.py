@@ -22,7 +22,7 @@ def video_bench(settings: Settings, clips: str, max_clips: int, frames: int, abs
     try:
         report = videobench.video_bench(settings, clips, max_clips=max_clips,
                                         max_frames=frames, absent=absent,
-                                        abstain_below=settings.not_in_view_threshold or 0.5,
+                                        abstain_below=settings.not_in_view_threshold or None,
                                         vocabulary=all_captions())
     except SpotlineError as exc:
         raise click.ClickException(str(exc)) from None

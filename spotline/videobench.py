@@ -10,9 +10,12 @@ caption's box against the truth at IoU > 0.5), and caption flips per 100 frames 
 box changing from one annotated object to another, or to or from a box that is none of them,
 between consecutive frames; summed over captions). Per-frame mode also reports joint
 assignment ("one box per caption") on the same scores. With ``absent`` > 0, every frame also
-asks for captions that name objects not in the clip: a calibration fitted on the first half of
-the clips' per-frame scores decides "not in view" on the second half, reported as precision
-and recall of the abstentions.
+asks for captions that name objects not in the clip, and track mode with "not in view" is
+judged with the scorer's own calibration (calibration.json beside it, fitted on stills of a
+validation split, with its threshold) on every clip; a scorer without one gets a calibration
+(with presence model and threshold) fitted on the first half of the clips' per-frame scores,
+judged on the second half. Reported: precision and recall of the abstentions, and accuracy on
+the captions in view with and without.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from .common.errors import InputError
 from .common.settings import Settings
 from .evaluate import iou_ltwh
 from .stages import calibration as calib
+from .stages import runtime
 from .stages.assign import assign
 from .stages.collect import ltwh
 from .stages.track import TrackOptions, options_from
@@ -220,25 +224,54 @@ def _joint_boxes(scores: np.ndarray, boxes: np.ndarray,
     return [ltwh(boxes[i]) for i in assign(scores, joint=True, captions=captions)]
 
 
-def calibration_pairs(models: FrameModels,
-                      clips: list[tuple[str, list[VideoFrame]]]) -> tuple[np.ndarray, np.ndarray]:
-    """(score, right box?) for every caption × box of the clips, from per-frame scores."""
-    scores, labels = [], []
+ScoredFrame = tuple[np.ndarray, np.ndarray, VideoFrame]  # captions × boxes scores, xyxy boxes
+
+
+def scored_frames(models: FrameModels,
+                  clips: list[tuple[str, list[VideoFrame]]]) -> list[ScoredFrame]:
+    """Per-frame scores and boxes of every frame of the clips."""
     runner = PerFrame(models)
+    out = []
     for name, frames in clips:
         for seq, frame in enumerate(frames):
             _, matrix, boxes = runner.frame_scored(f"{name}-cal{seq}", frame.image,
                                                    frame.captions)
-            for row, truth in enumerate(frame.truth):
-                for b in range(len(boxes)):
-                    scores.append(float(matrix[row, b]))
-                    labels.append(float(iou_or_zero(ltwh(boxes[b]), truth) > IOU_HIT))
+            out.append((matrix, boxes, frame))
+    return out
+
+
+def calibration_pairs(models: FrameModels,
+                      clips: list[tuple[str, list[VideoFrame]]]) -> tuple[np.ndarray, np.ndarray]:
+    """(score, right box?) for every caption × box of the clips, from per-frame scores."""
+    return _pairs(scored_frames(models, clips))
+
+
+def _pairs(scored: Sequence[ScoredFrame]) -> tuple[np.ndarray, np.ndarray]:
+    scores, labels = [], []
+    for matrix, boxes, frame in scored:
+        for row, truth in enumerate(frame.truth):
+            for b in range(len(boxes)):
+                scores.append(float(matrix[row, b]))
+                labels.append(float(iou_or_zero(ltwh(boxes[b]), truth) > IOU_HIT))
     return np.asarray(scores), np.asarray(labels)
+
+
+def fit_on_clips(models: FrameModels,
+                 clips: list[tuple[str, list[VideoFrame]]]) -> calib.Calibration:
+    """A calibration fitted on the clips' per-frame scores, with a presence model and
+    threshold when some captions name nothing in their clip."""
+    scored = scored_frames(models, clips)
+    cal = calib.fit(*_pairs(scored), "temperature")
+    frames = [(m, f.captions, [t is not None for t in f.truth]) for m, _, f in scored]
+    if any(t is None for _, _, f in scored for t in f.truth):
+        cal = calib.fit_presence(cal, frames)
+    return cal
 
 
 def video_bench(settings: Settings, clips_dir: str | Path, max_clips: int = 4,
                 max_frames: int = 60, options: TrackOptions | None = None, absent: int = 0,
-                abstain_below: float = 0.5, vocabulary: Sequence[str] = ()) -> dict[str, Any]:
+                abstain_below: float | None = None, vocabulary: Sequence[str] = ()
+                ) -> dict[str, Any]:
     """Both modes on the same clips; a JSON-friendly report."""
     # The settings' track mode (keyframes, IoU, evidence, joint), without abstaining: "not in
     # view" is measured on its own below.
@@ -266,28 +299,40 @@ def video_bench(settings: Settings, clips_dir: str | Path, max_clips: int = 4,
     report["crops_ratio"] = _div(pf["crops_per_frame"], tr["crops_per_frame"])
     report["fps_ratio"] = _div(tr["frames_per_s"], pf["frames_per_s"])
     if absent > 0 and len(clips) >= 2:
-        report["not_in_view"] = _not_in_view(models, clips, options, abstain_below)
+        own = calib.load(runtime.resolve_weights(settings).scorer)
+        report["not_in_view"] = _not_in_view(models, clips, options, abstain_below,
+                                             own if own is not None and own.threshold is not None
+                                             else None)
     return report
 
 
 def _not_in_view(models: FrameModels, clips: list[tuple[str, list[VideoFrame]]],
-                 options: TrackOptions, threshold: float) -> dict[str, Any]:
-    """Fit a calibration on the first half of the clips; abstain on the second half."""
-    half = len(clips) // 2
-    held_out = clips[half:]
-    out: dict[str, Any] = {"fitted_on_clips": [n for n, _ in clips[:half]],
-                           "held_out_clips": [n for n, _ in held_out], "threshold": threshold}
-    scores, labels = calibration_pairs(models, clips[:half])
-    try:
-        cal = calib.fit(scores, labels, "temperature")
-    except ValueError as exc:  # e.g. no right box at all among the fitting clips
-        return {**out, "error": f"cannot fit a calibration: {exc}"}
+                 options: TrackOptions, threshold: float | None,
+                 own: calib.Calibration | None = None) -> dict[str, Any]:
+    """Track mode with and without "not in view": with the scorer's own calibration on every
+    clip, or else with one fitted on the first half of the clips, on the second half."""
+    if own is not None:
+        cal, fitted_on, held_out = own, "scorer's calibration.json", clips
+    else:
+        half = len(clips) // 2
+        fitted_on, held_out = [n for n, _ in clips[:half]], clips[half:]
+    out: dict[str, Any] = {"fitted_on_clips": fitted_on,
+                           "held_out_clips": [n for n, _ in held_out]}
+    if own is None:
+        try:
+            cal = fit_on_clips(models, clips[:half])
+        except ValueError as exc:  # e.g. no right box at all among the fitting clips
+            return {**out, "threshold": threshold, "error": f"cannot fit a calibration: {exc}"}
+    threshold = threshold if threshold is not None else cal.threshold
+    if threshold is None:
+        return {**out, "threshold": None, "error": "the calibration has no threshold"}
     abstaining = dataclasses.replace(options, abstain_below=threshold)
     tallies = run_modes(held_out, {"with": Tracked(models, abstaining, calibration=cal),
                                    "without": Tracked(models, options)})
     with_cal, without = tallies["with"], tallies["without"]
-    return {**out, "calibration": {"temperature": cal.temperature, "bias": cal.bias,
-                                   "pairs": cal.fitted_on},
+    return {**out, "threshold": threshold,
+            "calibration": {"temperature": cal.temperature, "bias": cal.bias,
+                            "pairs": cal.fitted_on, "presence_model": cal.has_presence},
             "with": with_cal.report(), "without": without.report()}
 
 
@@ -311,7 +356,9 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"not in view: {niv['error']}")
     if niv and "with" in niv:
         w = niv["with"]
-        lines.append(f"not in view (threshold {niv['threshold']}, held-out clips): abstain "
+        where = ("every clip, the scorer's calibration" if isinstance(niv["fitted_on_clips"], str)
+                 else "held-out clips")
+        lines.append(f"not in view (threshold {niv['threshold']:.3f}, {where}): abstain "
                      f"precision {w.get('abstain_precision', math.nan):.3f}, recall "
                      f"{w.get('abstain_recall', math.nan):.3f}; accuracy on visible captions "
                      f"{w['accuracy']:.3f} (without: {niv['without']['accuracy']:.3f})")
