@@ -60,8 +60,8 @@ def test_calibrate_writes_beside_the_scorer(tmp_path, data_dir, redis_server):
     assert "written to" in out.output and str(scorer) in out.output
     cal = calibration.load(scorer)
     assert cal is not None and cal.method == "temperature" and cal.fitted_on >= 3
-    stage.setup()  # now it can
-    assert stage.calibration == cal
+    stage.setup()  # now it can, at the threshold fitted with the calibration
+    assert stage.calibration == cal and stage.options.abstain_below == cal.threshold
     bad = CliRunner().invoke(calibrate, [str(tmp_path / "nowhere")], env=env)
     assert bad.exit_code != 0
 
