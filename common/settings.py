@@ -89,17 +89,20 @@ class Settings:
         "help": "embed again when width or height changed by more than this share"})
     track_decay: float = field(default=0.7, metadata={
         "help": "evidence weight of a frame one frame later (decaying log-odds)"})
-    track_margin: float = field(default=0.2, metadata={
+    track_margin: float = field(default=0.0, metadata={
         "help": "log-odds lead another track needs to take a caption"})
-    track_switch_frames: int = field(default=2, metadata={
+    track_switch_frames: int = field(default=1, metadata={
         "help": "consecutive frames of lead before a caption switches track"})
     track_buffer: int = field(default=30, metadata={"help": "frames a lost track is kept"})
-    track_detect_every: int = field(default=1, metadata={
+    track_detect_every: int = field(default=5, metadata={
         "help": "run the detector on every Nth frame of a source; between, boxes follow the "
                 "tracks' Kalman prediction (1: every frame)"})
     track_settle: int = field(default=2, metadata={
         "help": "with track_detect_every > 1: detect every frame while a track has fewer "
                 "detections than this"})
+    track_redetect_motion: float = field(default=0.25, metadata={
+        "help": "with track_detect_every > 1: detect when a track would have moved more than "
+                "this share of its smaller side since its last detection (0: never)"})
     track_reorder_ms: int = field(default=200, metadata={
         "help": "wait this long for a source's missing earlier frame before going on"})
     track_state_ttl_s: int = field(default=3600, metadata={
@@ -174,8 +177,9 @@ def _validate_tracking(s: Settings) -> None:
             raise ConfigError(f"{key} must be in [0, 1], got {getattr(s, key)!r}")
     if not 0.0 < s.track_decay <= 1.0:
         raise ConfigError(f"track_decay must be in (0, 1], got {s.track_decay!r}")
-    if s.track_settle < 0:
-        raise ConfigError(f"track_settle must be >= 0, got {s.track_settle!r}")
+    if s.track_settle < 0 or s.track_redetect_motion < 0:
+        raise ConfigError("track_settle and track_redetect_motion must be >= 0, got "
+                          f"{s.track_settle!r} and {s.track_redetect_motion!r}")
     for key in ("track_margin", "track_max_size_change", "track_reorder_ms"):
         if getattr(s, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(s, key)!r}")
@@ -187,6 +191,9 @@ def _validate_choices(s: Settings) -> None:
         raise ConfigError(f"models must be demo or tiny, got {s.models!r}")
     if s.backpressure not in BACKPRESSURE:
         raise ConfigError(f"backpressure must be one of {BACKPRESSURE}, got {s.backpressure!r}")
+    if s.threads_policy not in THREAD_POLICIES:
+        raise ConfigError(f"threads_policy must be one of {THREAD_POLICIES}, got "
+                          f"{s.threads_policy!r}")
     if s.backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {BACKENDS}, got {s.backend!r}")
     if s.export_precision not in PRECISIONS:

@@ -50,6 +50,7 @@ class FrameAnswer:
     crops_embedded: int
     boxes_found: int
     switched: tuple[bool, ...] = ()
+    detected: bool = True  # False: the boxes are the tracks' Kalman predictions
 
 
 @dataclass
@@ -203,7 +204,8 @@ class Tracked:
         return FrameAnswer(
             tuple(None if p.box is None else ltwh(det.boxes[p.box]) for p in picks),
             tuple(p.score for p in picks), tuple(p.track_id for p in picks),
-            int(plan.embed.sum()), len(det.boxes), tuple(p.switched for p in picks))
+            int(plan.embed.sum()), len(det.boxes), tuple(p.switched for p in picks),
+            plan.detected)
 
     def _observe(self, state: SourceState, seq: int, frame_id: str, image: bytes,
                  captions: Sequence[str]) -> tuple[Detected, Plan]:

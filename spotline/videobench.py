@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -126,6 +127,7 @@ class Tally:
 
     frames: int = 0
     seconds: float = 0.0
+    detections: int = 0  # frames the detector ran on
     crops: int = 0
     boxes: int = 0
     hits: int = 0
@@ -156,6 +158,7 @@ class Tally:
     def report(self) -> dict[str, float]:
         out = {"frames": self.frames, "frames_per_s": _div(self.frames, self.seconds),
                "crops_per_frame": _div(self.crops, self.frames),
+               "detections_per_frame": _div(self.detections, self.frames),
                "boxes_per_frame": _div(self.boxes, self.frames),
                "accuracy": _div(self.hits, self.asked),
                "flips_per_100_frames": 100 * _div(self.flips, self.frames)}
@@ -212,6 +215,7 @@ def run_modes(clips: list[tuple[str, list[VideoFrame]]],
 def _count(tally: Tally, frame: VideoFrame, boxes: Sequence[BoxLTWH | None],
            answer: FrameAnswer, prev: list[int] | None) -> list[int]:
     tally.frames += 1
+    tally.detections += answer.detected
     tally.crops += answer.crops_embedded
     tally.boxes += answer.boxes_found
     return tally.add(frame, boxes, prev)
@@ -282,8 +286,10 @@ def video_bench(settings: Settings, clips_dir: str | Path, max_clips: int = 4,
     models = FrameModels(settings)
     # Warm both paths once (lazy inits, caches) so neither mode pays for them in its time.
     PerFrame(models).frame("warm", clips[0][1][0].image, clips[0][1][0].captions)
+    load_before = os.getloadavg()
     tallies = run_modes(clips, {"per-frame": PerFrame(models),
                                 "track": Tracked(models, options)})
+    load_after = os.getloadavg()
     per_frame, joint, tracked = (tallies["per-frame"], tallies["per-frame+joint"],
                                  tallies["track"])
     report: dict[str, Any] = {
@@ -291,10 +297,15 @@ def video_bench(settings: Settings, clips_dir: str | Path, max_clips: int = 4,
         "settings": {"imgsz": settings.imgsz, "tta": settings.tta, "upscale": settings.upscale,
                      "detector": settings.detector_weights, "scorer": settings.scorer_dir,
                      "keyframe_every": options.reuse.keyframe_every,
+                     "detect_every": options.detect_every, "settle": options.settle,
+                     "redetect_motion": options.motion,
                      "min_iou": options.reuse.min_iou, "decay": options.evidence.decay,
                      "switch_frames": options.evidence.switch_frames},
         "per_frame": per_frame.report(), "per_frame_joint": joint.report(),
-        "track": tracked.report()}
+        "track": tracked.report(),
+        # the machine's 1-minute load average before and after the modes ran (others' work
+        # slows both modes alike: they alternate frame by frame)
+        "loadavg": [round(load_before[0], 2), round(load_after[0], 2)], "cpus": os.cpu_count()}
     pf, tr = report["per_frame"], report["track"]
     report["crops_ratio"] = _div(pf["crops_per_frame"], tr["crops_per_frame"])
     report["fps_ratio"] = _div(tr["frames_per_s"], pf["frames_per_s"])
@@ -341,16 +352,21 @@ def table(report: dict[str, Any]) -> str:
     rows = [("per-frame", report["per_frame"]), ("per-frame + joint", report["per_frame_joint"]),
             ("track", report["track"])]
     lines = [f"video bench: {len(report['clips'])} clips, {report['frames']} frames each mode",
-             f"{'mode':<20}{'frames/s':>10}{'crops/frame':>13}{'accuracy':>10}{'flips/100':>11}"]
+             f"{'mode':<20}{'frames/s':>10}{'crops/frame':>13}{'accuracy':>10}{'flips/100':>11}"
+             f"{'detector runs/frame':>21}"]
     for name, r in rows:
         if not r:
             continue
         fps = f"{r['frames_per_s']:.2f}" if "frames_per_s" in r and r["frames_per_s"] else "—"
         lines.append(f"{name:<20}{fps:>10}{r['crops_per_frame']:>13.2f}"
-                     f"{r['accuracy']:>10.3f}{r['flips_per_100_frames']:>11.1f}")
+                     f"{r['accuracy']:>10.3f}{r['flips_per_100_frames']:>11.1f}"
+                     f"{r.get('detections_per_frame', 1.0):>21.2f}")
     lines.append(f"track mode: {report['crops_ratio']:.2f}x fewer crops per frame (target "
                  f"{TARGET_CROPS_RATIO:.0f}x), {report['fps_ratio']:.2f}x the frames/s (target "
                  f"{TARGET_FPS_RATIO:.0f}x)")
+    if "loadavg" in report:
+        lines.append(f"load average {report['loadavg'][0]} before, {report['loadavg'][1]} after "
+                     f"({report['cpus']} cpus)")
     niv = report.get("not_in_view")
     if niv and "error" in niv:
         lines.append(f"not in view: {niv['error']}")

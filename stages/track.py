@@ -59,10 +59,11 @@ class TrackOptions:
     abstain_below: float | None = None  # "not in view" under this calibrated probability
     detect_every: int = 1  # the detector runs on frames whose seq is a multiple of this
     settle: int = 2  # ...and on every frame while a track has fewer detections than this
+    motion: float = 0.25  # ...or has moved more than this share of its size since its last
 
     def __post_init__(self) -> None:
-        if self.detect_every < 1 or self.settle < 0:
-            raise ValueError("detect_every >= 1 and settle >= 0 are required")
+        if self.detect_every < 1 or self.settle < 0 or self.motion < 0:
+            raise ValueError("detect_every >= 1, settle >= 0 and motion >= 0 are required")
 
 
 @dataclass(frozen=True)
@@ -103,13 +104,18 @@ class SourceState:
     def needs_detection(self, seq: int) -> bool:
         """Whether frame ``seq`` needs the detector's boxes, or the tracks' predicted boxes
         will do: the detector runs on keyframes (``seq`` a multiple of ``detect_every``), on
-        a source's first frames, after a gap longer than ``detect_every``, on late frames, and
+        a source's first frames, after a gap longer than ``detect_every``, on late frames,
         while a track is young (matched in fewer than ``settle`` detections: its velocity is a
-        guess) or none is followed. Between, the tracks move along their Kalman prediction."""
-        every = self.options.detect_every
+        guess) or none is followed, and when a track would have moved more than ``motion``
+        times its smaller side since its last detection (its predicted box would likely miss
+        it: small, fast objects; 0: never). Between, the tracks move along their Kalman
+        prediction."""
+        opts = self.options
+        every = opts.detect_every
         if every <= 1 or seq % every == 0 or self.seq < 0 or not 0 < seq - self.seq <= every:
             return True
-        return self.tracker.young(self.options.settle)
+        return self.tracker.young(opts.settle) or (
+            opts.motion > 0 and self.tracker.outrun(opts.motion, seq - self.seq))
 
     def propagate(self, seq: int, size: tuple[int, int]) -> tuple[Plan, np.ndarray, np.ndarray]:
         """The plan for a new frame the detector did not see (see ``needs_detection``): the
@@ -196,7 +202,8 @@ def options_from(settings: Any) -> TrackOptions:
         joint=settings.joint_assign,
         # not in view: the explicit threshold, or (None) the calibration's, resolved in setup
         abstain_below=(settings.not_in_view_threshold or None) if settings.not_in_view else None,
-        detect_every=settings.track_detect_every, settle=settings.track_settle)
+        detect_every=settings.track_detect_every, settle=settings.track_settle,
+        motion=settings.track_redetect_motion)
 
 
 class Embedder:
@@ -286,6 +293,7 @@ class Track(Stage):
         self.calibration: Any = None
         self.stats = TrackStats()
         self.detector: Any = None  # the detect stage's code, for frames it left to this one
+        self.crop_cap: int | None = None
 
     def setup(self) -> None:
         """Connect to the state's Redis, load the upscaler and scorer, and the calibration
@@ -412,12 +420,12 @@ class Track(Stage):
 
     def _crop_cap(self) -> int:
         """The crops' cap, as detect cuts them (the scorer's input size without upscaling)."""
-        if self.settings.upscale:
-            return 0
-        from . import runtime
+        if self.crop_cap is None:
+            from . import runtime
 
-        return runtime.scorer_input_size(self.settings, runtime.resolve_weights(
-            self.settings).scorer)
+            self.crop_cap = 0 if self.settings.upscale else runtime.scorer_input_size(
+                self.settings, runtime.resolve_weights(self.settings).scorer)
+        return self.crop_cap
 
     def _track(self, env: Envelope, state: SourceState) -> tuple[dict[str, Any],
                                                                    dict[int, CachedEmbedding]]:

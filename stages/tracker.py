@@ -146,6 +146,21 @@ class SourceTracker:
         confirmed = [t for t in self.tracker.tracked_stracks if t.is_activated]
         return not confirmed or any(int(t.tracklet_len) < frames for t in confirmed)
 
+    def outrun(self, ratio: float, ahead: int = 1) -> bool:
+        """True when a followed track would have moved, ``ahead`` frames from now, more than
+        ``ratio`` times its smaller side since its last detection (Kalman speed × frames):
+        its predicted box is then too likely off the object (small or fast objects)."""
+        tracker = self.tracker
+        for t in tracker.tracked_stracks:
+            if not t.is_activated:
+                continue
+            mean = t.mean
+            frames = tracker.frame_id + ahead - int(t.frame_id)
+            side = min(float(mean[2] * mean[3]), float(mean[3]))
+            if float(np.hypot(mean[4], mean[5])) * frames > ratio * max(side, 1.0):
+                return True
+        return False
+
     def _skip(self, frames: int) -> None:
         """What ``frames`` empty updates would have done: tracks unseen for longer than
         ``track_buffer`` by then are removed. (Tracks still within it stay in their pool; the

@@ -60,7 +60,7 @@ def test_prediction_survives_the_state_round_trip():
 
 
 def test_when_the_detector_runs():
-    state = SourceState(TrackOptions(detect_every=3, settle=2))
+    state = SourceState(TrackOptions(detect_every=3, settle=2, motion=0.0))
     clip = steady(12)
     detected = []
     for seq in range(1, 10):
@@ -78,6 +78,28 @@ def test_when_the_detector_runs():
         TrackOptions(detect_every=0)
     with pytest.raises(ValueError, match="not after"):
         state.propagate(9, (400, 300))
+
+
+def test_small_fast_objects_are_detected_every_frame():
+    """A 12 px object moving 4 px a frame outruns its prediction (a third of its size a frame):
+    with ``motion`` on, nearly every frame is detected (the Kalman speed needs a few
+    detections to grow to the object's); with it off, keyframes only."""
+    start = np.array([[10, 10, 22, 22]], np.float32)
+    clip = [(start + f * np.array([4, 0, 4, 0], np.float32), np.array([0.9], np.float32))
+            for f in range(12)]
+    runs = {}
+    for motion in (0.25, 0.0):
+        state = SourceState(TrackOptions(detect_every=3, settle=2, motion=motion))
+        detected = []
+        for seq in range(1, 12):
+            if state.needs_detection(seq):
+                detected.append(seq)
+                state.plan(seq, *clip[seq])
+            else:
+                state.propagate(seq, (400, 300))
+        runs[motion] = detected
+    assert runs[0.0] == [1, 2, 3, 6, 9]
+    assert len(runs[0.25]) >= 10 and set(runs[0.0]) <= set(runs[0.25]), runs
 
 
 def test_state_and_answer_are_saved_together(redis_server, settings):
@@ -128,4 +150,5 @@ def test_detect_leaves_frames_to_track_only_in_track_mode(settings):
         False, True, False, True]
     assert not left_to_track(Envelope(frame_id="f", seq=1),
                              settings.replace(track_detect_every=3))  # per-frame mode
-    assert not left_to_track(Envelope(frame_id="f", seq=1), settings.replace(tracking=True))
+    assert not left_to_track(Envelope(frame_id="f", seq=1),
+                             settings.replace(tracking=True, track_detect_every=1))
