@@ -152,3 +152,22 @@ def test_detect_leaves_frames_to_track_only_in_track_mode(settings):
                              settings.replace(track_detect_every=3))  # per-frame mode
     assert not left_to_track(Envelope(frame_id="f", seq=1),
                              settings.replace(tracking=True, track_detect_every=1))
+
+
+def test_a_frame_delivered_again_long_after_gets_its_answer(redis_server, settings):
+    """Its worker died after the save: the frame comes back after 11 newer frames of its
+    source (the state used to keep the last 8 answers) and is answered as it was."""
+    import time
+
+    from tests.test_track_stage import detected
+
+    s = settings.replace(redis_url=redis_server.url, tracking=True, imgsz=256, warmup=0,
+                         max_det=3, tta=False, upscale=False, track_detect_every=1)
+    frames = [f.replace(capture_time=time.time()) for f in detected(s, 12)]
+    track = Track(s)
+    first = [track.frame(f) for f in frames]
+    again = track.frame(frames[0])
+    assert track.stats.replayed == 1 and track.stats.untracked == 0
+    assert again.track_ids.tolist() == first[0].track_ids.tolist() and min(again.track_ids) > 0
+    assert again.picks.tolist() == first[0].picks.tolist()
+    np.testing.assert_array_equal(again.boxes, first[0].boxes)
