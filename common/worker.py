@@ -287,7 +287,7 @@ class Worker:
         none and which forwards envelopes (detect; the collector forwards results)."""
         for env_in, routed in pairs:
             sent = [m for _, m in routed if isinstance(m, Envelope)]
-            if env_in.boxes is None and sent:
+            if env_in.boxes is None and any(m.boxes is not None for m in sent):
                 self.metrics.crops_per_frame.observe(sum(
                     len(m.boxes) for m in sent if m.boxes is not None))
 

@@ -128,6 +128,8 @@ class SourceState:
         width, height = size
         boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
         boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
+        inside = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
+        boxes, scores, ids = boxes[inside], scores[inside], ids[inside]  # not out of view
         self.seq = seq
         return (Plan(seq, ids, np.ones(len(ids), bool), tracked=True, skipped=skipped,
                      detected=False), boxes, scores)

@@ -78,6 +78,10 @@ def test_when_the_detector_runs():
         TrackOptions(detect_every=0)
     with pytest.raises(ValueError, match="not after"):
         state.propagate(9, (400, 300))
+    # A track predicted out of the image is no box of the frame.
+    _, boxes, _ = state.propagate(10, (400, 300))
+    _, gone, _ = SourceState.from_state(state.to_state(), state.options).propagate(11, (20, 20))
+    assert len(boxes) == 2 and len(gone) == 0
 
 
 def test_small_fast_objects_are_detected_every_frame():
