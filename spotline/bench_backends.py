@@ -285,6 +285,10 @@ def add_backends_options(command: Any) -> Any:
 
         settings = click.get_current_context().find_root().obj.settings
         real = bool(kwargs.get("real"))
+        if real:  # real-size models at the seed's settings, not the demo models' overlay
+            from spotline.bench.runs import seed_settings
+
+            settings = seed_settings(settings)
         runs = backend_runs or (1 if real else 3)
         say = functools.partial(click.echo, err=True)
         paths = model_paths(settings, real)

@@ -257,10 +257,27 @@ def ensure_real_size_models(data_dir: str | Path) -> dict[str, Path]:
                           write_real_size_architectures, "real-size random architectures")
 
 
+def seed_settings(settings: Settings) -> Settings:
+    """The settings without the demo models' overlay (imgsz 448, no TTA, no upscaling...):
+    every command applies it when no weights are set, but real-size models run at the seed's
+    settings. Values the user changed from the overlay's are kept."""
+    import dataclasses
+
+    from spotline.train.demo import demo_overlay, is_demo
+
+    if not is_demo(settings):
+        return settings
+    defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
+    return settings.replace(**{k: defaults[k] for k, v in demo_overlay().items()
+                               if k in defaults and getattr(settings, k) == v})
+
+
 def real_settings(settings: Settings) -> Settings:
-    """The settings with the real-size random architectures as weights (one warm-up
-    prediction instead of the seed's three: 11+ s each on a 2-core CPU)."""
+    """The settings with the real-size random architectures as weights, at the seed's
+    settings (one warm-up prediction instead of the seed's three: 11+ s each on a 2-core
+    CPU)."""
     paths = ensure_real_size_models(settings.data_dir)
+    settings = seed_settings(settings)
     return settings.replace(detector_weights=str(paths["detector"]),
                             upscaler_weights=str(paths["upscaler"]),
                             scorer_dir=str(paths["scorer"]), warmup=min(settings.warmup, 1))
