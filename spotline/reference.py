@@ -21,6 +21,9 @@ class Reference:
         # The seed's method answers each image on its own: track mode (video feeds, a stage
         # with its state in Redis) is not part of it (spotline/trackmode.py runs that in-process).
         settings = settings.replace(tracking=False)
+        if settings.torch_threads == 0:  # one process runs every stage: every model on all
+            # cores (a stage alone would load an exported model on its worker's share)
+            settings = settings.replace(torch_threads=runtime.cpu_count())
         self.settings = settings
         self.stages: list[Stage] = [load_stage(name, settings)
                                     for name in topology.pipeline(settings)]
