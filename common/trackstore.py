@@ -26,7 +26,19 @@ from .keys import Keys
 # KEYS[1] state hash, KEYS[2] answers hash, KEYS[3] answers order zset; ARGV: seq, state
 # bytes, ttl ms, answers kept, then frame id and answer bytes (or nothing). The state and the
 # frame's answer are written together or not at all: 1 saved, 0 a newer state is there.
-_SAVE = """
+# Trim a hash and its order zset to the newest ``limit`` fields; how many it removed.
+_CAP = """
+local function cap(hash, order, limit)
+  local over = redis.call('ZCARD', order) - tonumber(limit)
+  if over <= 0 then return 0 end
+  local old = redis.call('ZRANGE', order, 0, over - 1)
+  redis.call('ZREMRANGEBYRANK', order, 0, over - 1)
+  redis.call('HDEL', hash, unpack(old))
+  return over
+end
+"""
+
+_SAVE = _CAP + """
 local cur = redis.call('HGET', KEYS[1], 'seq')
 if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'state', ARGV[2])
@@ -34,12 +46,7 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 if #ARGV >= 6 then
   redis.call('HSET', KEYS[2], ARGV[5], ARGV[6])
   redis.call('ZADD', KEYS[3], ARGV[1], ARGV[5])
-  local over = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[4])
-  if over > 0 then
-    local old = redis.call('ZRANGE', KEYS[3], 0, over - 1)
-    redis.call('ZREMRANGEBYRANK', KEYS[3], 0, over - 1)
-    redis.call('HDEL', KEYS[2], unpack(old))
-  end
+  cap(KEYS[2], KEYS[3], ARGV[4])
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
   redis.call('PEXPIRE', KEYS[3], ARGV[3])
 end
@@ -48,19 +55,12 @@ return 1
 
 # KEYS[1] embeddings hash, KEYS[2] order zset; ARGV: ttl ms, max tracks, then per track:
 # field, value, seq. Returns how many tracks the cap evicted.
-_PUT = """
+_PUT = _CAP + """
 for i = 3, #ARGV, 3 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   redis.call('ZADD', KEYS[2], ARGV[i + 2], ARGV[i])
 end
-local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[2])
-if over > 0 then
-  local old = redis.call('ZRANGE', KEYS[2], 0, over - 1)
-  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, over - 1)
-  redis.call('HDEL', KEYS[1], unpack(old))
-else
-  over = 0
-end
+local over = cap(KEYS[1], KEYS[2], ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[1])
 return over
