@@ -48,6 +48,10 @@ class Settings:
         "help": "with torch_threads 0: follow (before each batch, a stage takes the cores the "
                 "idle stages leave: all when alone, its share when all are busy) or static "
                 "(always its share)"})
+    follow_copy_max_mb: int = field(default=512, metadata={
+        "help": "threads_policy follow on an exported model: neither runtime changes a loaded "
+                "model's threads, so each count is one more copy of its weights; only exports "
+                "up to this many MB switch (larger ones keep their first count); 0: none"})
     backend: str = field(default="auto", metadata={
         "help": "model runtime: auto (an export of the checkpoint when there is one: OpenVINO "
                 "on x86 CPUs, else ONNX Runtime; torch when none), torch, onnx, openvino"})
@@ -194,6 +198,8 @@ def _validate_choices(s: Settings) -> None:
     if s.threads_policy not in THREAD_POLICIES:
         raise ConfigError(f"threads_policy must be one of {THREAD_POLICIES}, got "
                           f"{s.threads_policy!r}")
+    if s.follow_copy_max_mb < 0:
+        raise ConfigError(f"follow_copy_max_mb must be >= 0, got {s.follow_copy_max_mb}")
     if s.backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {BACKENDS}, got {s.backend!r}")
     if s.export_precision not in PRECISIONS:

@@ -69,7 +69,8 @@ class Detect(Stage):
     def use_threads(self, threads: int) -> None:
         """The next predictions on ``threads`` threads (the export's engine, or torch)."""
         exported = isinstance(self.model, backends.ExportedDetector)
-        runtime.apply_threads(threads, [self.model.engine] if exported else [])
+        runtime.apply_threads(threads, [self.model.engine] if exported else [],
+                              self.settings.follow_copy_max_mb)
 
     def process(self, batch: list[Envelope]) -> list[Routed]:
         """Check and decode all frames (a bad one raises InputError), predict once, split into

@@ -80,15 +80,17 @@ def set_threads(settings: Settings, stage: str | None = None) -> int:
     return n
 
 
-def apply_threads(n: int, engines: Sequence[Any] = ()) -> None:
+def apply_threads(n: int, engines: Sequence[Any] = (), copy_max_mb: int | None = None) -> None:
     """Run the next batch on ``n`` threads: the exported ``engines`` (each keeps a compiled
-    model per thread count it was asked for), else torch; OpenCV either way."""
+    model per thread count it was asked for, unless its weights are over ``copy_max_mb``:
+    then it keeps its first count), else torch; OpenCV either way."""
     import cv2
 
     cv2.setNumThreads(n)
     if engines:
+        limit = None if copy_max_mb is None else copy_max_mb * 1024 * 1024
         for engine in engines:
-            engine.use_threads(n)
+            engine.use_threads(n, limit)
         return
     import torch
 

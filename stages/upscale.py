@@ -58,7 +58,8 @@ class Upscale(Stage):
     def use_threads(self, threads: int) -> None:
         """The next crops on ``threads`` threads (the export's engine, or torch)."""
         exported = isinstance(self.upsampler, backends.ExportedUpscaler)
-        runtime.apply_threads(threads, [self.upsampler.engine] if exported else [])
+        runtime.apply_threads(threads, [self.upsampler.engine] if exported else [],
+                              self.settings.follow_copy_max_mb)
 
     def process(self, batch: list[Envelope]) -> list[Routed]:
         """Upscale every crop of every envelope; route each envelope onward."""

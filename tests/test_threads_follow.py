@@ -170,6 +170,27 @@ def test_worker_runs_each_batch_on_the_cores_left_idle(
     assert worker.metrics.threads.labels("detect")._value.get() == 4
 
 
+@pytest.mark.parametrize("suffix", [".onnx", ".xml"])
+def test_an_export_over_the_copy_limit_keeps_its_first_count(detector: Path, suffix: str) -> None:
+    """follow_copy_max_mb: a model whose weights are over the limit is not loaded a second
+    time for another thread count (each count is a full copy of its weights); under it, it
+    is. Checked on the loaded model itself, not the engine's note."""
+    from spotline.stages.backends.engine import load_engine
+
+    path = next((detector.parent / f"{detector.name}.export").rglob(f"*{suffix}"))
+    size = load_engine(path, threads=1).weight_bytes()
+    assert size > 0
+    big = load_engine(path, threads=1)
+    assert big.use_threads(2, max_copy_bytes=size - 1) == 1
+    assert big.threads == 1 and _engine_threads(big) == 1
+    small = load_engine(path, threads=1)
+    assert small.use_threads(2, max_copy_bytes=size) == 2
+    assert small.threads == 2 and (_engine_threads(small) > 1 or (os.cpu_count() or 1) == 1)
+    assert load_settings(env={"SPOTLINE_FOLLOW_COPY_MAX_MB": "0"}).follow_copy_max_mb == 0
+    with pytest.raises(ConfigError, match="follow_copy_max_mb"):
+        load_settings(env={"SPOTLINE_FOLLOW_COPY_MAX_MB": "-1"})
+
+
 def test_static_policy_and_fixed_threads_leave_the_share(transport: Transport,
                                                          settings: Settings) -> None:
     from tests.stagelib import PassThrough

@@ -48,15 +48,26 @@ class Engine(ABC):
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """One inference: the model's outputs, in order."""
 
-    def use_threads(self, threads: int) -> None:
-        """Run the next inferences on ``threads`` intra-op threads. Neither runtime changes a
-        loaded model's thread count, so the engine keeps one session (ONNX Runtime) or compiled
-        model (OpenVINO) per count it was asked for, made on first use: each holds its own
-        copy of the weights (threads_policy follow asks for at most 2 counts on 2 cores, 4 with
-        three model stages on more; docs/performance.md)."""
+    def use_threads(self, threads: int, max_copy_bytes: int | None = None) -> int:
+        """Run the next inferences on ``threads`` intra-op threads; returns the count in use.
+        Neither runtime changes a loaded model's thread count, so the engine keeps one session
+        (ONNX Runtime) or compiled model (OpenVINO) per count it was asked for, made on first
+        use: each holds its own copy of the weights (threads_policy follow asks for at most 2
+        counts on 2 cores, 4 with three model stages on more; docs/performance.md). A model
+        whose weights exceed ``max_copy_bytes`` keeps the count it has (no second copy)."""
         if threads > 0 and threads != self.threads:
+            if (max_copy_bytes is not None and self.threads > 0
+                    and self.weight_bytes() > max_copy_bytes):
+                return self.threads
             self._switch(threads)
             self.threads = threads
+        return self.threads
+
+    def weight_bytes(self) -> int:
+        """The size of the export's files: the graph, and OpenVINO's .bin or ONNX's external
+        data beside it."""
+        files = (self.path, self.path.with_suffix(".bin"), Path(f"{self.path}.data"))
+        return sum(f.stat().st_size for f in files if f.is_file())
 
     @abstractmethod
     def _switch(self, threads: int) -> None:
