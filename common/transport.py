@@ -319,6 +319,17 @@ class Transport:
             return int(g["lag"])
         return max(0, self.length(stream) - int(g["pending"]))
 
+    def work(self, stage: str) -> int:
+        """Entries waiting for or held by the stage's group: ``backlog`` + ``pending_count``
+        from one XINFO GROUPS row (plus XLEN where Redis cannot count the lag)."""
+        stream = self.keys.inbox(stage)
+        g = self.group_info(stream, self.keys.group(stage))
+        if g is None:
+            return self.length(stream)
+        if g.get("lag") is not None:
+            return int(g["lag"]) + int(g["pending"])
+        return max(self.length(stream), int(g["pending"]))
+
     # --- writes ----------------------------------------------------------------------------
     def add(self, stream: str, frame_id: str, payload: bytes) -> str:
         """XADD one entry (producers)."""

@@ -270,7 +270,7 @@ class Worker:
             return 0
         others = [st for st in cores.model_stages(pipeline(s)) if st != name]
         try:
-            work = {st: self.t.backlog(st) + self.t.pending_count(st) for st in others}
+            work = {st: self.t.work(st) for st in others}
         except TransportError as exc:  # keep the last count; the commit will meet the outage
             self.log.warning("threads unchanged (%s): cannot read the backlogs: %s",
                              self.threads, exc)

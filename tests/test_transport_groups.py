@@ -103,6 +103,17 @@ def test_group_info_lag_and_pending(transport: Transport) -> None:
     assert g.get("lag") in (None, 2)  # Redis 7 counts the unread; 6.2 has no lag field
 
 
+def test_work_is_backlog_plus_pending_in_one_read(transport: Transport) -> None:
+    """The follow policy's figure for a stage: entries unread plus entries in flight."""
+    t = transport
+    assert t.work("score") == 0  # no stream, no group
+    _add(t, t.keys.inbox("score"), 3)
+    assert t.work("score") == 3 == t.backlog("score") + t.pending_count("score")  # no group
+    t.ensure_group("score")
+    assert t.read("score", "c", 1, 10, 0)
+    assert t.work("score") == 3 == t.backlog("score") + t.pending_count("score")
+
+
 def test_write_and_ack_without_delete_keeps_the_input(transport: Transport) -> None:
     t, src, dst = transport, transport.keys.results, transport.keys.inbox("out")
     t.create_group(src, "g")
