@@ -60,8 +60,7 @@ class Detect(Stage):
                                                 self.settings.device)
             self.model_name = f"{paths.detector.name} ({backend} {precision})"
             self.device_name = self.model.engine.provider
-        if not self.settings.upscale:
-            self.crop_cap = runtime.scorer_input_size(self.settings, paths.scorer)
+        self.crop_cap = runtime.crop_cap(self.settings, paths)
         blank = np.zeros((WARMUP_SIZE[1], WARMUP_SIZE[0], 3), np.uint8)
         for _ in range(self.settings.warmup):
             detect_frames(self.model, [blank], self.settings, self.device, self.half)
@@ -181,7 +180,7 @@ def left_to_track(env: Envelope, settings: Settings) -> bool:
     multiple of N goes to the track stage undetected; the tracks' Kalman predictions give
     its boxes there (or the track stage detects it, when they cannot: see
     ``SourceState.needs_detection``)."""
-    every = getattr(settings, "track_detect_every", 1)
+    every = settings.track_detect_every
     return (every > 1 and env.seq >= 0 and env.seq % every != 0
             and next_stage(Detect.name, settings) == TRACK)
 

@@ -98,6 +98,12 @@ def apply_threads(n: int, engines: Sequence[Any] = (), copy_max_mb: int | None =
         torch.set_num_threads(n)
 
 
+def crop_cap(settings: Settings, paths: ModelPaths) -> int:
+    """The side crops are capped at when they are cut: the scorer's input size when nothing
+    upscales them (a larger crop is only shrunk again), else 0 (uncapped)."""
+    return 0 if settings.upscale else scorer_input_size(settings, paths.scorer)
+
+
 # --- where the weights are --------------------------------------------------------------------
 def resolve_weights(settings: Settings) -> ModelPaths:
     """The configured model paths; empty ones fall back to tiny random models (written once)."""

@@ -425,8 +425,8 @@ class Track(Stage):
         if self.crop_cap is None:
             from . import runtime
 
-            self.crop_cap = 0 if self.settings.upscale else runtime.scorer_input_size(
-                self.settings, runtime.resolve_weights(self.settings).scorer)
+            self.crop_cap = runtime.crop_cap(self.settings,
+                                             runtime.resolve_weights(self.settings))
         return self.crop_cap
 
     def _track(self, env: Envelope, state: SourceState) -> tuple[dict[str, Any],
