@@ -311,24 +311,24 @@ class Transport:
 
     def backlog(self, stage: str) -> int:
         """Entries not yet read by the stage's group (lag), falling back to XLEN - pending."""
-        stream = self.keys.inbox(stage)
-        g = self.group_info(stream, self.keys.group(stage))
-        if g is None:
-            return self.length(stream)
-        if g.get("lag") is not None:
-            return int(g["lag"])
-        return max(0, self.length(stream) - int(g["pending"]))
+        return self._unread_and_pending(stage)[0]
 
     def work(self, stage: str) -> int:
         """Entries waiting for or held by the stage's group: ``backlog`` + ``pending_count``
-        from one XINFO GROUPS row (plus XLEN where Redis cannot count the lag)."""
+        from one XINFO GROUPS row."""
+        return sum(self._unread_and_pending(stage))
+
+    def _unread_and_pending(self, stage: str) -> tuple[int, int]:
+        """(unread, in flight) for the stage's group from its XINFO GROUPS row, plus XLEN
+        where Redis cannot count the lag; the whole stream is unread without a group."""
         stream = self.keys.inbox(stage)
         g = self.group_info(stream, self.keys.group(stage))
         if g is None:
-            return self.length(stream)
+            return self.length(stream), 0
+        pending = int(g["pending"])
         if g.get("lag") is not None:
-            return int(g["lag"]) + int(g["pending"])
-        return max(self.length(stream), int(g["pending"]))
+            return int(g["lag"]), pending
+        return max(0, self.length(stream) - pending), pending
 
     # --- writes ----------------------------------------------------------------------------
     def add(self, stream: str, frame_id: str, payload: bytes) -> str:
