@@ -178,7 +178,7 @@ def test_an_export_over_the_copy_limit_keeps_its_first_count(detector: Path, suf
     from spotline.stages.backends.engine import load_engine
 
     path = next((detector.parent / f"{detector.name}.export").rglob(f"*{suffix}"))
-    size = load_engine(path, threads=1).weight_bytes()
+    size = load_engine(path, threads=1).weight_bytes
     assert size > 0
     big = load_engine(path, threads=1)
     assert big.use_threads(2, max_copy_bytes=size - 1) == 1

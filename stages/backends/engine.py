@@ -7,6 +7,7 @@ import logging
 import platform
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -57,15 +58,16 @@ class Engine(ABC):
         whose weights exceed ``max_copy_bytes`` keeps the count it has (no second copy)."""
         if threads > 0 and threads != self.threads:
             if (max_copy_bytes is not None and self.threads > 0
-                    and self.weight_bytes() > max_copy_bytes):
+                    and self.weight_bytes > max_copy_bytes):
                 return self.threads
             self._switch(threads)
             self.threads = threads
         return self.threads
 
+    @cached_property
     def weight_bytes(self) -> int:
         """The size of the export's files: the graph, and OpenVINO's .bin or ONNX's external
-        data beside it."""
+        data beside it (read once: it is asked before every thread switch)."""
         files = (self.path, self.path.with_suffix(".bin"), Path(f"{self.path}.data"))
         return sum(f.stat().st_size for f in files if f.is_file())
 
