@@ -19,17 +19,10 @@ import numpy as np
 from spotline.common.settings import Settings
 
 from .probes import percentiles
-from .runs import bench_frames, run_reference, run_streaming
+from .runs import bench_frames, run_reference, run_streaming, with_models
 
 FPS_TARGET = 2.5  # streaming on exports ≥ 2.5× the torch in-process reference's frames/s
 LIGHT_TARGET = 1.1  # light-load latency ≤ 1.1× the in-process reference's, same backends
-
-
-def pipeline_settings(settings: Settings, paths: dict[str, str]) -> Settings:
-    """The settings with ``paths`` as the three models (one warm-up prediction)."""
-    return settings.replace(detector_weights=paths["detector"],
-                            upscaler_weights=paths["upscaler"], scorer_dir=paths["scorer"],
-                            warmup=min(settings.warmup, 1))
 
 
 def _p50(latencies: list[float]) -> float:
@@ -41,7 +34,7 @@ def pipeline_vs_reference(settings: Settings, paths: dict[str, str], frames: int
                           say: Callable[[str], None] = print,
                           timeout_s: float = 3600.0) -> dict[str, Any]:
     """The three (or four) runs and their ratios, as one JSON-friendly dict."""
-    base = pipeline_settings(settings, paths)
+    base = with_models(settings, paths)
     exported = base if base.backend != "torch" else base.replace(backend="auto")
     shots = bench_frames(frames)
     say(f"[pipeline] torch in-process reference, {frames} frames one at a time...")
@@ -118,4 +111,4 @@ def lines(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-__all__ = ["lines", "pipeline_settings", "pipeline_vs_reference"]
+__all__ = ["lines", "pipeline_vs_reference"]

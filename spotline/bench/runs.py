@@ -7,7 +7,7 @@ import gc
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -272,15 +272,19 @@ def seed_settings(settings: Settings) -> Settings:
                                if k in defaults and getattr(settings, k) == v})
 
 
-def real_settings(settings: Settings) -> Settings:
-    """The settings with the real-size random architectures as weights, at the seed's
-    settings (one warm-up prediction instead of the seed's three: 11+ s each on a 2-core
-    CPU)."""
-    paths = ensure_real_size_models(settings.data_dir)
-    settings = seed_settings(settings)
+def with_models(settings: Settings, paths: Mapping[str, str | Path]) -> Settings:
+    """The settings with ``paths`` (detector, upscaler, scorer) as the three models, and one
+    warm-up prediction at most instead of the seed's three (11+ s each at real size on a
+    2-core CPU)."""
     return settings.replace(detector_weights=str(paths["detector"]),
                             upscaler_weights=str(paths["upscaler"]),
                             scorer_dir=str(paths["scorer"]), warmup=min(settings.warmup, 1))
+
+
+def real_settings(settings: Settings) -> Settings:
+    """The settings with the real-size random architectures as weights, at the seed's
+    settings."""
+    return with_models(seed_settings(settings), ensure_real_size_models(settings.data_dir))
 
 
 # --- the whole run ----------------------------------------------------------------------------
