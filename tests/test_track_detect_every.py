@@ -59,17 +59,25 @@ def test_prediction_survives_the_state_round_trip():
     np.testing.assert_array_equal(state["tracked"]["mean"], memory.state()["tracked"]["mean"])
 
 
-def test_when_the_detector_runs():
-    state = SourceState(TrackOptions(detect_every=3, settle=2, motion=0.0))
-    clip = steady(12)
-    detected = []
-    for seq in range(1, 10):
+def _drive(state: SourceState, clip, seqs) -> tuple[list[int], list]:
+    """Detect the frames the state asks the detector for, propagate the others: (the detected
+    seqs, each propagated frame's (plan, boxes))."""
+    detected, predicted = [], []
+    for seq in seqs:
         if state.needs_detection(seq):
             detected.append(seq)
             state.plan(seq, *clip[seq])
         else:
-            plan, boxes, _ = state.propagate(seq, (400, 300))
-            assert not plan.detected and len(boxes) == 2 and (plan.track_ids > 0).all()
+            predicted.append(state.propagate(seq, (400, 300))[:2])
+    return detected, predicted
+
+
+def test_when_the_detector_runs():
+    state = SourceState(TrackOptions(detect_every=3, settle=2, motion=0.0))
+    clip = steady(12)
+    detected, predicted = _drive(state, clip, range(1, 10))
+    for plan, boxes in predicted:
+        assert not plan.detected and len(boxes) == 2 and (plan.track_ids > 0).all()
     # First frames (young tracks: fewer than 2 detections), then every third frame.
     assert detected == [1, 2, 3, 6, 9]
     assert state.needs_detection(9) and state.needs_detection(14)  # late; after a long gap
@@ -94,14 +102,7 @@ def test_small_fast_objects_are_detected_every_frame():
     runs = {}
     for motion in (0.25, 0.0):
         state = SourceState(TrackOptions(detect_every=3, settle=2, motion=motion))
-        detected = []
-        for seq in range(1, 12):
-            if state.needs_detection(seq):
-                detected.append(seq)
-                state.plan(seq, *clip[seq])
-            else:
-                state.propagate(seq, (400, 300))
-        runs[motion] = detected
+        runs[motion] = _drive(state, clip, range(1, 12))[0]
     assert runs[0.0] == [1, 2, 3, 6, 9]
     assert len(runs[0.25]) >= 10 and set(runs[0.0]) <= set(runs[0.25]), runs
 
