@@ -14,6 +14,7 @@ from spotline.common.envelope import Envelope
 from spotline.common.errors import TransportError
 from spotline.common.settings import Settings
 from spotline.common.transport import Output, Transport
+from tests.faultlib import wait_for
 
 
 def _fill(t: Transport, stage: str, n: int) -> list[str]:
@@ -87,8 +88,9 @@ def test_claim_takes_over_stale_entries_with_delivery_counts(
     _fill(t, "detect", 2)
     assert len(t.read("detect", "dead-consumer", 2, 100, 0)) == 2
     assert t.claim("detect", "live", 10) == []  # not stale yet
-    time.sleep(0.1)
-    claimed = t.claim("detect", "live", 10)
+    claimed: list = []
+    wait_for(lambda: bool(claimed.extend(t.claim("detect", "live", 10)) or claimed), 10,
+             "the entries to go stale")  # a claim before that takes nothing
     assert [e.frame_id for e in claimed] == ["f0", "f1"]
     assert all(e.deliveries == 2 for e in claimed)
 
