@@ -74,7 +74,8 @@ def load_detector(source: Path | str, engine: str, precision: str = "fp32", thre
     """The export of the YOLO checkpoint ``source`` on ``engine``, checked against it."""
     directory, manifest = _checked(source, "detector", engine, precision)
     path = manifest.path(directory, engine, precision)
-    return ExportedDetector(load_engine(path, threads, precision, device), manifest.meta)
+    return ExportedDetector(load_engine(path, threads, precision, device, varying_shapes=True),
+                            manifest.meta)
 
 
 def load_upscaler(source: Path | str, engine: str, precision: str = "fp32", threads: int = 0,
@@ -82,7 +83,7 @@ def load_upscaler(source: Path | str, engine: str, precision: str = "fp32", thre
     """The export of the Real-ESRGAN checkpoint ``source`` on ``engine``, checked against it."""
     directory, manifest = _checked(source, "upscaler", engine, precision)
     path = manifest.path(directory, engine, precision)
-    return ExportedUpscaler(load_engine(path, threads, precision, device),
+    return ExportedUpscaler(load_engine(path, threads, precision, device, varying_shapes=True),
                             int(manifest.meta["scale"]))
 
 

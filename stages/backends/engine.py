@@ -85,10 +85,12 @@ class OnnxEngine(Engine):
 
     kind = "onnx"
 
-    def __init__(self, path: Path, threads: int = 0, device: str = "cpu") -> None:
+    def __init__(self, path: Path, threads: int = 0, device: str = "cpu",
+                 varying_shapes: bool = False) -> None:
         super().__init__(path, threads)
         import onnxruntime as ort
 
+        self.varying_shapes = varying_shapes
         self.providers = onnx_providers(ort.get_available_providers(), device)
         self.sessions: dict[int, Any] = {}
         self.session = self._session(threads)
@@ -104,11 +106,15 @@ class OnnxEngine(Engine):
                 options.intra_op_num_threads = threads
                 options.inter_op_num_threads = 1
             options.log_severity_level = 3
-            # no memory pattern (kept per input shape: detector TTA has three) and no arena
-            # (it keeps its peak): with release_memory, a tiny detector's process after 1600-px
-            # TTA went from 245 to 108 MiB resident, at the same speed (docs/performance.md)
-            options.enable_mem_pattern = False
-            options.enable_cpu_mem_arena = False
+            if self.varying_shapes:
+                # no memory pattern (kept per input shape: detector TTA has three) and no arena
+                # (it keeps its peak): with release_memory, a tiny detector's process after
+                # 1600-px TTA went from 245 to 108 MiB resident; at real size it costs speed
+                # (YOLOv9c 2.2 -> 2.9 s), kept for the memory (docs/performance.md)
+                options.enable_mem_pattern = False
+                options.enable_cpu_mem_arena = False
+            # else the arena and pattern stay on: SigLIP-large's vision tower took 27.7 s per 8
+            # crops without them, 19.8 s with them (dynamic int8: 10.3 -> 8.0 s)
             try:
                 self.sessions[threads] = ort.InferenceSession(str(self.path), options,
                                                               providers=self.providers)
@@ -199,8 +205,10 @@ _trim: Any = None
 
 
 def load_engine(path: Path | str, threads: int = 0, precision: str = "fp32",
-                device: str = "cpu") -> Engine:
-    """The engine for an exported file, chosen by its suffix."""
+                device: str = "cpu", varying_shapes: bool = False) -> Engine:
+    """The engine for an exported file, chosen by its suffix. ``varying_shapes`` (the
+    detector: TTA's three sizes, any frame size; the upscaler: any crop size) turns ONNX
+    Runtime's per-shape memory pattern and its arena off, for memory."""
     path = Path(path)
     kind = SUFFIX.get(path.suffix.lower())
     if kind is None:
@@ -210,5 +218,5 @@ def load_engine(path: Path | str, threads: int = 0, precision: str = "fp32",
     if not available(kind):
         raise ModelError(f"{path} needs the {kind} runtime, which is not installed")
     if kind == "onnx":
-        return OnnxEngine(path, threads, device)
+        return OnnxEngine(path, threads, device, varying_shapes)
     return OpenVinoEngine(path, threads, precision, device)
