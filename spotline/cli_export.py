@@ -24,7 +24,8 @@ MODELS = ("detector", "upscaler", "scorer")
               help="Which precision (repeatable) [default: fp32].")
 @click.option("--calibration", type=click.Path(exists=True, file_okay=False), default=None,
               help="int8 calibration images: a TIL dataset (its frames and box crops) or a "
-              "folder of images. With it int8 is static (QDQ); without, dynamic.")
+              "folder of images. With it int8 is static (QDQ for ONNX Runtime; NNCF's for "
+              "OpenVINO when nncf is installed: pip install spotline[int8]); without, dynamic.")
 @click.pass_obj
 def export(obj: Any, models: tuple[str, ...], engines: tuple[str, ...],
            precisions: tuple[str, ...], calibration: str | None) -> None:

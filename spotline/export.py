@@ -7,9 +7,10 @@ manifest that records the checkpoint's sha256 (stages refuse a stale export).
   wrapper (fixed length, the tokenizer's padding), then ``openvino.convert_model`` of the ONNX.
 - Real-ESRGAN: ``torch.onnx.export`` with dynamic batch, height and width, then OpenVINO.
 - fp16: ONNX Runtime's float16 converter (fp16 weights and compute, fp32 inputs/outputs: for
-  CUDA); OpenVINO IR with fp16-compressed weights. int8: ONNX Runtime's dynamic quantisation
-  (weights int8, activations quantised per call) of the fp32 ONNX, and the same quantised ONNX
-  converted to OpenVINO IR.
+  CUDA); OpenVINO IR with fp16-compressed weights (run at bf16 where the CPU has it). int8:
+  ONNX Runtime's dynamic quantisation (weights int8, activations quantised per call) of the
+  fp32 ONNX, or static QDQ with a calibration set; OpenVINO IR of the same quantised ONNX, or
+  with a calibration set and NNCF installed, NNCF's static int8 of the fp32 model.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from spotline.common.errors import ModelError
 from spotline.export_precision import (
     Calibration,
     ir_to_fp16,
+    nncf_available,
     onnx_to_openvino,
     onnx_variants,
+    quantize_openvino,
 )
 from spotline.stages.backends.manifest import (
     PRECISIONS,
@@ -68,12 +71,15 @@ def _rel(path: Path, root: Path) -> str:
 # --- per model ------------------------------------------------------------------------------
 def export_onnx_family(fp32_onnx: Path, stage: Path, name: str, engines: Iterable[str],
                        precisions: Iterable[str], part: str = "path",
-                       feeds: Sequence[dict[str, np.ndarray]] | None = None
-                       ) -> dict[str, dict[str, str]]:
+                       feeds: Sequence[dict[str, np.ndarray]] | None = None,
+                       transformer: bool = False) -> dict[str, dict[str, str]]:
     """From one fp32 ONNX file: the asked precisions as ONNX and as OpenVINO IR, placed in
-    ``stage/<engine>-<precision>/<name>.<suffix>``; manifest entries keyed like that."""
+    ``stage/<engine>-<precision>/<name>.<suffix>``; manifest entries keyed like that. OpenVINO
+    int8 with calibration ``feeds`` is NNCF's (when installed), else the int8 ONNX's."""
     precisions, engines = list(precisions), list(engines)
-    needed = precisions if "onnx" in engines else [p for p in precisions if p == "int8"]
+    ov_nncf = bool(feeds) and "openvino" in engines and nncf_available()
+    needed = precisions if "onnx" in engines else \
+        [p for p in precisions if p == "int8" and not ov_nncf]
     variants = onnx_variants(fp32_onnx, needed, feeds)
     files: dict[str, dict[str, str]] = {}
     for precision in precisions:
@@ -84,8 +90,11 @@ def export_onnx_family(fp32_onnx: Path, stage: Path, name: str, engines: Iterabl
             files.setdefault(f"onnx-{precision}", {})[part] = _rel(target, stage)
         if "openvino" in engines:
             target = stage / f"openvino-{precision}" / f"{name}.xml"
-            src = variants["int8"] if precision == "int8" else fp32_onnx
-            onnx_to_openvino(src, target, fp16=precision == "fp16")
+            if precision == "int8" and ov_nncf:
+                quantize_openvino(fp32_onnx, target, feeds or [], transformer)
+            else:
+                src = variants["int8"] if precision == "int8" else fp32_onnx
+                onnx_to_openvino(src, target, fp16=precision == "fp16")
             files.setdefault(f"openvino-{precision}", {})[part] = _rel(target, stage)
     return files
 
@@ -131,8 +140,9 @@ def _detector_feeds(calib: Calibration, stride: int) -> list[dict[str, np.ndarra
 
 def _detector_openvino(copy: Path, stage: Path, precisions: list[str], fp32_onnx: Path,
                        feeds: list[dict[str, np.ndarray]] | None) -> dict[str, dict[str, str]]:
-    """OpenVINO IR through Ultralytics' exporter (fp32; fp16 compresses its weights); int8 from
-    the quantised ONNX (static with a calibration set, else dynamic)."""
+    """OpenVINO IR through Ultralytics' exporter (fp32; fp16 compresses its weights); int8 by
+    NNCF with a calibration set (when installed), else from the quantised ONNX (static QDQ with
+    a calibration set, else dynamic)."""
     from ultralytics import YOLO
 
     out_dir = Path(YOLO(str(copy), task="detect").export(
@@ -148,6 +158,8 @@ def _detector_openvino(copy: Path, stage: Path, precisions: list[str], fp32_onnx
             shutil.copyfile(xml.with_suffix(".bin"), target.with_suffix(".bin"))
         elif precision == "fp16":
             ir_to_fp16(xml, target)
+        elif feeds and nncf_available():
+            quantize_openvino(xml, target, feeds)
         else:
             int8 = fp32_onnx.with_name("detector-int8.onnx")
             if not int8.exists():
@@ -200,7 +212,8 @@ def export_scorer(source: Path, stage: Path, engines: Iterable[str], precisions:
             feeds = [{"pixel_values": preprocess([c], meta)} for c in calib.crops]
         # the text tower's int8 stays dynamic: its embeddings are cached per caption
         for path, part, part_feeds in ((vision, "vision", feeds), (text, "text", None)):
-            found = export_onnx_family(path, stage, part, engines, precisions, part, part_feeds)
+            found = export_onnx_family(path, stage, part, engines, precisions, part, part_feeds,
+                                       transformer=True)
             for key, entry in found.items():
                 files.setdefault(key, {}).update(entry)
     return files, meta
@@ -337,8 +350,13 @@ def export_model(kind: str, source: Path | str, engines: Iterable[str] = ENGINES
     stage = Path(tempfile.mkdtemp(prefix=f".{safe}-tmp-", dir=directory.parent))
     try:
         files, meta = EXPORTERS[kind](source, stage, engines, precisions, calibration)
-        if "int8" in precisions:
-            meta["int8"] = calibration.describe() if calibration else {"method": "dynamic"}
+        if "int8" in precisions:  # per engine: an export of one engine keeps the other's
+            how = calibration.describe() if calibration else {"method": "dynamic"}
+            for engine in engines:
+                nncf = engine == "openvino" and calibration is not None and nncf_available()
+                meta[f"int8_{engine}"] = {**how, "method": "nncf"} if nncf else how
+            if "onnx" in engines:
+                meta["int8"] = how
         manifest = Manifest(kind=kind, source=source.name, sha256=digest, files=files, meta=meta)
         _install(stage, directory, manifest)
     finally:

@@ -146,6 +146,44 @@ def _quiet_root_logger() -> Iterator[None]:
         root.setLevel(level)
 
 
+# --- OpenVINO's own static int8 (NNCF) ---------------------------------------------------------
+NNCF_SAMPLES = 16  # calibration inputs NNCF runs (SigLIP-large: ~2 s each at fp32 on 2 cores)
+
+
+def nncf_available() -> bool:
+    """Whether NNCF (the optional ``int8`` extra) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("nncf") is not None
+
+
+def quantize_openvino(src: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]],
+                      transformer: bool = False) -> Path:
+    """Static int8 IR through NNCF's post-training quantisation of an fp32 model (ONNX or IR):
+    int8 weights and activations with ranges from ``feeds``, run by OpenVINO's own int8
+    kernels (VNNI here). SigLIP-large's vision tower: 4.6 s per 8 crops against 17 s at fp32
+    and 8.0 s for ONNX Runtime's dynamic int8 (docs/performance.md). ``transformer``: NNCF's
+    transformer scheme (SmoothQuant, mixed preset)."""
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(str(src))
+    samples = [next(iter(f.values())) for f in feeds][:NNCF_SAMPLES]
+    options: dict[str, Any] = {"subset_size": len(samples)}
+    if transformer:
+        options["model_type"] = nncf.ModelType.TRANSFORMER
+    else:
+        options["preset"] = nncf.QuantizationPreset.MIXED
+    try:
+        with _quiet_root_logger():
+            quantized = nncf.quantize(model, nncf.Dataset(samples), **options)
+    except Exception as exc:  # noqa: BLE001 - any quantiser failure is a ModelError
+        raise ModelError(f"cannot quantise {src} with NNCF: {type(exc).__name__}: {exc}") from exc
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(quantized, str(dst))
+    return dst
+
+
 def onnx_to_openvino(src: Path, dst: Path, fp16: bool = False) -> Path:
     """An OpenVINO IR (.xml + .bin) of an ONNX file, weights fp16-compressed when asked."""
     import openvino as ov
