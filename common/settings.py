@@ -57,6 +57,12 @@ class Settings:
                 "on x86 CPUs, else ONNX Runtime; torch when none), torch, onnx, openvino"})
     export_precision: str = field(default="fp32", metadata={
         "help": "which export the onnx/openvino backends load: fp32, fp16, int8 (spotline export)"})
+    export_precision_detector: str = field(default="", metadata={
+        "help": "the detector's export precision (fp32, fp16, int8); empty: export_precision"})
+    export_precision_upscaler: str = field(default="", metadata={
+        "help": "the upscaler's export precision (fp32, fp16, int8); empty: export_precision"})
+    export_precision_scorer: str = field(default="", metadata={
+        "help": "SigLIP's export precision (fp32, fp16, int8); empty: export_precision"})
     # --- detect (seed: predict(imgsz=1600, conf=0.1, iou=0.1, max_det=10, augment=True))
     imgsz: int = field(default=1600, metadata={"help": "YOLO inference size (seed: 1600)"})
     conf: float = field(default=0.1, metadata={"help": "YOLO confidence threshold"})
@@ -87,7 +93,7 @@ class Settings:
         "help": "track mode: detect → track (ByteTrack, reuse, evidence) → collect"})
     track_keyframe_every: int = field(default=10, metadata={
         "help": "a track's crop is embedded again at least every this many frames"})
-    track_min_iou: float = field(default=0.5, metadata={
+    track_min_iou: float = field(default=0.45, metadata={
         "help": "embed again when the box's IoU with the box last embedded is below this"})
     track_max_size_change: float = field(default=0.2, metadata={
         "help": "embed again when width or height changed by more than this share"})
@@ -98,7 +104,7 @@ class Settings:
     track_switch_frames: int = field(default=1, metadata={
         "help": "consecutive frames of lead before a caption switches track"})
     track_buffer: int = field(default=30, metadata={"help": "frames a lost track is kept"})
-    track_detect_every: int = field(default=5, metadata={
+    track_detect_every: int = field(default=7, metadata={
         "help": "run the detector on every Nth frame of a source; between, boxes follow the "
                 "tracks' Kalman prediction (1: every frame)"})
     track_settle: int = field(default=2, metadata={
@@ -107,6 +113,10 @@ class Settings:
     track_redetect_motion: float = field(default=0.25, metadata={
         "help": "with track_detect_every > 1: detect when a track would have moved more than "
                 "this share of its smaller side since its last detection (0: never)"})
+    track_match: float = field(default=0.75, metadata={
+        "help": "with track_detect_every > 1: between detections, find each track by its look "
+                "(template similarity, 1 - RMS difference / 255, at least this; else detect the "
+                "frame; 0: the Kalman prediction alone)"})
     track_reorder_ms: int = field(default=200, metadata={
         "help": "wait this long for a source's missing earlier frame before going on"})
     track_state_ttl_s: int = field(default=3600, metadata={
@@ -162,6 +172,11 @@ class Settings:
         _validate(self)
         _validate_tracking(self)
 
+    def precision_for(self, model: str) -> str:
+        """The export precision of one model (detector, upscaler, scorer): its own setting,
+        else export_precision."""
+        return str(getattr(self, f"export_precision_{model}") or self.export_precision)
+
     def batch_for(self, stage: str) -> int:
         """The max batch of one stage."""
         return int(getattr(self, f"batch_{stage}"))
@@ -176,7 +191,7 @@ def _validate_tracking(s: Settings) -> None:
                 "track_state_ttl_s", "track_cache_tracks", "batch_track"):
         if getattr(s, key) <= 0:
             raise ConfigError(f"{key} must be > 0, got {getattr(s, key)!r}")
-    for key in ("track_min_iou", "not_in_view_threshold"):
+    for key in ("track_min_iou", "not_in_view_threshold", "track_match"):
         if not 0.0 <= getattr(s, key) <= 1.0:
             raise ConfigError(f"{key} must be in [0, 1], got {getattr(s, key)!r}")
     if not 0.0 < s.track_decay <= 1.0:
@@ -205,6 +220,11 @@ def _validate_choices(s: Settings) -> None:
     if s.export_precision not in PRECISIONS:
         raise ConfigError(f"export_precision must be one of {PRECISIONS}, got "
                           f"{s.export_precision!r}")
+    for model in ("detector", "upscaler", "scorer"):
+        value = getattr(s, f"export_precision_{model}")
+        if value and value not in PRECISIONS:
+            raise ConfigError(f"export_precision_{model} must be empty or one of "
+                              f"{PRECISIONS}, got {value!r}")
 
 
 def _validate(s: Settings) -> None:

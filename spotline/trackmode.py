@@ -211,12 +211,15 @@ class Tracked:
                  captions: Sequence[str]) -> tuple[Detected, Plan]:
         """The frame's boxes, from the detector, or from the tracks' Kalman prediction when
         the source's state says they will do (``SourceState.needs_detection``)."""
-        if state.needs_detection(seq):
-            det = self.models.detected(frame_id, image, captions)
-            return det, state.plan(seq, det.boxes, det.det_scores)
         bgr = self.models.decode(frame_id, image)
-        plan, boxes, scores = state.propagate(seq, (bgr.shape[1], bgr.shape[0]))
-        return Detected(boxes, scores, self.models.crops(bgr, boxes)), plan
+        if not state.needs_detection(seq):
+            propagated = state.propagate(seq, (bgr.shape[1], bgr.shape[0]), bgr)
+            if propagated is not None:  # else a track was not found: detect the frame
+                plan, boxes, scores = propagated
+                return Detected(boxes, scores, self.models.crops(bgr, boxes)), plan
+        boxes, det_scores, crops = self.models.detect.find(bgr)
+        return (Detected(boxes, det_scores, crops),
+                state.plan(seq, boxes, det_scores, image=bgr))
 
     def _embeddings(self, frame_id: str, det: Detected, plan: Plan,
                     cached: dict[int, CachedEmbedding]) -> np.ndarray:

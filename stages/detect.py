@@ -43,7 +43,7 @@ class Detect(Stage):
         """Load the YOLO weights (.pt or architecture .yaml), or their export (settings
         ``backend``: no torch then), and warm up."""
         paths = runtime.resolve_weights(self.settings)
-        precision = self.settings.export_precision
+        precision = self.settings.precision_for("detector")
         backend = backends.choose_backend(self.settings.backend, paths.detector, precision,
                                           self.settings.device)
         if backend == "torch":
@@ -208,7 +208,10 @@ def split_parts(env: Envelope, boxes: np.ndarray, scores: np.ndarray, crops: lis
     In track mode the track stage takes the frame whole (it tracks all its boxes at once),
     even without boxes (the source's sequence must not have holes)."""
     if next_stage(Detect.name, settings) == TRACK:
-        return [(TRACK, env.replace(image=None, boxes=np.ascontiguousarray(boxes),
+        # the image stays when the track stage takes its tracks' templates from it
+        keep = env.image if settings.track_match > 0 and settings.track_detect_every > 1 \
+            else None
+        return [(TRACK, env.replace(image=keep, boxes=np.ascontiguousarray(boxes),
                                     det_scores=np.ascontiguousarray(scores), crops=tuple(crops),
                                     part=0, nparts=1))]
     if len(boxes) == 0:

@@ -43,6 +43,7 @@ from .base import Routed, Stage, check_crops
 from .detect import decode_frame
 from .evidence import Evidence, EvidenceConfig
 from .grounding import NO_TRACK, Grounded, ground_frame
+from .templates import Template, make_template, match
 from .tracker import ReuseConfig, SourceTracker, TrackerConfig, needs_embedding
 
 STATE_VERSION = 1
@@ -60,10 +61,14 @@ class TrackOptions:
     detect_every: int = 1  # the detector runs on frames whose seq is a multiple of this
     settle: int = 2  # ...and on every frame while a track has fewer detections than this
     motion: float = 0.25  # ...or has moved more than this share of its size since its last
+    match: float = 0.0  # between detections, find each track by its look (this similarity at
+    # least, stages/templates.py; 0: off, the Kalman prediction alone)
 
     def __post_init__(self) -> None:
-        if self.detect_every < 1 or self.settle < 0 or self.motion < 0:
-            raise ValueError("detect_every >= 1, settle >= 0 and motion >= 0 are required")
+        if self.detect_every < 1 or self.settle < 0 or self.motion < 0 \
+                or not 0.0 <= self.match <= 1.0:
+            raise ValueError("detect_every >= 1, settle >= 0, motion >= 0 and 0 <= match <= 1 "
+                             "are required")
 
 
 @dataclass(frozen=True)
@@ -86,11 +91,14 @@ class SourceState:
         self.options = options or TrackOptions()
         self.tracker = SourceTracker(self.options.tracker)
         self.evidence = Evidence(self.options.evidence)
+        self.templates: dict[int, Template] = {}  # track id -> its look at its last detection
         self.seq = -1
 
     def plan(self, seq: int, boxes: np.ndarray, det_scores: np.ndarray,
-             cached: Mapping[int, CachedEmbedding] | None = None) -> Plan:
-        """Track the frame ``seq`` (if it is new) and decide which crops to embed."""
+             cached: Mapping[int, CachedEmbedding] | None = None,
+             image: np.ndarray | None = None) -> Plan:
+        """Track the frame ``seq`` (if it is new) and decide which crops to embed. With the
+        frame's ``image`` (BGR) and ``match`` on, each tracked box's template is taken anew."""
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         if seq <= self.seq:  # late or repeated: the tracker has moved on
             return Plan(seq, np.full(len(boxes), NO_TRACK, np.int64),
@@ -98,6 +106,8 @@ class SourceState:
         skipped = seq - self.seq - 1 if self.seq >= 0 else 0
         ids = self.tracker.update(boxes, det_scores, skipped=skipped)
         self.seq = seq
+        if self.options.match > 0 and image is not None:
+            self._take_templates(image, boxes, ids)
         plan = Plan(seq, ids, np.ones(len(boxes), bool), tracked=True, skipped=skipped)
         return self.with_cache(plan, boxes, cached) if cached else plan
 
@@ -109,22 +119,42 @@ class SourceState:
         guess) or none is followed, and when a track would have moved more than ``motion``
         times its smaller side since its last detection (its predicted box would likely miss
         it: small, fast objects; 0: never). Between, the tracks move along their Kalman
-        prediction."""
+        prediction. With ``match`` on, a track with a template is found by its look instead
+        (``propagate``), and only the others are held to ``motion``."""
         opts = self.options
         every = opts.detect_every
         if every <= 1 or seq % every == 0 or self.seq < 0 or not 0 < seq - self.seq <= every:
             return True
+        measured = frozenset(self.templates) if opts.match > 0 else frozenset()
         return self.tracker.young(opts.settle) or (
-            opts.motion > 0 and self.tracker.outrun(opts.motion, seq - self.seq))
+            opts.motion > 0 and self.tracker.outrun(opts.motion, seq - self.seq, measured))
 
-    def propagate(self, seq: int, size: tuple[int, int]) -> tuple[Plan, np.ndarray, np.ndarray]:
+    def propagate(self, seq: int, size: tuple[int, int], image: np.ndarray | None = None
+                  ) -> tuple[Plan, np.ndarray, np.ndarray] | None:
         """The plan for a new frame the detector did not see (see ``needs_detection``): the
         followed tracks' predicted boxes, clipped to the image (``size`` = width, height),
-        with their track ids; returns (plan, xyxy boxes, scores)."""
+        with their track ids; returns (plan, xyxy boxes, scores).
+
+        With ``match`` on and the frame's ``image`` (BGR), each confirmed track with a
+        template is looked for near its prediction (stages/templates.py) and its box is where
+        it was found, fed to its Kalman filter as a measurement. If one cannot be found (its
+        best similarity under ``match``), nothing changes and None is returned: the caller
+        runs the detector on the frame instead (``plan``)."""
         if seq <= self.seq:
             raise ValueError(f"frame {seq} is not after {self.seq}: detect it instead")
+        measured: dict[int, np.ndarray] = {}
+        if self.options.match > 0 and image is not None and self.templates:
+            found = self._find(image)
+            if found is None:
+                return None
+            measured = found
         skipped = seq - self.seq - 1 if self.seq >= 0 else 0
         boxes, scores, ids = self.tracker.predict(skipped=skipped)
+        if measured:
+            self.tracker.correct(measured)
+            for i, tid in enumerate(ids.tolist()):
+                if tid in measured:
+                    boxes[i] = measured[tid]
         width, height = size
         boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
         boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
@@ -148,6 +178,36 @@ class SourceState:
                                            self.options.reuse)
         return dataclasses.replace(plan, embed=embed)
 
+    def _take_templates(self, image: np.ndarray, boxes: np.ndarray, ids: np.ndarray) -> None:
+        """Each tracked box's template from this (detected) frame; those of removed tracks
+        go."""
+        for box, tid in zip(boxes, ids.tolist(), strict=True):
+            if tid < 0:
+                continue
+            template = make_template(image, box)
+            if template is None:
+                self.templates.pop(tid, None)
+            else:
+                self.templates[tid] = template
+        known = self.tracker.known()
+        for tid in [t for t in self.templates if t not in known]:
+            del self.templates[tid]
+
+    def _find(self, image: np.ndarray) -> dict[int, np.ndarray] | None:
+        """The confirmed tracks with a template, found near their predictions in ``image``
+        (track id -> xyxy box), or None when one of them is not found well enough."""
+        predicted, ids, confirmed = self.tracker.peek()
+        found: dict[int, np.ndarray] = {}
+        for box, tid, sure in zip(predicted, ids.tolist(), confirmed.tolist(), strict=True):
+            template = self.templates.get(tid)
+            if template is None or not sure:
+                continue
+            hit = match(image, template, box)
+            if hit is None or hit[1] < self.options.match:
+                return None
+            found[tid] = hit[0]
+        return found
+
     def ground(self, plan: Plan, captions: Sequence[str], scores: np.ndarray,
                calibration: Calibrator | None = None) -> list[Grounded]:
         """Each caption's box in the planned frame, from its C×N scores."""
@@ -162,7 +222,8 @@ class SourceState:
 
     def to_state(self) -> dict[str, Any]:
         return {"v": STATE_VERSION, "seq": self.seq, "tracker": self.tracker.state(),
-                "evidence": self.evidence.to_state()}
+                "evidence": self.evidence.to_state(),
+                "templates": [[tid, *t.to_state()] for tid, t in self.templates.items()]}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any] | None,
@@ -175,6 +236,8 @@ class SourceState:
         self.seq = int(state["seq"])
         self.tracker = SourceTracker.from_state(state["tracker"], self.options.tracker)
         self.evidence = Evidence.from_state(state["evidence"], self.options.evidence)
+        self.templates = {int(raw[0]): Template.from_state(raw[1:])
+                          for raw in state.get("templates", ())}
         return self
 
 
@@ -205,7 +268,7 @@ def options_from(settings: Any) -> TrackOptions:
         # not in view: the explicit threshold, or (None) the calibration's, resolved in setup
         abstain_below=(settings.not_in_view_threshold or None) if settings.not_in_view else None,
         detect_every=settings.track_detect_every, settle=settings.track_settle,
-        motion=settings.track_redetect_motion)
+        motion=settings.track_redetect_motion, match=settings.track_match)
 
 
 class Embedder:
@@ -412,13 +475,17 @@ class Track(Stage):
         bgr = None
         if env.boxes is None and not state.needs_detection(env.seq):
             bgr = decode_frame(env, self.settings)
-            plan, boxes, scores = state.propagate(env.seq, (bgr.shape[1], bgr.shape[0]))
-            crops = crop_boxes(swap_rb(bgr), boxes, self._crop_cap())
-            return env.replace(image=None, boxes=boxes, det_scores=scores,
-                               crops=tuple(crops)), plan
+            propagated = state.propagate(env.seq, (bgr.shape[1], bgr.shape[0]), bgr)
+            if propagated is not None:  # else a track was not found: detect the frame
+                plan, boxes, scores = propagated
+                crops = crop_boxes(swap_rb(bgr), boxes, self._crop_cap())
+                return env.replace(image=None, boxes=boxes, det_scores=scores,
+                                   crops=tuple(crops)), plan
+        if bgr is None and env.image and self.options.match > 0:  # for the tracks' templates
+            bgr = decode_frame(env, self.settings)
         env = self._detect(env, bgr)
         assert env.boxes is not None and env.det_scores is not None
-        return env, state.plan(env.seq, env.boxes, env.det_scores)
+        return env, state.plan(env.seq, env.boxes, env.det_scores, image=bgr)
 
     def _crop_cap(self) -> int:
         """The crops' cap, as detect cuts them (the scorer's input size without upscaling)."""

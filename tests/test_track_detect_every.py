@@ -139,11 +139,13 @@ def test_workers_skip_the_detector_between_keyframes(redis_server, settings):
     assert all(r.error is None and len(r.boxes) == 2 for r in answers)
     # Producers number frames from 1: detect finds the boxes of 3 and 6 only. The track
     # stage detects 1 (a new source) and 2 (its tracks are young: no detection matched yet);
-    # 4, 5 and 7 are the Kalman predictions of a still scene: the detector's boxes.
+    # 4, 5 and 7 are found by their look (track_match) in a still scene: the detector's boxes,
+    # to within what matching a large box's downscaled patch allows (1% of its size).
     assert track.stats.predicted == 3 and track.stats.detected_here == 2
     assert len({r.track_ids for r in answers}) == 1 and min(answers[0].track_ids) > 0
+    first = np.array(answers[0].boxes)
     for r in answers[1:]:
-        np.testing.assert_allclose(np.array(r.boxes), np.array(answers[0].boxes), atol=1.0)
+        np.testing.assert_allclose(np.array(r.boxes), first, atol=1.0 + 0.01 * first.max())
     t.close()
 
 

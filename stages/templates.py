@@ -1,0 +1,121 @@
+"""Template matching between detections: where did a track's object go in a frame the
+detector did not see?
+
+ByteTrack's Kalman filter predicts a box from the track's past motion only; for small, fast
+objects a few pixels of error lose the object (IoU > 0.5 on a 10-px box allows about 2 px).
+So between keyframes each followed track is *measured* in the new frame: its look at its last
+detection (the box's colour patch, the "template") is searched for in a window around the
+predicted box by the sum of squared differences (``cv2.matchTemplate``, ``TM_SQDIFF``), and
+the best place, if it is similar enough (1 - its RMS difference / 255), is fed to the track's
+Kalman filter as a measurement. A track that cannot be found (occluded, turned, left the
+window) makes the caller run the detector on the frame instead.
+
+Why not a correlation with a margin of background around the box (``TM_CCOEFF_NORMED``, the
+usual choice): a flat object has no texture to correlate, so the margin must carry the match,
+and a still background in the margin pulled small moving objects back towards where they had
+been (on the bench clips a steady lag of about three frames' motion); squared differences on
+the box alone follow the object's own colours.
+
+Templates are small (at most ``TEMPLATE_SIDE`` px a side, downscaled from larger boxes) and
+kept in the source's state in Redis with the tracks (stages/track.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+TEMPLATE_SIDE = 32  # px, the template's longer side at most (larger boxes are downscaled)
+SEARCH = 0.5  # the window reaches this share of the box's longer side beyond the prediction
+MIN_SEARCH = 6  # px, at least
+
+
+@dataclass(frozen=True)
+class Template:
+    """A track's look at its last detection: ``patch`` (uint8, H×W×3, the frame's channel
+    order) covers the box, at ``scale`` (patch px per frame px); ``box`` is the detected xyxy
+    box, whose size a match keeps."""
+
+    patch: np.ndarray
+    scale: float
+    box: np.ndarray
+
+    def to_state(self) -> list[object]:
+        return [self.patch, float(self.scale), np.asarray(self.box, np.float32)]
+
+    @classmethod
+    def from_state(cls, raw: list[object]) -> Template:
+        patch, scale, box = raw
+        return cls(np.asarray(patch, np.uint8), float(scale),  # type: ignore[arg-type]
+                   np.asarray(box, np.float32))
+
+
+def make_template(image: np.ndarray, box: np.ndarray) -> Template | None:
+    """The template of the xyxy ``box`` in ``image`` (H×W×3 uint8); None when the box leaves
+    the image (an object at the border is left to the detector)."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    left, top, right, bottom = (int(round(v)) for v in (x1, y1, x2, y2))
+    if right - left < 2 or bottom - top < 2:
+        return None
+    if left < 0 or top < 0 or right > image.shape[1] or bottom > image.shape[0]:
+        return None
+    patch = image[top:bottom, left:right]
+    scale = min(1.0, TEMPLATE_SIDE / max(patch.shape[:2]))
+    if scale < 1.0:
+        patch = cv2.resize(patch, (max(1, round(patch.shape[1] * scale)),
+                                   max(1, round(patch.shape[0] * scale))),
+                           interpolation=cv2.INTER_AREA)
+    return Template(np.ascontiguousarray(patch), scale, np.asarray(box, np.float32))
+
+
+def match(image: np.ndarray, template: Template,
+          predicted: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """Find ``template`` near the xyxy ``predicted`` box in ``image``: (the xyxy box there,
+    with the template's detected size; its similarity, 1 - the RMS difference as a share of
+    255), or None when the search window does not fit in the image."""
+    width = float(template.box[2] - template.box[0])
+    height = float(template.box[3] - template.box[1])
+    cx = (float(predicted[0]) + float(predicted[2])) / 2
+    cy = (float(predicted[1]) + float(predicted[3])) / 2
+    reach = max(MIN_SEARCH, SEARCH * max(width, height))
+    # the box's corner may land anywhere within ``reach`` of where the prediction puts it
+    left = max(int(np.floor(cx - width / 2 - reach)), 0)
+    top = max(int(np.floor(cy - height / 2 - reach)), 0)
+    right = min(int(np.ceil(cx + width / 2 + reach)), image.shape[1])
+    bottom = min(int(np.ceil(cy + height / 2 + reach)), image.shape[0])
+    if right <= left or bottom <= top:
+        return None
+    window = image[top:bottom, left:right]
+    if template.scale < 1.0:
+        window = cv2.resize(window, (max(1, round(window.shape[1] * template.scale)),
+                                     max(1, round(window.shape[0] * template.scale))),
+                            interpolation=cv2.INTER_AREA)
+    patch = template.patch
+    if window.shape[0] < patch.shape[0] or window.shape[1] < patch.shape[1]:
+        return None
+    result = cv2.matchTemplate(window.astype(np.float32), patch.astype(np.float32),
+                               cv2.TM_SQDIFF)
+    least, _, (bx, by), _ = cv2.minMaxLoc(result)
+    rms = float(np.sqrt(max(least, 0.0) / patch.size)) / 255.0
+    # to a fraction of a (scaled) pixel: the parabola through the minimum and its neighbours;
+    # plus the part of the detected box's corner that the patch's whole pixels left out
+    fx = _vertex(result[by, bx - 1:bx + 2]) if 0 < bx < result.shape[1] - 1 else 0.0
+    fy = _vertex(result[by - 1:by + 2, bx]) if 0 < by < result.shape[0] - 1 else 0.0
+    x1 = left + (bx + fx) / template.scale + _frac(template.box[0])
+    y1 = top + (by + fy) / template.scale + _frac(template.box[1])
+    return np.array([x1, y1, x1 + width, y1 + height], np.float32), 1.0 - rms
+
+
+def _vertex(values: np.ndarray) -> float:
+    """Where the parabola through three equally spaced values has its vertex, from the middle
+    one (in [-0.5, 0.5])."""
+    a, b, c = (float(v) for v in values)
+    curve = a - 2 * b + c
+    return float(np.clip(0.5 * (a - c) / curve, -0.5, 0.5)) if curve > 0 else 0.0
+
+
+def _frac(value: float) -> float:
+    """What rounding to a whole pixel took off ``value``."""
+    return float(value) - round(float(value))
