@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -134,9 +134,11 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- the parent -------------------------------------------------------------------------------
-def ensure_exports(paths: dict[str, str], engines: Sequence[str], precisions: Sequence[str],
+def ensure_exports(paths: dict[str, str], engines: Sequence[str],
+                   precisions: Sequence[str] | Mapping[str, Sequence[str]],
                    say: Callable[[str], None]) -> None:
-    """Export what is missing (or stale) once; later runs reuse the exports."""
+    """Export what is missing (or stale) once; later runs reuse the exports. ``precisions``:
+    the same for every model, or per model kind."""
     from spotline.common.errors import ModelError
     from spotline.export import export_model
     from spotline.stages.backends.manifest import export_dir, read_manifest, source_hash
@@ -149,7 +151,8 @@ def ensure_exports(paths: dict[str, str], engines: Sequence[str], precisions: Se
             have = set(manifest.files) if fresh else set()
         except ModelError:
             have = set()
-        missing = [p for p in precisions if any(f"{e}-{p}" not in have for e in engines)]
+        wanted = precisions[kind] if isinstance(precisions, Mapping) else precisions
+        missing = [p for p in wanted if any(f"{e}-{p}" not in have for e in engines)]
         if missing:
             say(f"exporting {kind} ({', '.join(engines)}; {', '.join(missing)})...")
             t0 = time.perf_counter()
@@ -268,7 +271,7 @@ def add_backends_options(command: Any) -> Any:
         click.Option(["--backend-part"], type=click.Choice(["all", "models", "pipeline"]),
                      default="all", show_default=True,
                      help="With --backends: the per-model table, the whole pipeline on the "
-                     "exports (settings backend and export_precision) against the torch "
+                     "exports (settings backend, export_precision[_<model>]) against the torch "
                      "in-process reference, or both."),
         click.Option(["--pipeline-frames"], type=click.IntRange(2), default=4,
                      show_default=True, help="Frames of the whole-pipeline part (2 of them "
@@ -301,7 +304,7 @@ def add_backends_options(command: Any) -> Any:
 
                 ensure_exports(paths, [settings.backend] if settings.backend in ("onnx",
                                "openvino") else ["onnx", "openvino"],
-                               [settings.export_precision], say)
+                               {k: [settings.precision_for(k)] for k in paths}, say)
                 report["pipeline"] = exported.pipeline_vs_reference(
                     settings, paths, frames=pipeline_frames, say=say)
         except SpotlineError as exc:

@@ -45,7 +45,7 @@ class Score(Stage):
         """Load the model and processor from a local directory, or the exported towers
         (settings ``backend``: numpy, tokenizers and one runtime; no torch)."""
         paths = runtime.resolve_weights(self.settings)
-        precision = self.settings.export_precision
+        precision = self.settings.precision_for("scorer")
         backend = backends.choose_backend(self.settings.backend, paths.scorer, precision,
                                           self.settings.device)
         if backend != "torch":

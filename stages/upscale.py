@@ -37,7 +37,7 @@ class Upscale(Stage):
         """Load the Real-ESRGAN weights (architecture inferred from the state dict), or their
         export (settings ``backend``: no torch then)."""
         paths = runtime.resolve_weights(self.settings)
-        precision = self.settings.export_precision
+        precision = self.settings.precision_for("upscaler")
         backend = backends.choose_backend(self.settings.backend, paths.upscaler, precision,
                                           self.settings.device)
         if backend == "torch":

@@ -23,6 +23,7 @@ from .runs import bench_frames, run_reference, run_streaming, with_models
 
 FPS_TARGET = 2.5  # streaming on exports ≥ 2.5× the torch in-process reference's frames/s
 LIGHT_TARGET = 1.1  # light-load latency ≤ 1.1× the in-process reference's, same backends
+MODELS = ("detector", "upscaler", "scorer")
 
 
 def _p50(latencies: list[float]) -> float:
@@ -40,14 +41,14 @@ def pipeline_vs_reference(settings: Settings, paths: dict[str, str], frames: int
     say(f"[pipeline] torch in-process reference, {frames} frames one at a time...")
     ref_torch = run_reference(base.replace(backend="torch"), shots, batched=False)
     say(f"[pipeline] torch reference {ref_torch['fps']:.4f} frames/s; in-process reference on "
-        f"the exports ({exported.backend} {exported.export_precision})...")
+        f"the exports ({exported.backend} {precisions(exported)})...")
     ref_same = run_reference(exported, shots, batched=False)
     say(f"[pipeline] exported reference {ref_same['fps']:.4f} frames/s; streaming on the "
         f"exports (threads_policy {exported.threads_policy})...")
     stream = run_streaming(exported, shots, {}, light=light, timeout_s=timeout_s)
     out: dict[str, Any] = {
         "frames": frames, "light_frames": light, "backend": exported.backend,
-        "precision": exported.export_precision, "threads_policy": exported.threads_policy,
+        "precision": precisions(exported), "threads_policy": exported.threads_policy,
         "reference_torch": _brief(ref_torch), "reference_exported": _brief(ref_same),
         "streaming": {"fps": stream["fps"], "steady_fps": stream["steady_fps"],
                       "latency": stream["latency"], "errors": stream["errors"],
@@ -75,6 +76,14 @@ def pipeline_vs_reference(settings: Settings, paths: dict[str, str], frames: int
                         "value": out["light_ratio_vs_exported_reference"],
                         "met": out["light_ratio_vs_exported_reference"] <= LIGHT_TARGET}}
     return out
+
+
+def precisions(settings: Settings) -> str:
+    """The export precision, or each model's where they differ (export_precision_<model>)."""
+    found = {m: settings.precision_for(m) for m in MODELS}
+    if len(set(found.values())) == 1:
+        return found["detector"]
+    return ", ".join(f"{m} {p}" for m, p in found.items())
 
 
 def _brief(ref: dict[str, Any]) -> dict[str, Any]:
@@ -111,4 +120,4 @@ def lines(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-__all__ = ["lines", "pipeline_vs_reference"]
+__all__ = ["lines", "pipeline_vs_reference", "precisions"]
