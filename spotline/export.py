@@ -72,7 +72,8 @@ def _rel(path: Path, root: Path) -> str:
 def export_onnx_family(fp32_onnx: Path, stage: Path, name: str, engines: Iterable[str],
                        precisions: Iterable[str], part: str = "path",
                        feeds: Sequence[dict[str, np.ndarray]] | None = None,
-                       transformer: bool = False) -> dict[str, dict[str, str]]:
+                       transformer: bool = False,
+                       yolo_head: bool = False) -> dict[str, dict[str, str]]:
     """From one fp32 ONNX file: the asked precisions as ONNX and as OpenVINO IR, placed in
     ``stage/<engine>-<precision>/<name>.<suffix>``; manifest entries keyed like that. OpenVINO
     int8 with calibration ``feeds`` is NNCF's (when installed), else the int8 ONNX's."""
@@ -80,7 +81,7 @@ def export_onnx_family(fp32_onnx: Path, stage: Path, name: str, engines: Iterabl
     ov_nncf = bool(feeds) and "openvino" in engines and nncf_available()
     needed = precisions if "onnx" in engines else \
         [p for p in precisions if p == "int8" and not ov_nncf]
-    variants = onnx_variants(fp32_onnx, needed, feeds)
+    variants = onnx_variants(fp32_onnx, needed, feeds, yolo_head)
     files: dict[str, dict[str, str]] = {}
     for precision in precisions:
         if "onnx" in engines:
@@ -126,7 +127,7 @@ def export_detector(source: Path, stage: Path, engines: Iterable[str], precision
         onnx_file.rename(fp32)
         feeds = _detector_feeds(calib, meta["stride"]) if calib and "int8" in precisions else None
         files = export_onnx_family(fp32, stage, "detector", [e for e in engines if e == "onnx"],
-                                   precisions, feeds=feeds)
+                                   precisions, feeds=feeds, yolo_head=True)
         if "openvino" in engines:
             files.update(_detector_openvino(copy, stage, precisions, fp32, feeds))
     return files, meta
@@ -159,11 +160,11 @@ def _detector_openvino(copy: Path, stage: Path, precisions: list[str], fp32_onnx
         elif precision == "fp16":
             ir_to_fp16(xml, target)
         elif feeds and nncf_available():
-            quantize_openvino(xml, target, feeds)
+            quantize_openvino(xml, target, feeds, yolo_head=True)
         else:
             int8 = fp32_onnx.with_name("detector-int8.onnx")
             if not int8.exists():
-                onnx_variants(fp32_onnx, ["int8"], feeds)
+                onnx_variants(fp32_onnx, ["int8"], feeds, yolo_head=True)
             onnx_to_openvino(int8, target)
         files[f"openvino-{precision}"] = {"path": _rel(target, stage)}
     return files

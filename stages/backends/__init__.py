@@ -31,10 +31,10 @@ def choose_backend(requested: str, source: Path | str, precision: str = "fp32",
     """The backend a model runs on: ``torch``, ``onnx`` or ``openvino``.
 
     ``auto`` takes the fastest one that has an export of ``source`` at ``precision`` and an
-    installed runtime: OpenVINO on x86 CPUs (3.6–4.6× torch on this machine's models, against
-    1.7–1.9× for ONNX Runtime; docs/performance.md), ONNX Runtime elsewhere or on a CUDA
-    device (``device`` cuda, or auto with a CUDA build of ONNX Runtime: its CUDA/TensorRT
-    providers), and torch when there is no export."""
+    installed runtime: OpenVINO on x86 CPUs (real-size on this 2-core machine: fp32 1.1–1.3×
+    torch, against 0.7–1.0× for ONNX Runtime; NNCF int8 3.4–4.6×; docs/performance.md), ONNX
+    Runtime elsewhere or on a CUDA device (``device`` cuda, or auto with a CUDA build of ONNX
+    Runtime: its CUDA/TensorRT providers), and torch when there is no export."""
     if requested not in BACKENDS:
         raise ModelError(f"backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
     if requested != "auto":
