@@ -29,6 +29,7 @@ import numpy as np
 from spotline.common.errors import ModelError
 from spotline.export_precision import (
     Calibration,
+    compress_openvino,
     ir_to_fp16,
     nncf_available,
     onnx_to_openvino,
@@ -72,15 +73,16 @@ def _rel(path: Path, root: Path) -> str:
 def export_onnx_family(fp32_onnx: Path, stage: Path, name: str, engines: Iterable[str],
                        precisions: Iterable[str], part: str = "path",
                        feeds: Sequence[dict[str, np.ndarray]] | None = None,
-                       transformer: bool = False,
-                       yolo_head: bool = False) -> dict[str, dict[str, str]]:
+                       transformer: bool = False, yolo_head: bool = False,
+                       weights_only: bool = False) -> dict[str, dict[str, str]]:
     """From one fp32 ONNX file: the asked precisions as ONNX and as OpenVINO IR, placed in
     ``stage/<engine>-<precision>/<name>.<suffix>``; manifest entries keyed like that. OpenVINO
-    int8 with calibration ``feeds`` is NNCF's (when installed), else the int8 ONNX's."""
+    int8 with calibration ``feeds`` is NNCF's (when installed); with ``weights_only`` and no
+    feeds NNCF's int8 weight compression; else the int8 ONNX's."""
     precisions, engines = list(precisions), list(engines)
-    ov_nncf = bool(feeds) and "openvino" in engines and nncf_available()
+    ov_int8 = _openvino_int8(bool(feeds), weights_only) if "openvino" in engines else "onnx"
     needed = precisions if "onnx" in engines else \
-        [p for p in precisions if p == "int8" and not ov_nncf]
+        [p for p in precisions if p == "int8" and ov_int8 == "onnx"]
     variants = onnx_variants(fp32_onnx, needed, feeds, yolo_head)
     files: dict[str, dict[str, str]] = {}
     for precision in precisions:
@@ -91,13 +93,25 @@ def export_onnx_family(fp32_onnx: Path, stage: Path, name: str, engines: Iterabl
             files.setdefault(f"onnx-{precision}", {})[part] = _rel(target, stage)
         if "openvino" in engines:
             target = stage / f"openvino-{precision}" / f"{name}.xml"
-            if precision == "int8" and ov_nncf:
+            if precision == "int8" and ov_int8 == "nncf":
                 quantize_openvino(fp32_onnx, target, feeds or [], transformer)
+            elif precision == "int8" and ov_int8 == "weights":
+                compress_openvino(fp32_onnx, target)
             else:
                 src = variants["int8"] if precision == "int8" else fp32_onnx
                 onnx_to_openvino(src, target, fp16=precision == "fp16")
             files.setdefault(f"openvino-{precision}", {})[part] = _rel(target, stage)
     return files
+
+
+def _openvino_int8(calibrated: bool, weights_only: bool) -> str:
+    """How OpenVINO's int8 is made: nncf (static, calibrated), weights (NNCF's weight
+    compression) or onnx (the IR of the int8 ONNX: static QDQ or dynamic)."""
+    if not nncf_available():
+        return "onnx"
+    if calibrated:
+        return "nncf"
+    return "weights" if weights_only else "onnx"
 
 
 def export_detector(source: Path, stage: Path, engines: Iterable[str], precisions: Iterable[str],
@@ -211,10 +225,11 @@ def export_scorer(source: Path, stage: Path, engines: Iterable[str], precisions:
             from spotline.stages.backends.scorer import preprocess
 
             feeds = [{"pixel_values": preprocess([c], meta)} for c in calib.crops]
-        # the text tower's int8 stays dynamic: its embeddings are cached per caption
+        # the text tower's int8 is not calibrated (its embeddings are cached per caption):
+        # dynamic for ONNX Runtime, int8 weights for OpenVINO (with NNCF)
         for path, part, part_feeds in ((vision, "vision", feeds), (text, "text", None)):
             found = export_onnx_family(path, stage, part, engines, precisions, part, part_feeds,
-                                       transformer=True)
+                                       transformer=True, weights_only=part == "text")
             for key, entry in found.items():
                 files.setdefault(key, {}).update(entry)
     return files, meta
@@ -355,7 +370,9 @@ def export_model(kind: str, source: Path | str, engines: Iterable[str] = ENGINES
             how = calibration.describe() if calibration else {"method": "dynamic"}
             for engine in engines:
                 nncf = engine == "openvino" and calibration is not None and nncf_available()
-                meta[f"int8_{engine}"] = {**how, "method": "nncf"} if nncf else how
+                meta[f"int8_{engine}"] = {**how, "method": "nncf"} if nncf else dict(how)
+            if kind == "scorer" and "openvino" in engines and nncf_available():
+                meta["int8_openvino"]["text"] = "weights"  # NNCF's int8 weight compression
             if "onnx" in engines:
                 meta["int8"] = how
         manifest = Manifest(kind=kind, source=source.name, sha256=digest, files=files, meta=meta)

@@ -206,6 +206,22 @@ def quantize_openvino(src: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray
     return dst
 
 
+def compress_openvino(src: Path, dst: Path) -> Path:
+    """int8 weights without calibration (NNCF's weight compression, computed in floating
+    point): for SigLIP's text tower, whose int8 otherwise is the dynamic ONNX graph, which
+    OpenVINO held at about 4 GB resident for SigLIP-large (docs/performance.md)."""
+    import nncf
+    import openvino as ov
+
+    try:
+        compressed = nncf.compress_weights(ov.Core().read_model(str(src)))
+    except Exception as exc:  # noqa: BLE001 - any compression failure is a ModelError
+        raise ModelError(f"cannot compress {src} with NNCF: {type(exc).__name__}: {exc}") from exc
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(compressed, str(dst))
+    return dst
+
+
 def _yolo_head_ops(model: Any) -> list[str]:
     """The names of the Detect head's operations in an Ultralytics IR: every op under the scope
     of the last Sigmoid (the head's class scores), and every Sigmoid."""

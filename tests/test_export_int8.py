@@ -89,6 +89,15 @@ def _fake_quantize_layers(xml: Path) -> int:
     return sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
 
 
+def _int8_constants(xml: Path) -> int:
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml))
+    return sum(op.get_type_name() == "Constant" and op.get_element_type() in (ov.Type.i8,
+                                                                             ov.Type.u8)
+               for op in model.get_ops())
+
+
 def _assert_head_is_float(xml: Path) -> None:
     import openvino as ov
 
@@ -125,6 +134,14 @@ def test_openvino_int8_is_nncf_static_with_a_calibration_set(
         xml = manifest.path(export_dir(source), "openvino", "int8", part)
         assert _fake_quantize_layers(xml) > 0
         copies[kind] = source
+    # SigLIP's text tower (not calibrated): int8 weights by NNCF's compression, no FakeQuantize
+    manifest = read_manifest(export_dir(copies["scorer"]))
+    assert manifest.meta["int8_openvino"]["text"] == "weights"
+    text_xml = manifest.path(export_dir(copies["scorer"]), "openvino", "int8", "text")
+    assert _fake_quantize_layers(text_xml) == 0 and _int8_constants(text_xml) > 0
+    scorer = backends.load_scorer(copies["scorer"], "openvino", "int8")
+    texts = scorer.text_embeds(["grey missile", "yellow helicopter"])
+    assert texts.shape[0] == 2 and np.isfinite(texts).all()
     crops = [c[:48, :48].copy() for c in calib.crops]
     ref = backends.load_scorer(tiny["scorer"], "openvino").image_embeds(crops)
     got = backends.load_scorer(copies["scorer"], "openvino", "int8").image_embeds(crops)
