@@ -194,18 +194,20 @@ class SourceState:
             del self.templates[tid]
 
     def _find(self, image: np.ndarray) -> dict[int, np.ndarray] | None:
-        """The confirmed tracks with a template, found near their predictions in ``image``
-        (track id -> xyxy box), or None when one of them is not found well enough."""
+        """The tracks with a template, found near their predictions in ``image`` (track id ->
+        xyxy box), or None when a confirmed one is not found well enough. An unconfirmed track
+        (one detection, maybe the detector's flicker) not found stays where it was seen."""
         predicted, ids, confirmed = self.tracker.peek()
         found: dict[int, np.ndarray] = {}
         for box, tid, sure in zip(predicted, ids.tolist(), confirmed.tolist(), strict=True):
             template = self.templates.get(tid)
-            if template is None or not sure:
+            if template is None:
                 continue
             hit = match(image, template, box)
-            if hit is None or hit[1] < self.options.match:
+            if hit is not None and hit[1] >= self.options.match:
+                found[tid] = hit[0]
+            elif sure:
                 return None
-            found[tid] = hit[0]
         return found
 
     def ground(self, plan: Plan, captions: Sequence[str], scores: np.ndarray,

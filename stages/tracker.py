@@ -142,17 +142,15 @@ class SourceTracker:
         return boxes, scores, np.array([int(t.track_id) for t in shown], np.int64)
 
     def peek(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Where ``predict`` would put the followed tracks one frame on, without moving them:
-        (xyxy boxes float32, track ids, confirmed flags). Unconfirmed tracks stay where they
-        were seen, as in ``predict``."""
+        """Where the followed tracks will be one frame on, without moving them: (xyxy boxes
+        float32, track ids, confirmed flags). Each is its Kalman prediction (``predict`` shows
+        unconfirmed tracks where they were seen, but ``correct`` steps them when they are
+        found: the prediction is where to look for them)."""
         boxes, ids, confirmed = [], [], []
         for t in self.tracker.tracked_stracks:
-            if t.is_activated:
-                mean, _ = t.kalman_filter.predict(t.mean.copy(), t.covariance.copy())
-                w, h = float(mean[2] * mean[3]), float(mean[3])
-                boxes.append((mean[0] - w / 2, mean[1] - h / 2, mean[0] + w / 2, mean[1] + h / 2))
-            else:
-                boxes.append(tuple(t.xyxy))
+            mean, _ = t.kalman_filter.predict(t.mean.copy(), t.covariance.copy())
+            w, h = float(mean[2] * mean[3]), float(mean[3])
+            boxes.append((mean[0] - w / 2, mean[1] - h / 2, mean[0] + w / 2, mean[1] + h / 2))
             ids.append(int(t.track_id))
             confirmed.append(bool(t.is_activated))
         return (np.array(boxes, np.float32).reshape(-1, 4), np.array(ids, np.int64),
@@ -160,12 +158,17 @@ class SourceTracker:
 
     def correct(self, measured: Mapping[int, np.ndarray]) -> None:
         """Kalman-update the followed tracks named in ``measured`` (track id -> xyxy box found
-        in this frame between detections, stages/templates.py). Their last detection, length
-        and score stay as they were: only the detector confirms, starts or loses a track."""
+        in this frame between detections, stages/templates.py). Their last detection, length,
+        score and confirmation stay as they were: only the detector confirms, starts or loses a
+        track. An unconfirmed one found takes its Kalman step here (ByteTrack predicts only
+        confirmed tracks), so that it learns its speed and the next detection meets it where
+        it is, not where it was first seen."""
         for t in self.tracker.tracked_stracks:
             box = measured.get(int(t.track_id))
-            if box is None or not t.is_activated:
+            if box is None or t.mean is None:
                 continue
+            if not t.is_activated:
+                t.mean, t.covariance = t.kalman_filter.predict(t.mean, t.covariance)
             tlwh = np.array([box[0], box[1], box[2] - box[0], box[3] - box[1]], np.float64)
             t.mean, t.covariance = t.kalman_filter.update(t.mean, t.covariance,
                                                           t.convert_coords(tlwh))

@@ -69,15 +69,15 @@ def test_no_template_beyond_the_border_or_of_no_size():
                  np.array([-100, -100, -60, -60])) is None  # the window left the image
 
 
-def _clip(frames: int, vanish_at: int | None = None):
-    """Two squares moving steadily, per frame: (image, xyxy boxes); the second one vanishes
-    from ``vanish_at`` on."""
+def _clip(frames: int, vanish_at: int | None = None, appear_at: int = 0):
+    """Two squares moving steadily, per frame: (image, xyxy boxes); the second one is there
+    from ``appear_at`` and vanishes from ``vanish_at`` on."""
     starts = np.array([[40, 40, 52, 52], [200, 150, 215, 165]], np.float32)
     steps = np.array([[4, 3, 4, 3], [-3, -2, -3, -2]], np.float32)
     out = []
     for f in range(frames):
         boxes = [starts[k] + f * steps[k] for k in range(2)
-                 if not (k == 1 and vanish_at is not None and f >= vanish_at)]
+                 if not (k == 1 and (f < appear_at or vanish_at is not None and f >= vanish_at))]
         out.append((frame([tuple(np.round(b)) for b in boxes], seed=f),
                     np.round(np.stack(boxes)).astype(np.float32)))
     return out
@@ -140,3 +140,26 @@ def test_templates_travel_with_the_state():
     assert a is not None and b is not None and np.array_equal(a[1], b[1])
     with pytest.raises(ValueError):
         TrackOptions(match=1.5)
+
+
+def test_a_new_object_is_followed_until_the_next_keyframe_confirms_it():
+    """Seen once, at a keyframe, its track is unconfirmed (maybe the detector's flicker): it
+    is looked for all the same, so its box moves with it and the next keyframe's detection
+    meets it there and confirms the same track, where a box left where it was seen (5 frames
+    at 3-4 px a frame) would have started a new track."""
+    clip = _clip(12, appear_at=5)
+    state = SourceState(TrackOptions(detect_every=5, settle=2, match=0.75))
+    ids = {}
+    for seq in range(1, 11):
+        image, truth = clip[seq]
+        got = None if state.needs_detection(seq) else state.propagate(seq, SIZE, image)
+        if got is None:
+            plan = state.plan(seq, truth, np.full(len(truth), 0.9, np.float32), image=image)
+            boxes = truth
+        else:
+            plan, boxes, _ = got
+        if seq >= 5:
+            k = max(range(len(boxes)), key=lambda i: iou(boxes[i], truth[-1]))
+            assert iou(boxes[k], truth[-1]) > 0.8, (seq, boxes, truth)
+            ids[seq] = int(plan.track_ids[k])
+    assert len(set(ids.values())) == 1, ids  # one track from its first sighting on
