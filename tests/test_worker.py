@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections import Counter
 
 import msgpack
@@ -97,9 +96,13 @@ def test_entries_delivered_too_often_are_dead_lettered(transport: Transport,
     s = settings.replace(visibility_timeout_ms=1, max_deliveries=2)
     t = Transport(s, client=transport.r)
     publish(t, 1)
+    def stale() -> bool:  # idle past the 1 ms visibility timeout: the next claim takes it
+        rows = t.r.xpending_range(t.keys.inbox("detect"), t.keys.group("detect"), "-", "+", 10)
+        return bool(rows) and all(int(r["time_since_delivered"]) >= 2 for r in rows)
+
     for consumer in ("a", "b"):  # two consumers that took it and died
         t.read("detect", consumer, 1, 10, 0) or t.claim("detect", consumer, 1)
-        time.sleep(0.01)
+        wait_for(stale, 10, "the entry to go stale")
     counts = Worker(PassThrough(s), s, t, burst=True).run()
     assert counts.dead == 1 and counts.outputs == 0
     (_, dead), = t.r.xrange(t.keys.dead)
