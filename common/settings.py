@@ -63,6 +63,10 @@ class Settings:
         "help": "the upscaler's export precision (fp32, fp16, int8); empty: export_precision"})
     export_precision_scorer: str = field(default="", metadata={
         "help": "SigLIP's export precision (fp32, fp16, int8); empty: export_precision"})
+    score_chunk: int = field(default=0, metadata={
+        "help": "crops per SigLIP image-tower call (a batch's crops go through in chunks of "
+                "this many): bounds its activation memory (SigLIP-large ~20 MiB per crop); 0: "
+                "auto (8 on the CPU, where larger chunks are no faster per crop; 64 on a GPU)"})
     # --- detect (seed: predict(imgsz=1600, conf=0.1, iou=0.1, max_det=10, augment=True))
     imgsz: int = field(default=1600, metadata={"help": "YOLO inference size (seed: 1600)"})
     conf: float = field(default=0.1, metadata={"help": "YOLO confidence threshold"})
@@ -213,6 +217,8 @@ def _validate_choices(s: Settings) -> None:
     if s.threads_policy not in THREAD_POLICIES:
         raise ConfigError(f"threads_policy must be one of {THREAD_POLICIES}, got "
                           f"{s.threads_policy!r}")
+    if s.score_chunk < 0:
+        raise ConfigError(f"score_chunk must be >= 0, got {s.score_chunk}")
     if s.follow_copy_max_mb < 0:
         raise ConfigError(f"follow_copy_max_mb must be >= 0, got {s.follow_copy_max_mb}")
     if s.backend not in BACKENDS:

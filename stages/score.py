@@ -20,8 +20,11 @@ from .libs import offline_env
 
 log = logging.getLogger(__name__)
 
-# Crops per image-tower forward pass (bounds activation memory on big batches).
-IMAGE_CHUNK = 64
+# Crops per image-tower call with score_chunk 0 (auto): on the CPU a larger call is no faster
+# per crop (SigLIP-large int8 on OpenVINO: 0.65 s per crop at 8, 0.70 at 20) and holds more
+# activations (~20 MiB per crop); a GPU gains from larger ones (docs/performance.md).
+CPU_CHUNK = 8
+GPU_CHUNK = 64
 
 
 class Score(Stage):
@@ -132,17 +135,27 @@ class Score(Stage):
             feats = _pooled(self.model.get_text_features(**kwargs))
         return _normalise(feats)
 
+    @property
+    def chunk(self) -> int:
+        """Crops per image-tower call: ``score_chunk``, or by device when 0."""
+        if self.settings.score_chunk > 0:
+            return self.settings.score_chunk
+        device = self.exported.vision.provider if self.exported is not None else self.device
+        on_gpu = any(k in str(device).lower() for k in ("cuda", "gpu", "tensorrt", "mps"))
+        return GPU_CHUNK if on_gpu else CPU_CHUNK
+
     def image_embeds(self, crops: list[np.ndarray]) -> Any:
-        """Normalised image embeddings (N×D, float32) of RGB crops, in chunks."""
+        """Normalised image embeddings (N×D, float32) of RGB crops, ``chunk`` at a time."""
+        step = self.chunk
         if self.exported is not None:
-            return self.exported.image_embeds(crops, IMAGE_CHUNK)
+            return self.exported.image_embeds(crops, step)
         import torch
 
         if not crops:
             return torch.zeros((0, 1), dtype=torch.float32, device=self.device)
         parts = []
-        for i in range(0, len(crops), IMAGE_CHUNK):
-            chunk = [c if c.flags.writeable else c.copy() for c in crops[i:i + IMAGE_CHUNK]]
+        for i in range(0, len(crops), step):
+            chunk = [c if c.flags.writeable else c.copy() for c in crops[i:i + step]]
             pixels = self.processor.image_processor(
                 images=chunk, return_tensors="pt",
                 input_data_format="channels_last")["pixel_values"]

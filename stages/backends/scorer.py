@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .engine import Engine
+from .engine import Engine, release_memory
 
 # PIL's resampling filters by the number transformers stores ("resample": 3 is bicubic).
 _PIL_FILTERS = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
@@ -169,7 +169,9 @@ class ExportedScorer:
         parts = [self.vision.run({self.vision_input: preprocess(crops[i:i + chunk],
                                                                 self.meta)})[0]
                  for i in range(0, len(crops), chunk)]
-        return normalise(np.concatenate(parts))
+        embeds = normalise(np.concatenate(parts))
+        release_memory()
+        return embeds
 
     def scores(self, texts: np.ndarray, images: np.ndarray) -> np.ndarray:
         return sigmoid_scores(texts, images, self.logit_scale, self.logit_bias)
