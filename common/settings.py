@@ -48,10 +48,12 @@ class Settings:
         "help": "with torch_threads 0: follow (before each batch, a stage takes the cores the "
                 "idle stages leave: all when alone, its share when all are busy) or static "
                 "(always its share)"})
-    follow_copy_max_mb: int = field(default=512, metadata={
+    follow_copy_max_mb: int = field(default=0, metadata={
         "help": "threads_policy follow on an exported model: neither runtime changes a loaded "
-                "model's threads, so each count is one more copy of its weights; only exports "
-                "up to this many MB switch (larger ones keep their first count); 0: none"})
+                "model's threads, so each count is one more copy of its weights and buffers; "
+                "exports up to this many MB keep one per count, larger ones stay one model "
+                "(loaded again only for more threads); 0: no copies, each export on every core "
+                "(faster under load on OpenVINO here, docs/performance.md)"})
     backend: str = field(default="auto", metadata={
         "help": "model runtime: auto (an export of the checkpoint when there is one: OpenVINO "
                 "on x86 CPUs, else ONNX Runtime; torch when none), torch, onnx, openvino"})

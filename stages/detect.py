@@ -55,9 +55,9 @@ class Detect(Stage):
             self.model_name = paths.detector.name
             self.device_name = self.device
         else:
-            self.model = backends.load_detector(paths.detector, backend, precision,
-                                                runtime.threads_for(self.settings, self.name),
-                                                self.settings.device)
+            self.model = backends.load_detector(
+                paths.detector, backend, precision,
+                runtime.export_threads(self.settings, self.name), self.settings.device)
             self.model_name = f"{paths.detector.name} ({backend} {precision})"
             self.device_name = self.model.engine.provider
         self.crop_cap = runtime.crop_cap(self.settings, paths)

@@ -68,6 +68,16 @@ def threads_for(settings: Settings, stage: str | None = None) -> int:
     return cores.static_threads(cpu_count(), stage, stages)
 
 
+def export_threads(settings: Settings, stage: str | None = None) -> int:
+    """Intra-op threads a stage loads its exported model with: ``threads_for``, except under
+    threads_policy follow with no copies allowed (``follow_copy_max_mb`` 0): every core, so
+    the one loaded model is never loaded again for the count follow gives a stage alone."""
+    if (settings.torch_threads <= 0 and settings.threads_policy == "follow"
+            and settings.follow_copy_max_mb == 0):
+        return cpu_count()
+    return threads_for(settings, stage)
+
+
 def set_threads(settings: Settings, stage: str | None = None) -> int:
     """Set torch's (and OpenCV's) thread count for this process; returns it.
 

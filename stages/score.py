@@ -53,8 +53,8 @@ class Score(Stage):
                                           self.settings.device)
         if backend != "torch":
             self.exported = backends.load_scorer(
-                paths.scorer, backend, precision, runtime.threads_for(self.settings, self.name),
-                self.settings.device)
+                paths.scorer, backend, precision,
+                runtime.export_threads(self.settings, self.name), self.settings.device)
             self.max_length = self.exported.max_length
             self.model_name = f"{paths.scorer.name} ({backend} {precision})"
             self.device_name = self.exported.vision.provider

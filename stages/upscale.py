@@ -49,8 +49,8 @@ class Upscale(Stage):
             self.device_name = device
         else:
             self.upsampler = backends.load_upscaler(
-                paths.upscaler, backend, precision, runtime.threads_for(self.settings, self.name),
-                self.settings.device)
+                paths.upscaler, backend, precision,
+                runtime.export_threads(self.settings, self.name), self.settings.device)
             self.model_name = f"{paths.upscaler.name} ({backend} {precision})"
             self.device_name = self.upsampler.engine.provider
         self.crop_cap = runtime.scorer_input_size(self.settings, paths.scorer)

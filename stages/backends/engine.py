@@ -56,13 +56,17 @@ class Engine(ABC):
         """Run the next inferences on ``threads`` intra-op threads; returns the count in use.
         Neither runtime changes a loaded model's thread count, so the engine keeps one session
         (ONNX Runtime) or compiled model (OpenVINO) per count it was asked for, made on first
-        use: each holds its own copy of the weights (threads_policy follow asks for at most 2
-        counts on 2 cores, 4 with three model stages on more; docs/performance.md). A model
-        whose weights exceed ``max_copy_bytes`` keeps the count it has (no second copy)."""
+        use: each holds its own copy of the weights and buffers (threads_policy follow asks for
+        at most 2 counts on 2 cores, 4 with three model stages on more; docs/performance.md).
+        A model whose weights exceed ``max_copy_bytes`` stays one loaded model: asked for more
+        threads than it has, it is loaded again at that count in place of the old one; asked
+        for fewer, it keeps its count."""
         if threads > 0 and threads != self.threads:
             if (max_copy_bytes is not None and self.threads > 0
                     and self.weight_bytes > max_copy_bytes):
-                return self.threads
+                if threads < self.threads:
+                    return self.threads
+                self._drop_loaded()
             self._switch(threads)
             self.threads = threads
         return self.threads
@@ -77,6 +81,10 @@ class Engine(ABC):
     @abstractmethod
     def _switch(self, threads: int) -> None:
         """Make (or take from the cache) the model loaded for ``threads``."""
+
+    @abstractmethod
+    def _drop_loaded(self) -> None:
+        """Forget every loaded session or compiled model (the next ``_switch`` makes one)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path.name}, {self.provider})"
@@ -127,6 +135,10 @@ class OnnxEngine(Engine):
 
     def _switch(self, threads: int) -> None:
         self.session = self._session(threads)
+
+    def _drop_loaded(self) -> None:
+        self.sessions.clear()
+        self.session = None
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         return list(self.session.run(None, dict(feeds)))
@@ -191,8 +203,13 @@ class OpenVinoEngine(Engine):
         1600-px TTA passes held ~280 MiB per copy), reallocated if it is used again."""
         previous = self.compiled
         self.compiled, self.request = self._compiled(threads)
-        if previous is not self.compiled:
+        if previous is not None and previous is not self.compiled:
             previous.release_memory()
+
+    def _drop_loaded(self) -> None:
+        self.loaded.clear()
+        self.compiled = self.request = None
+        release_memory()
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         if self.threads in self.unpacked:  # the first inference packs what compile did not
