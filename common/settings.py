@@ -67,8 +67,8 @@ class Settings:
         "help": "SigLIP's export precision (fp32, fp16, int8); empty: export_precision"})
     score_chunk: int = field(default=0, metadata={
         "help": "crops per SigLIP image-tower call (a batch's crops go through in chunks of "
-                "this many): bounds its activation memory (SigLIP-large ~20 MiB per crop); 0: "
-                "auto (8 on the CPU, where larger chunks are no faster per crop; 64 on a GPU)"})
+                "this many): bounds its activation memory (SigLIP-large ~16 MiB per crop); 0: "
+                "auto (2 on the CPU, where larger chunks are no faster per crop; 64 on a GPU)"})
     # --- detect (seed: predict(imgsz=1600, conf=0.1, iou=0.1, max_det=10, augment=True))
     imgsz: int = field(default=1600, metadata={"help": "YOLO inference size (seed: 1600)"})
     conf: float = field(default=0.1, metadata={"help": "YOLO confidence threshold"})

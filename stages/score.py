@@ -21,9 +21,10 @@ from .libs import offline_env
 log = logging.getLogger(__name__)
 
 # Crops per image-tower call with score_chunk 0 (auto): on the CPU a larger call is no faster
-# per crop (SigLIP-large int8 on OpenVINO: 0.65 s per crop at 8, 0.70 at 20) and holds more
-# activations (~20 MiB per crop); a GPU gains from larger ones (docs/performance.md).
-CPU_CHUNK = 8
+# per crop (SigLIP-large int8 on OpenVINO, 2 threads, 16 crops: 9.3-10.0 s in chunks of 1, 2,
+# 4 or 8) and holds more activations (peak 959, 978, 1,011, 1,074 MiB); a GPU gains from
+# larger ones (docs/performance.md).
+CPU_CHUNK = 2
 GPU_CHUNK = 64
 
 
