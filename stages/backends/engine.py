@@ -176,6 +176,7 @@ class OpenVinoEngine(Engine):
         self.loaded: dict[int, tuple[Any, Any]] = {}
         self.weight_files = {str(f.resolve()) for f in (path, path.with_suffix(".bin"))}
         self.unpacked: set[int] = set()  # thread counts whose compiled model has not run yet
+        self.shapes_run: set[tuple[Any, ...]] = set()  # (threads, input shapes) run before
         self.compiled, self.request = self._compiled(threads)
         self.input_names = [port.any_name for port in self.compiled.inputs]
         self.provider = f"openvino-{self.target}"
@@ -208,6 +209,7 @@ class OpenVinoEngine(Engine):
 
     def _drop_loaded(self) -> None:
         self.loaded.clear()
+        self.shapes_run.clear()
         self.compiled = self.request = None
         release_memory()
 
@@ -219,7 +221,12 @@ class OpenVinoEngine(Engine):
         else:
             result = self.request.infer(dict(feeds))
         outputs = [np.asarray(result[port]).copy() for port in self.compiled.outputs]
-        drop_file_pages(self.weight_files)
+        shapes = (self.threads, *(np.shape(v) for v in feeds.values()))
+        if shapes not in self.shapes_run:  # a new shape may have read weights (0.7 ms a look)
+            if len(self.shapes_run) >= 1024:  # frames of many sizes: forget, do not grow
+                self.shapes_run.clear()
+            self.shapes_run.add(shapes)
+            drop_file_pages(self.weight_files)
         return outputs
 
 
