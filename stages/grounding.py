@@ -28,6 +28,13 @@ from .evidence import Evidence
 # Added to the log-odds of the box a caption's hysteresis chose: larger than any difference of
 # two clipped logits (|logit| ≤ 14 for EPS = 1e-6), so only a clash between captions moves it.
 HOLD = 100.0
+# Joint assignment weighs captions' posteriors, but below this log-odds (P ≈ 0.018) a caption's
+# evidence only says "not this box": differences down there must not decide which box it takes.
+# Without the floor, a caption that names nothing in the frame (posteriors of -6 to -12, log-odds
+# spread most in the tails) takes the box it finds least unlikely away from a caption in view
+# with a smaller lead. Measured on three clip sets (README, "Track mode"): seed 7, 8×60 clips,
+# one absent caption a frame: accuracy 0.788 -> 0.795; seed 11: 0.893 -> 0.896.
+JOINT_FLOOR = -4.0
 NO_TRACK = -1
 
 
@@ -87,7 +94,7 @@ def ground_frame(evidence: Evidence, seq: int, captions: Sequence[str], scores: 
     present = (in_view(calibration, _as_scores(post, evidence), captions)
                if calibration is not None and abstain_below is not None else None)
     kept = [r for r in range(len(captions)) if present is None or present[r] >= abstain_below]
-    weighted = post.copy()
+    weighted = post.copy() if evidence.config.scores_are_logits else np.maximum(post, JOINT_FLOOR)
     weighted[:, track_ids < 0] += HOLD  # untracked boxes have no history: always eligible
     for row, box in enumerate(chosen):
         if box is not None:

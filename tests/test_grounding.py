@@ -61,3 +61,18 @@ def test_untracked_boxes_and_empty_frames():
     assert (got[0].box, got[0].track_id) == (1, NO_TRACK)  # this frame's score wins
     empty = ground_frame(ev, 1, CAPS, np.zeros((2, 0)), np.zeros(0, np.int64))
     assert [(g.box, g.probability) for g in empty] == [(None, 0.0), (None, 0.0)]
+
+
+def test_a_caption_naming_nothing_does_not_take_a_box_from_one_in_view():
+    # "red circle" is in view: track 1 (0.9) ahead of track 2 (0.6). "blue square" names
+    # nothing: tiny scores, but in log-odds its 1e-3 on track 1 is far "better" than its 1e-6
+    # on track 2. Summed log-odds would hand it track 1 and push red circle to track 2; below
+    # JOINT_FLOOR its differences count for nothing.
+    ev = Evidence()
+    scores = np.array([[0.9, 0.6], [1e-3, 1e-6]])
+    got = ground_frame(ev, 0, CAPS, scores, np.array([1, 2]))
+    assert [g.track_id for g in got] == [1, 2]
+    # Where both captions are in view, posteriors still decide between them.
+    ev = Evidence()
+    both = np.array([[0.9, 0.6], [0.97, 0.2]])
+    assert [g.track_id for g in ground_frame(ev, 0, CAPS, both, np.array([1, 2]))] == [2, 1]
