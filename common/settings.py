@@ -101,6 +101,11 @@ class Settings:
         "help": "a track's crop is embedded again at least every this many frames"})
     track_min_iou: float = field(default=0.45, metadata={
         "help": "embed again when the box's IoU with the box last embedded is below this"})
+    track_contend_margin: float = field(default=1.0, metadata={
+        "help": "a moved or resized track's crop is embedded again only while the track "
+                "contends for a caption: its posterior log-odds within this margin of the "
+                "best track's, with another as close (keyframes and new tracks always are); "
+                "negative: every moved crop is embedded again"})
     track_max_size_change: float = field(default=0.2, metadata={
         "help": "embed again when width or height changed by more than this share"})
     track_decay: float = field(default=0.7, metadata={

@@ -195,7 +195,7 @@ class Tracked:
         state = self._load(source)
         det, plan = self._observe(state, seq, frame_id, image, captions)
         cached = self._cached(source, plan.track_ids.tolist())
-        plan = state.with_cache(plan, det.boxes, cached)
+        plan = state.with_cache(plan, det.boxes, cached, captions)
         embeds = self._embeddings(frame_id, det, plan, cached)
         scores = self.models.scores(captions, embeds)
         picks = state.ground(plan, captions, scores, self.calibration)

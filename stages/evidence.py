@@ -25,7 +25,7 @@ frames and any worker can continue a source.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,6 +157,13 @@ class Evidence:
         cap = self.captions.get(caption)
         pair = cap.pairs.get(track) if cap else None
         return pair.posterior if pair else -math.inf
+
+    def posteriors(self, caption: str, tracks: Sequence[int]) -> dict[int, float]:
+        """The posterior log-odds of the caption's pairs with ``tracks`` that were scored."""
+        cap = self.captions.get(caption)
+        if cap is None:
+            return {}
+        return {t: cap.pairs[t].posterior for t in tracks if t in cap.pairs}
 
     def flips(self, caption: str) -> int:
         """How often the caption moved from one track to another."""

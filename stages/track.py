@@ -44,7 +44,7 @@ from .detect import decode_frame
 from .evidence import Evidence, EvidenceConfig
 from .grounding import NO_TRACK, Grounded, ground_frame
 from .templates import Template, make_template, match
-from .tracker import ReuseConfig, SourceTracker, TrackerConfig, needs_embedding
+from .tracker import ReuseConfig, SourceTracker, TrackerConfig, crop_changed, stale
 
 STATE_VERSION = 1
 
@@ -165,18 +165,45 @@ class SourceState:
                      detected=False), boxes, scores)
 
     def with_cache(self, plan: Plan, boxes: np.ndarray,
-                   cached: Mapping[int, CachedEmbedding]) -> Plan:
+                   cached: Mapping[int, CachedEmbedding],
+                   captions: Sequence[str] = ()) -> Plan:
         """The plan with a box's crop left out where its track's cached embedding stands for
-        it (the cache is looked up by the track ids the plan gave)."""
+        it (the cache is looked up by the track ids the plan gave).
+
+        A crop is embedded when its track has nothing cached, on the track's keyframes, and
+        when the crop changed (moved or resized). With the reuse ``contend_margin`` set and
+        the frame's ``captions`` given, a changed crop is embedded only while its track
+        ``contends`` for one of them: a fresh look is spent where it can change an answer."""
         if not plan.tracked:
             return plan
+        reuse = self.options.reuse
+        ids = [int(t) for t in plan.track_ids if t >= 0]
         embed = np.ones(len(plan.track_ids), bool)
-        for i, tid in enumerate(plan.track_ids):
-            hit = cached.get(int(tid)) if tid >= 0 else None
-            if hit is not None:
-                embed[i] = needs_embedding(plan.seq, boxes[i], hit.seq, hit.box,
-                                           self.options.reuse)
+        for i, tid in enumerate(plan.track_ids.tolist()):
+            hit = cached.get(tid) if tid >= 0 else None
+            if hit is None or stale(plan.seq, hit.seq, hit.box, reuse):
+                continue
+            embed[i] = crop_changed(boxes[i], hit.box, reuse) and (
+                reuse.contend_margin is None or not captions
+                or self.contends(tid, ids, captions))
         return dataclasses.replace(plan, embed=embed)
+
+    def contends(self, track: int, tracks: Sequence[int], captions: Sequence[str]) -> bool:
+        """Whether ``track`` competes for one of ``captions`` among the frame's ``tracks``:
+        its posterior log-odds within the reuse ``contend_margin`` of the best, with another
+        track as close, or no posterior yet. A track far behind, or far ahead of every other,
+        keeps its answer whatever a fresh look of a moved crop says; keyframes refresh it."""
+        margin = self.options.reuse.contend_margin
+        assert margin is not None
+        for caption in captions:
+            posts = self.evidence.posteriors(caption, tracks)
+            mine = posts.get(track)
+            if mine is None:
+                return True
+            best = max(posts.values())
+            if mine >= best - margin and sum(p >= best - margin for p in posts.values()) > 1:
+                return True
+        return False
 
     def _take_templates(self, image: np.ndarray, boxes: np.ndarray, ids: np.ndarray) -> None:
         """Each tracked box's template from this (detected) frame; those of removed tracks
@@ -263,7 +290,9 @@ def options_from(settings: Any) -> TrackOptions:
         tracker=TrackerConfig(track_buffer=settings.track_buffer),
         reuse=ReuseConfig(keyframe_every=settings.track_keyframe_every,
                           min_iou=settings.track_min_iou,
-                          max_size_change=settings.track_max_size_change),
+                          max_size_change=settings.track_max_size_change,
+                          contend_margin=(settings.track_contend_margin
+                                          if settings.track_contend_margin >= 0 else None)),
         evidence=EvidenceConfig(decay=settings.track_decay, margin=settings.track_margin,
                                 switch_frames=settings.track_switch_frames),
         joint=settings.joint_assign,
@@ -505,7 +534,7 @@ class Track(Stage):
         assert env.boxes is not None
         boxes = env.boxes
         cached = self.cache.get(env.source_id, [t for t in plan.track_ids.tolist() if t >= 0])
-        plan = state.with_cache(plan, boxes, cached)
+        plan = state.with_cache(plan, boxes, cached, env.captions)
         todo = [int(i) for i in np.flatnonzero(plan.embed)]
         embeds = combine(plan, self.embedder.embed(env.frame_id, [env.crops[i] for i in todo]),
                          cached)

@@ -302,11 +302,17 @@ class ReuseConfig:
     keyframe_every: int = 10  # frames; every K-th frame of a track is embedded again
     min_iou: float = 0.7  # the box moved more than this since it was scored: embed again
     max_size_change: float = 0.2  # relative change of width or height: embed again
+    # A moved (or resized) crop is embedded again only while its track contends for a caption:
+    # its posterior log-odds within this margin of the best track's, with another track as
+    # close (SourceState.contends). None: every moved crop is embedded again.
+    contend_margin: float | None = None
 
     def __post_init__(self) -> None:
         if self.keyframe_every < 1 or not 0.0 <= self.min_iou <= 1.0 \
-                or self.max_size_change < 0:
-            raise ValueError("keyframe_every >= 1, 0 <= min_iou <= 1, max_size_change >= 0")
+                or self.max_size_change < 0 \
+                or (self.contend_margin is not None and self.contend_margin < 0):
+            raise ValueError("keyframe_every >= 1, 0 <= min_iou <= 1, max_size_change >= 0, "
+                             "contend_margin None or >= 0")
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -324,9 +330,22 @@ def needs_embedding(seq: int, box: np.ndarray, scored_seq: int | None,
                     scored_box: np.ndarray | None, config: ReuseConfig) -> bool:
     """True when the crop of ``box`` (frame ``seq``) must be embedded again: nothing cached,
     a keyframe (``keyframe_every`` frames since it was scored), or the crop changed."""
+    return stale(seq, scored_seq, scored_box, config) or crop_changed(box, scored_box, config)
+
+
+def stale(seq: int, scored_seq: int | None, scored_box: np.ndarray | None,
+          config: ReuseConfig) -> bool:
+    """True when a track's cached embedding cannot stand for it whatever the crop looks like:
+    nothing cached, or a keyframe (``keyframe_every`` frames since it was scored)."""
     if scored_seq is None or scored_box is None:
         return True
-    if seq - scored_seq >= config.keyframe_every or seq < scored_seq:
+    return seq - scored_seq >= config.keyframe_every or seq < scored_seq
+
+
+def crop_changed(box: np.ndarray, scored_box: np.ndarray | None, config: ReuseConfig) -> bool:
+    """True when ``box`` moved (IoU under ``min_iou``) or changed size (more than
+    ``max_size_change`` in width or height) since the cached embedding's box."""
+    if scored_box is None:
         return True
     if iou(box, scored_box) < config.min_iou:
         return True

@@ -58,3 +58,49 @@ def test_late_and_repeated_frames_do_not_touch_the_tracker():
     # The late frame is still answered (every box scored, no tracks).
     got = state.ground(late, ["red circle"], np.array([scores], np.float64))
     assert got[0].box == int(np.argmax(scores)) and got[0].track_id == NO_TRACK
+
+
+def contend_state(margin: float | None) -> tuple[SourceState, dict, np.ndarray]:
+    """Three tracks seen at frame 0 and scored for one caption: boxes 0 and 1 close at the top
+    (0.95 and 0.90: 0.74 log-odds apart), box 2 far behind (0.05); everything cached."""
+    from spotline.common.trackstore import CachedEmbedding
+
+    state = SourceState(TrackOptions(reuse=ReuseConfig(keyframe_every=10, min_iou=0.5,
+                                                       contend_margin=margin)))
+    boxes = np.array([[10, 10, 30, 30], [100, 10, 120, 30], [200, 10, 220, 30]], np.float32)
+    plan = state.plan(0, boxes, np.full(3, 0.9, np.float32))
+    state.ground(plan, ["red circle"], np.array([[0.95, 0.90, 0.05]]))
+    cache = {int(t): CachedEmbedding(0, boxes[i], np.zeros(4, np.float32))
+             for i, t in enumerate(plan.track_ids)}
+    return state, cache, plan.track_ids
+
+
+def test_moved_crops_are_embedded_again_only_where_their_track_contends():
+    state, cache, ids = contend_state(margin=1.0)
+    moved = np.array([[20, 10, 40, 30], [110, 10, 130, 30], [210, 10, 230, 30]], np.float32)
+    plan = state.with_cache(state.plan(1, moved, np.full(3, 0.9, np.float32)), moved, cache,
+                            ["red circle"])
+    assert plan.track_ids.tolist() == ids.tolist()
+    # Boxes 0 and 1 contend for the caption; box 2 is 5.2 log-odds behind: a fresh look of it
+    # would not change the answer (its keyframe refreshes it).
+    assert plan.embed.tolist() == [True, True, False]
+    # Without captions (or with the rule off) every moved crop is embedded again.
+    assert state.with_cache(plan, moved, cache).embed.all()
+    off, cache_off, _ = contend_state(margin=None)
+    plan = off.plan(1, moved, np.full(3, 0.9, np.float32))
+    assert off.with_cache(plan, moved, cache_off, ["red circle"]).embed.all()
+    # A caption no track was scored for yet: everything contends.
+    assert state.with_cache(plan, moved, cache, ["blue square"]).embed.all()
+
+
+def test_keyframes_and_unchanged_crops_ignore_contention():
+    state, cache, _ = contend_state(margin=1.0)
+    boxes = np.array([[10, 10, 30, 30], [100, 10, 120, 30], [200, 10, 220, 30]], np.float32)
+    still = state.with_cache(state.plan(1, boxes, np.full(3, 0.9, np.float32)), boxes, cache,
+                             ["red circle"])
+    assert not still.embed.any()  # nothing moved: all reused
+    for seq in range(2, 10):
+        state.plan(seq, boxes, np.full(3, 0.9, np.float32))
+    key = state.with_cache(state.plan(10, boxes, np.full(3, 0.9, np.float32)), boxes, cache,
+                           ["red circle"])
+    assert key.embed.all()  # 10 frames since they were scored: a keyframe for every track
