@@ -68,7 +68,8 @@ class Settings:
     score_chunk: int = field(default=0, metadata={
         "help": "crops per SigLIP image-tower call (a batch's crops go through in chunks of "
                 "this many): bounds its activation memory (SigLIP-large ~16 MiB per crop); 0: "
-                "auto (2 on the CPU, where larger chunks are no faster per crop; 64 on a GPU)"})
+                "auto (on the CPU 2·384² input pixels per call: 2 crops for SigLIP-384, where "
+                "larger chunks are no faster per crop, up to 64 for small inputs; 64 on a GPU)"})
     # --- detect (seed: predict(imgsz=1600, conf=0.1, iou=0.1, max_det=10, augment=True))
     imgsz: int = field(default=1600, metadata={"help": "YOLO inference size (seed: 1600)"})
     conf: float = field(default=0.1, metadata={"help": "YOLO confidence threshold"})

@@ -20,12 +20,19 @@ from .libs import offline_env
 
 log = logging.getLogger(__name__)
 
-# Crops per image-tower call with score_chunk 0 (auto): on the CPU a larger call is no faster
-# per crop (SigLIP-large int8 on OpenVINO, 2 threads, 16 crops: 9.3-10.0 s in chunks of 1, 2,
-# 4 or 8) and holds more activations (peak 959, 978, 1,011, 1,074 MiB); a GPU gains from
-# larger ones (docs/performance.md).
-CPU_CHUNK = 2
+# Crops per image-tower call with score_chunk 0 (auto). On the CPU a larger call is no faster
+# per crop for a large input (SigLIP-large-384 int8 on OpenVINO, 2 threads, 16 crops: 9.3-10.0 s
+# in chunks of 1, 2, 4 or 8) and holds more activations (peak 959, 978, 1,011, 1,074 MiB), so
+# auto keeps CPU_PIXELS input pixels per call: 2 crops at 384², 5 at 224². A small input pays a
+# fixed cost per call instead (the demo SigLIP at 32²: ~1.8 ms a call + ~0.8 ms a crop), so its
+# chunk grows, up to GPU_CHUNK; a GPU gains from large calls (docs/performance.md).
+CPU_PIXELS = 2 * 384 * 384
 GPU_CHUNK = 64
+
+
+def cpu_chunk(input_size: tuple[int, int]) -> int:
+    """Auto crops per image-tower call on the CPU for an input of (height, width)."""
+    return max(1, min(GPU_CHUNK, CPU_PIXELS // max(1, input_size[0] * input_size[1])))
 
 
 class Score(Stage):
@@ -142,8 +149,21 @@ class Score(Stage):
         if self.settings.score_chunk > 0:
             return self.settings.score_chunk
         device = self.exported.vision.provider if self.exported is not None else self.device
-        on_gpu = any(k in str(device).lower() for k in ("cuda", "gpu", "tensorrt", "mps"))
-        return GPU_CHUNK if on_gpu else CPU_CHUNK
+        if any(k in str(device).lower() for k in ("cuda", "gpu", "tensorrt", "mps")):
+            return GPU_CHUNK
+        return cpu_chunk(self.input_size)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """The image tower's input (height, width)."""
+        if self.exported is not None:
+            size = self.exported.meta["image_size"]
+            return int(size[0]), int(size[1])
+        size = self.processor.image_processor.size
+        if "height" in size:
+            return int(size["height"]), int(size["width"])
+        edge = int(size.get("shortest_edge", 224))
+        return edge, edge
 
     def image_embeds(self, crops: list[np.ndarray]) -> Any:
         """Normalised image embeddings (N×D, float32) of RGB crops, ``chunk`` at a time."""

@@ -17,7 +17,7 @@ from spotline.export import export_model
 from spotline.stages import backends
 from spotline.stages.backends.engine import drop_file_pages, load_engine
 from spotline.stages.backends.manifest import export_dir, read_manifest
-from spotline.stages.score import CPU_CHUNK, Score
+from spotline.stages.score import GPU_CHUNK, Score, cpu_chunk
 
 CAPTIONS = ("grey missile", "yellow helicopter", "a red car")
 
@@ -61,9 +61,25 @@ def test_chunked_scoring_matches_one_batch(tiny: dict[str, Path], backend: str) 
     for chunk in (1, 3, 0):
         stage = Score(_settings(tiny, backend=backend, score_chunk=chunk))
         stage.setup()
-        assert stage.chunk == (chunk or CPU_CHUNK)
+        assert stage.chunk == (chunk or cpu_chunk(stage.input_size))
         got = stage.logits_to_scores(stage.text_embeds(CAPTIONS), stage.image_embeds(crops))
         np.testing.assert_allclose(got, reference, atol=1e-5, rtol=0)
+
+
+def test_auto_chunk_keeps_input_pixels_per_call(tiny: dict[str, Path]) -> None:
+    """Auto on the CPU: 2 crops a call for SigLIP-384 (larger calls are no faster per crop
+    there and hold more), more for smaller inputs (a small model pays per call), never more
+    than a GPU's chunk; the tower's input size is read from the model, torch or exported."""
+    assert cpu_chunk((384, 384)) == 2
+    assert cpu_chunk((224, 224)) == 5
+    assert cpu_chunk((512, 512)) == 1
+    assert cpu_chunk((32, 32)) == GPU_CHUNK
+    for backend in ("torch", "openvino"):
+        stage = Score(_settings(tiny, backend=backend))
+        stage.setup()
+        height, width = stage.input_size
+        assert height > 0 and width > 0
+        assert stage.chunk == cpu_chunk((height, width))
 
 
 def test_score_chunk_is_checked(tiny: dict[str, Path]) -> None:
