@@ -43,7 +43,7 @@ from .base import Routed, Stage, check_crops
 from .detect import decode_frame
 from .evidence import Evidence, EvidenceConfig
 from .grounding import NO_TRACK, Grounded, ground_frame
-from .templates import Template, make_template, match
+from .templates import Template, exposure, make_template, match
 from .tracker import ReuseConfig, SourceTracker, TrackerConfig, crop_changed, stale
 
 STATE_VERSION = 1
@@ -208,10 +208,11 @@ class SourceState:
     def _take_templates(self, image: np.ndarray, boxes: np.ndarray, ids: np.ndarray) -> None:
         """Each tracked box's template from this (detected) frame; those of removed tracks
         go."""
+        seen = exposure(image)
         for box, tid in zip(boxes, ids.tolist(), strict=True):
             if tid < 0:
                 continue
-            template = make_template(image, box)
+            template = make_template(image, box, seen)
             if template is None:
                 self.templates.pop(tid, None)
             else:
@@ -225,12 +226,13 @@ class SourceState:
         xyxy box), or None when a confirmed one is not found well enough. An unconfirmed track
         (one detection, maybe the detector's flicker) not found stays where it was seen."""
         predicted, ids, confirmed = self.tracker.peek()
+        now = exposure(image)
         found: dict[int, np.ndarray] = {}
         for box, tid, sure in zip(predicted, ids.tolist(), confirmed.tolist(), strict=True):
             template = self.templates.get(tid)
             if template is None:
                 continue
-            hit = match(image, template, box)
+            hit = match(image, template, box, now)
             if hit is not None and hit[1] >= self.options.match:
                 found[tid] = hit[0]
             elif sure:

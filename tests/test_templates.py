@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from spotline.common.codec import decode_state, encode_state
-from spotline.stages.templates import TEMPLATE_SIDE, make_template, match
+from spotline.stages.templates import TEMPLATE_SIDE, Template, exposure, make_template, match
 from spotline.stages.track import SourceState, TrackOptions
 from spotline.stages.tracker import iou
 
@@ -59,6 +59,51 @@ def test_a_vanished_object_is_not_similar():
     assert template is not None
     _, similarity = match(frame([], seed=3), template, box)
     assert similarity < 0.75
+
+
+def sky(boxes: list[np.ndarray], gain: float = 1.0, offset: float = 0.0,
+        seed: int = 0) -> np.ndarray:
+    """A smooth blue-to-pale gradient with a flat grey square per xyxy box, exposed with a
+    global ``gain`` and ``offset`` (a camera's gain; the clips' brightness and contrast)."""
+    height, width = SIZE[1], SIZE[0]
+    y = np.linspace(0, 1, height)[:, None, None]
+    image = (np.array([150, 110, 70]) * (1 - y) + np.array([190, 150, 140]) * y
+             ) * np.ones((height, width, 3))
+    for x1, y1, x2, y2 in boxes:
+        image[int(y1):int(y2), int(x1):int(x2)] = (105, 115, 110)
+    image = (image - image.mean()) * gain + image.mean() + offset
+    image += np.random.default_rng(seed).normal(0, 3, image.shape)
+    return image.clip(0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("gain", "offset"), [(1.0, 0), (0.85, -20), (1.2, 25), (1.2, -30)])
+def test_a_change_of_exposure_does_not_move_the_match(gain: float, offset: float):
+    """A grey square on a plain sky, the next frame exposed otherwise: the window brought to
+    the template's exposure finds the square where it went, as similar as before. Without the
+    correction, at gain 1.2 and offset -30 the least squared difference lies 30 px away, where
+    sky and square blend into the old colours (as on the seed-13 clips)."""
+    box = np.array([100, 80, 165, 145], np.float32)
+    template = make_template(sky([box]), box)
+    assert template is not None and template.seen is not None
+    moved = box + np.array([-4, 1, -4, 1], np.float32)
+    image = sky([moved], gain, offset, seed=5)
+    found, similarity = match(image, template, box, exposure(image))
+    assert np.abs(found - moved).max() <= 1 / template.scale, (found, moved)
+    assert similarity > 0.97
+    if (gain, offset) == (1.2, -30):
+        uncorrected, _ = match(image, template, box)
+        assert np.abs(uncorrected - moved).max() > 10
+
+
+def test_a_template_saved_without_its_exposure_still_loads():
+    box = np.array([100, 80, 112, 92], np.float32)
+    template = make_template(frame([tuple(box)]), box)
+    assert template is not None
+    old = Template.from_state(template.to_state()[:3])  # as states were saved before
+    assert old.seen is None and np.array_equal(old.patch, template.patch)
+    image = frame([tuple(box)], seed=1)
+    found, _ = match(image, old, box, exposure(image))  # no correction, no error
+    assert np.abs(found - box).max() <= 0.5
 
 
 def test_no_template_beyond_the_border_or_of_no_size():
@@ -135,6 +180,7 @@ def test_templates_travel_with_the_state():
     for tid, template in state.templates.items():
         assert np.array_equal(restored.templates[tid].patch, template.patch)
         assert restored.templates[tid].scale == template.scale
+        assert restored.templates[tid].seen == template.seen
     a = state.propagate(3, SIZE, clip[3][0])
     b = restored.propagate(3, SIZE, clip[3][0])
     assert a is not None and b is not None and np.array_equal(a[1], b[1])
