@@ -80,8 +80,9 @@ class Metrics:
         self.workers_alive = Gauge(
             "spotline_workers_alive", "Consumers with a recent heartbeat", ["stage"], registry=r)
         self.threads = Gauge(
-            "spotline_stage_threads", "Threads the stage's last batch ran on (threads_policy "
-            "follow)", ["stage"], registry=r)
+            "spotline_stage_threads", "Threads the stage's model runs on (threads_policy "
+            "follow: the count asked, or the export's own where it keeps one)", ["stage"],
+            registry=r)
         self.model_loaded = Gauge(
             "spotline_model_loaded", "1 when the stage's model is loaded", ["stage", "model",
                                                                               "device"],

@@ -36,9 +36,12 @@ class Stage(ABC):
     def setup(self) -> None:  # noqa: B027 - optional hook
         """Load models and warm up; called once before the first batch."""
 
-    def use_threads(self, threads: int) -> None:  # noqa: B027 - optional hook
+    def use_threads(self, threads: int) -> int | None:
         """Run the next batch's model on ``threads`` intra-op threads (common/cores.py: the
-        worker decides before each batch). Stages that run no model ignore it."""
+        worker decides before each batch); returns the count the model runs on, which an
+        export loaded once keeps whatever is asked (None: as asked). Stages that run no model
+        ignore it."""
+        return None
 
     @abstractmethod
     def process(self, batch: list[Envelope]) -> list[Routed]:

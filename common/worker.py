@@ -104,6 +104,7 @@ class Worker:
         self._last_claim = 0.0
         self._last_beat = 0.0
         self.threads = 0  # the count the stage last ran a batch on (threads_policy follow)
+        self.threads_used = 0  # ...and the count its model runs on (an export may keep its own)
 
     # --- lifecycle -------------------------------------------------------------------------
     def stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
@@ -277,9 +278,9 @@ class Worker:
             return self.threads
         n = cores.follow_threads(cores.cpu_count(), name, work)
         if n != self.threads:
-            self.stage.use_threads(n)
-            self.threads = n
-        self.metrics.threads.labels(name).set(n)
+            used = self.stage.use_threads(n)
+            self.threads, self.threads_used = n, n if used is None else used
+        self.metrics.threads.labels(name).set(self.threads_used)
         return n
 
     def _observe_boxes(self, pairs: list[Pair]) -> None:

@@ -65,11 +65,11 @@ class Detect(Stage):
         for _ in range(self.settings.warmup):
             detect_frames(self.model, [blank], self.settings, self.device, self.half)
 
-    def use_threads(self, threads: int) -> None:
+    def use_threads(self, threads: int) -> int:
         """The next predictions on ``threads`` threads (the export's engine, or torch)."""
         exported = isinstance(self.model, backends.ExportedDetector)
-        runtime.apply_threads(threads, [self.model.engine] if exported else [],
-                              self.settings.follow_copy_max_mb)
+        return runtime.apply_threads(threads, [self.model.engine] if exported else [],
+                                     self.settings.follow_copy_max_mb)
 
     def process(self, batch: list[Envelope]) -> list[Routed]:
         """Check and decode all frames (a bad one raises InputError), predict once, split into

@@ -90,22 +90,23 @@ def set_threads(settings: Settings, stage: str | None = None) -> int:
     return n
 
 
-def apply_threads(n: int, engines: Sequence[Any] = (), copy_max_mb: int | None = None) -> None:
+def apply_threads(n: int, engines: Sequence[Any] = (), copy_max_mb: int | None = None) -> int:
     """Run the next batch on ``n`` threads: the exported ``engines`` (each keeps a compiled
     model per thread count it was asked for, unless its weights are over ``copy_max_mb``:
-    then it keeps its first count), else torch; OpenCV either way."""
+    then it keeps its first count), else torch; OpenCV either way. Returns the count the
+    model runs on (the fewest of the engines')."""
     import cv2
 
     cv2.setNumThreads(n)
     if engines:
         limit = None if copy_max_mb is None else copy_max_mb * 1024 * 1024
-        for engine in engines:
-            engine.use_threads(n, limit)
-        return
+        counts = [engine.use_threads(n, limit) for engine in engines]
+        return min((c for c in counts if c > 0), default=n)  # 0: the runtime's own default
     import torch
 
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+    return n
 
 
 def crop_cap(settings: Settings, paths: ModelPaths) -> int:

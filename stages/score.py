@@ -80,12 +80,12 @@ class Score(Stage):
         self.model_name = paths.scorer.name
         self.device_name = self.device
 
-    def use_threads(self, threads: int) -> None:
+    def use_threads(self, threads: int) -> int:
         """The next batch on ``threads`` threads (torch, or the exported vision tower: the text
         tower, which runs only for captions not in the cache, keeps its first count rather
         than a second copy of its weights)."""
-        runtime.apply_threads(threads, [self.exported.vision] if self.exported else [],
-                              self.settings.follow_copy_max_mb)
+        return runtime.apply_threads(threads, [self.exported.vision] if self.exported else [],
+                                     self.settings.follow_copy_max_mb)
 
     def process(self, batch: list[Envelope]) -> list[Routed]:
         """All crops of the batch through the image tower at once; C×N scores per envelope."""

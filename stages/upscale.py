@@ -55,11 +55,11 @@ class Upscale(Stage):
             self.device_name = self.upsampler.engine.provider
         self.crop_cap = runtime.scorer_input_size(self.settings, paths.scorer)
 
-    def use_threads(self, threads: int) -> None:
+    def use_threads(self, threads: int) -> int:
         """The next crops on ``threads`` threads (the export's engine, or torch)."""
         exported = isinstance(self.upsampler, backends.ExportedUpscaler)
-        runtime.apply_threads(threads, [self.upsampler.engine] if exported else [],
-                              self.settings.follow_copy_max_mb)
+        return runtime.apply_threads(threads, [self.upsampler.engine] if exported else [],
+                                     self.settings.follow_copy_max_mb)
 
     def process(self, batch: list[Envelope]) -> list[Routed]:
         """Upscale every crop of every envelope; route each envelope onward."""

@@ -203,6 +203,34 @@ def test_an_export_over_the_copy_limit_stays_one_loaded_model(detector: Path,
         load_settings(env={"SPOTLINE_FOLLOW_COPY_MAX_MB": "-1"})
 
 
+@pytest.mark.parametrize("backend", ["openvino", "onnx"])
+def test_the_threads_gauge_shows_what_an_export_runs_on(
+        transport: Transport, settings: Settings, detector: Path, backend: str,
+        monkeypatch: pytest.MonkeyPatch, keep_threads: object) -> None:
+    """With no copies (follow_copy_max_mb 0, the default) an export is loaded once, on every
+    core, and keeps that count when follow asks for fewer: the gauge shows the count it runs
+    on, not the one asked for."""
+    from spotline.stages.detect import Detect
+
+    monkeypatch.setattr(cores, "cpu_count", lambda: 4)
+    monkeypatch.setattr(runtime, "cpu_count", lambda: 4)
+    s = settings.replace(detector_weights=str(detector), backend=backend, upscale=False,
+                         imgsz=320, warmup=0, batch_detect=1, follow_copy_max_mb=0)
+    stage = Detect(s)
+    stage.setup()
+    assert stage.model.engine.threads == 4  # loaded on every core
+    worker = Worker(stage, s, transport, burst=True)
+    for name in ("detect", "score"):
+        transport.ensure_group(name)
+    _frame(transport, "f0")
+    busy = Envelope(frame_id="x", captions=("a",))
+    transport.add(transport.keys.inbox("score"), "x", encode(busy))  # score has work
+    assert worker._step()
+    assert worker.threads == 1  # follow asked for detect's share...
+    assert stage.model.engine.threads == 4  # ...which the export does not take
+    assert worker.metrics.threads.labels("detect")._value.get() == 4
+
+
 def test_static_policy_and_fixed_threads_leave_the_share(transport: Transport,
                                                          settings: Settings) -> None:
     from tests.stagelib import PassThrough
