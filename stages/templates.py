@@ -38,6 +38,9 @@ import numpy as np
 TEMPLATE_SIDE = 32  # px, the template's longer side at most (larger boxes are downscaled)
 SEARCH = 0.5  # the window reaches this share of the box's longer side beyond the prediction
 MIN_SEARCH = 6  # px, at least
+# The exposure correction's gain is held within these: a frame whose contrast changed more is
+# not the same view (a cut, a flat or blank frame), and a larger gain would only amplify noise.
+GAIN_RANGE = (0.5, 2.0)
 
 
 Exposure = tuple[tuple[float, float, float], tuple[float, float, float]]  # channel means, stds
@@ -146,7 +149,7 @@ def _to_exposure(pixels: np.ndarray, now: Exposure, seen: Exposure) -> np.ndarra
     ``seen``: per channel, (x − mean_now) · std_seen / std_now + mean_seen."""
     mean_now, std_now = np.asarray(now[0], np.float32), np.asarray(now[1], np.float32)
     mean_seen, std_seen = np.asarray(seen[0], np.float32), np.asarray(seen[1], np.float32)
-    gain = std_seen / np.maximum(std_now, 1.0)
+    gain = np.clip(std_seen / np.maximum(std_now, 1.0), *GAIN_RANGE)
     return (pixels - mean_now) * gain + mean_seen
 
 

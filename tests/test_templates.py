@@ -95,6 +95,19 @@ def test_a_change_of_exposure_does_not_move_the_match(gain: float, offset: float
         assert np.abs(uncorrected - moved).max() > 10
 
 
+def test_a_flat_frame_is_not_similar_and_raises_nothing():
+    """A blank frame (a camera's dropout) has no contrast to scale to: the gain is held within
+    GAIN_RANGE (the window becomes the old frame's mean colour, not noise × 100), the match is
+    finite, and a coloured object is not found in it, so the frame would be detected."""
+    box = np.array([100, 80, 112, 92], np.float32)
+    template = make_template(frame([tuple(box)]), box)
+    assert template is not None
+    blank = np.full((SIZE[1], SIZE[0], 3), 128, np.uint8)
+    blank[::2, ::2] = 129  # std 0.43: gain 50 unclamped
+    found, similarity = match(blank, template, box, exposure(blank))
+    assert np.isfinite(found).all() and similarity < 0.75
+
+
 def test_a_template_saved_without_its_exposure_still_loads():
     box = np.array([100, 80, 112, 92], np.float32)
     template = make_template(frame([tuple(box)]), box)
