@@ -103,6 +103,10 @@ class Metrics:
         self.caption_flips = Counter(
             "spotline_caption_flips", "Captions that moved to another track", ["source"],
             registry=r)
+        self.track_boxes = Counter(
+            "spotline_track_boxes", "Tracked frames by where their boxes came from: the detect "
+            "stage, the detector run in the track stage, or the tracks found by their look "
+            "between keyframes", ["by"], registry=r)
         self.track_frames = Counter(
             "spotline_track_frames", "Frames of the track stage: tracked, untracked (no "
             "sequence number, or late), replayed (delivered again)", ["outcome"], registry=r)

@@ -532,6 +532,7 @@ class Track(Stage):
     def _track(self, env: Envelope, state: SourceState) -> tuple[dict[str, Any],
                                                                    dict[int, CachedEmbedding]]:
         assert self.cache is not None
+        detected_before = self.stats.detected_here
         env, plan = self._observe(env, state)
         assert env.boxes is not None
         boxes = env.boxes
@@ -549,6 +550,9 @@ class Track(Stage):
         if self.metrics is not None:
             self.metrics.track_crops.labels("embedded").inc(len(todo))
             self.metrics.track_crops.labels("reused").inc(len(boxes) - len(todo))
+            by = ("look" if not plan.detected else
+                  "track" if self.stats.detected_here > detected_before else "detect")
+            self.metrics.track_boxes.labels(by).inc()
         self.stats.predicted += int(not plan.detected)
         answer = _answer(env, scores, plan.track_ids,
                          [-1 if p.box is None else p.box for p in picks],

@@ -130,7 +130,8 @@ def test_workers_skip_the_detector_between_keyframes(redis_server, settings):
     ids = [client.publish(image, CAPTIONS, source_id="cam") for _ in range(7)]
     detect, track = Detect(s), Track(s)
     Worker(detect, s, t, burst=True).run()
-    Worker(track, s, t, burst=True).run()
+    track_worker = Worker(track, s, t, burst=True)
+    track_worker.run()
     Collector(Collect(s), s, t, burst=True).run()
     got = [(fid, r) for _, r in client.read_results() for fid in [r.frame_id]]
     results = dict(got)
@@ -142,6 +143,10 @@ def test_workers_skip_the_detector_between_keyframes(redis_server, settings):
     # 4, 5 and 7 are found by their look (track_match) in a still scene: the detector's boxes,
     # to within what matching a large box's downscaled patch allows (1% of its size).
     assert track.stats.predicted == 3 and track.stats.detected_here == 2
+    # the same on the dashboard's series: where each tracked frame's boxes came from
+    metric = track_worker.metrics.registry.get_sample_value
+    assert {b: metric("spotline_track_boxes_total", {"by": b})
+            for b in ("detect", "track", "look")} == {"detect": 2, "track": 2, "look": 3}
     assert len({r.track_ids for r in answers}) == 1 and min(answers[0].track_ids) > 0
     first = np.array(answers[0].boxes)
     for r in answers[1:]:
