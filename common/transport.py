@@ -425,6 +425,24 @@ class Transport:
         keys = [stream, *streams]
         self.call(lambda: self._commit(keys=keys, args=args), what)
 
+    # --- hashes and scripts of the track store (common/trackstore.py) -----------------------
+    # Each a ``call``: a Redis outage (a restart, a dropped connection) is ridden out with the
+    # reconnects and bounded wait of every other stage's Redis work, not turned into errors.
+    def hash_get(self, key: str, names: Sequence[str]) -> list[bytes | None]:
+        """HMGET: the values of ``names`` in a hash (None where missing)."""
+        return list(self.call(lambda: self.r.hmget(key, list(names)), "hash get"))
+
+    def hash_size(self, key: str) -> int:
+        """HLEN (0 for a hash that does not exist)."""
+        return int(self.call(lambda: self.r.hlen(key), "hash size"))
+
+    def run_script(self, script: Callable[..., Any], keys: Sequence[str],
+                   args: Sequence[Any], what: str) -> Any:
+        """Run a script from ``script`` inside ``call``: after a reconnect it runs again, so it
+        must be idempotent (a lost reply is indistinguishable from a lost request). A Redis
+        restarted since forgot the script: redis-py loads it again."""
+        return self.call(lambda: script(keys=list(keys), args=list(args)), what)
+
     # --- liveness --------------------------------------------------------------------------
     def heartbeat(self, stage: str, consumer: str) -> None:
         self.call(lambda: self.r.zadd(self.keys.heartbeat(stage), {consumer: time.time()}),

@@ -33,11 +33,9 @@ import numpy as np
 from ..common.envelope import Envelope
 from ..common.errors import ConfigError
 from ..common.images import crop_boxes, swap_rb
-from ..common.keys import Keys
 from ..common.settings import Settings
 from ..common.topology import next_stage
-from ..common.trackstore import CachedEmbedding, EmbeddingCache, TrackStore
-from ..common.transport import connect
+from ..common.trackstore import CachedEmbedding, EmbeddingCache, TrackStore, open_stores
 from .assign import Calibrator, ground
 from .base import Routed, Stage, check_crops
 from .detect import decode_frame
@@ -401,11 +399,7 @@ class Track(Stage):
         if not self.settings.redis_url:
             raise ConfigError("the track stage keeps each source's state in Redis: set "
                               "redis_url (spotline up and the workers it starts do)")
-        client = connect(self.settings.redis_url)
-        keys = Keys(self.settings.namespace)
-        ttl = self.settings.track_state_ttl_s
-        self.store = TrackStore(client, keys, ttl, ANSWERS_KEPT)
-        self.cache = EmbeddingCache(client, keys, ttl, self.settings.track_cache_tracks)
+        self.store, self.cache = open_stores(self.settings, ANSWERS_KEPT)
         self.embedder.setup()
         self.model_name = self.embedder.score.model_name
         self.device_name = self.embedder.score.device_name

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from spotline.common.collector import Collector
-from spotline.common.keys import Keys
 from spotline.common.trackstore import TrackStore
-from spotline.common.transport import Transport, connect
+from spotline.common.transport import Transport
 from spotline.common.worker import Worker
 from spotline.producer.client import Client
 from spotline.stages.collect import Collect
@@ -108,8 +107,8 @@ def test_small_fast_objects_are_detected_every_frame():
 
 
 def test_state_and_answer_are_saved_together(redis_server, settings):
-    r = connect(redis_server.url)
-    store = TrackStore(r, Keys(settings.namespace), ttl_s=60, answers_kept=2)
+    t = Transport(settings, url=redis_server.url)
+    store = TrackStore(t, ttl_s=60, answers_kept=2)
     for seq in (1, 2, 3):
         assert store.save("cam", seq, {"v": seq}, answer=(f"f{seq}", {"picks": [seq]}))
     assert store.answer("cam", "f3") == {"picks": [3]} and store.answer("cam", "f2")
@@ -117,7 +116,7 @@ def test_state_and_answer_are_saved_together(redis_server, settings):
     # A stale save writes neither the state nor the answer.
     assert not store.save("cam", 2, {"v": 0}, answer=("zombie", {"picks": [0]}))
     assert store.answer("cam", "zombie") is None and store.load("cam") == (3, {"v": 3})
-    r.close()
+    t.close()
 
 
 def test_workers_skip_the_detector_between_keyframes(redis_server, settings):

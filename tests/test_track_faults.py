@@ -7,7 +7,6 @@ import os
 import signal
 
 from spotline.common.embedded import EmbeddedRedis
-from spotline.common.keys import Keys
 from spotline.common.settings import Settings
 from spotline.common.trackstore import TrackStore
 from spotline.common.transport import Transport
@@ -45,7 +44,7 @@ def test_killing_the_track_worker_mid_clip(settings: Settings) -> None:
             per_frame = results_by_frame(t)
             got = results(t)
             dead = t.r.xlen(t.keys.dead)
-            last, state = TrackStore(t.r, Keys(s.namespace)).load("drone")
+            last, state = TrackStore(t).load("drone")
     assert sum(per_frame.values()) == FRAMES and set(per_frame) == set(ids), "each frame once"
     assert dead == 0 and not [r.error for r in got.values() if r.error]
     answers = [got[f] for f in ids]

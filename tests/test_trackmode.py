@@ -7,9 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from spotline.common.keys import Keys
 from spotline.common.trackstore import EmbeddingCache, TrackStore
-from spotline.common.transport import connect
+from spotline.common.transport import Transport
 from spotline.stages import libs
 from spotline.stages.track import TrackOptions
 from spotline.stages.tracker import ReuseConfig
@@ -68,15 +67,14 @@ def test_track_mode_embeds_fewer_crops(models):
 def test_state_in_redis_gives_the_same_answers(models, redis_server, settings):
     frames = clip(4)
     memory = Tracked(models)
-    r = connect(redis_server.url)
-    keys = Keys(settings.namespace)
-    redis_mode = Tracked(models, store=TrackStore(r, keys), cache=EmbeddingCache(r, keys))
+    t = Transport(settings, url=redis_server.url)
+    redis_mode = Tracked(models, store=TrackStore(t), cache=EmbeddingCache(t))
     for seq, image in enumerate(frames):
         a = memory.frame("cam", seq, f"m{seq}", image, CAPTIONS)
         b = redis_mode.frame("cam", seq, f"r{seq}", image, CAPTIONS)
         assert a.track_ids == b.track_ids and a.crops_embedded == b.crops_embedded
         assert np.allclose(np.array(a.boxes, float), np.array(b.boxes, float))
         assert np.allclose(a.scores, b.scores, atol=1e-6)
-    assert TrackStore(r, keys).load("cam")[0] == len(frames) - 1
-    assert EmbeddingCache(r, keys).size("cam") > 0
-    r.close()
+    assert TrackStore(t).load("cam")[0] == len(frames) - 1
+    assert EmbeddingCache(t).size("cam") > 0
+    t.close()

@@ -8,21 +8,18 @@ import pytest
 
 from spotline.common.keys import Keys
 from spotline.common.trackstore import CachedEmbedding, EmbeddingCache, TrackStore
-from spotline.common.transport import connect
 from spotline.stages.evidence import Evidence
 from spotline.stages.tracker import SourceTracker
 from tests.test_tracker import scene
 
 
 @pytest.fixture
-def client(redis_server, settings):
-    r = connect(redis_server.url)
-    yield r
-    r.close()
+def client(transport):
+    return transport.r
 
 
-def test_state_is_saved_only_forward(client, settings):
-    store = TrackStore(client, Keys(settings.namespace), ttl_s=60)
+def test_state_is_saved_only_forward(transport, client, settings):
+    store = TrackStore(transport, ttl_s=60)
     assert store.load("cam1") == (-1, None)
     assert store.save("cam1", 3, {"v": 1, "x": np.arange(3)})
     assert not store.save("cam1", 3, {"v": 1, "x": np.arange(5)})  # same frame again
@@ -35,10 +32,24 @@ def test_state_is_saved_only_forward(client, settings):
     assert 0 < ttl <= 60_000
 
 
-def test_two_workers_alternating_keep_one_tracker(client, settings):
+def test_a_save_retried_after_a_lost_reply_is_not_refused(transport):
+    """Transport.call runs a script again after a reconnect; if the first try was applied and
+    only its reply lost, the retry (same token) answers "saved", and writes nothing new. Any
+    other save of the frame is still refused."""
+    store = TrackStore(transport, ttl_s=60, answers_kept=4)
+    assert store.save("cam", 5, {"v": 1}, answer=("f5", {"picks": [1]}), token="try")
+    assert store.save("cam", 5, {"v": 1}, answer=("f5", {"picks": [1]}), token="try")
+    assert not store.save("cam", 5, {"v": 2}, answer=("f5", {"picks": [2]}), token="other")
+    assert not store.save("cam", 5, {"v": 1})  # a fresh token: another worker's save
+    assert store.load("cam") == (5, {"v": 1}) and store.answer("cam", "f5") == {"picks": [1]}
+    assert store.save("cam", 6, {"v": 3}, token="try")  # a later frame is a new save
+    assert not store.save("cam", 5, {"v": 1}, token="try")  # ...and the old one is now stale
+
+
+def test_two_workers_alternating_keep_one_tracker(transport, settings):
     """Frames of one source handled by two workers in turn, each rebuilding the tracker and
     the evidence from Redis: the ids equal those of one tracker kept in memory."""
-    store = TrackStore(client, Keys(settings.namespace))
+    store = TrackStore(transport)
     memory = SourceTracker()
     for seq, (boxes, scores, _) in enumerate(scene(30, seed=4)):
         expected = memory.update(boxes, scores)
@@ -54,9 +65,9 @@ def test_two_workers_alternating_keep_one_tracker(client, settings):
                                          "evidence": evidence.to_state()})
 
 
-def test_embedding_cache_round_trip_ttl_and_cap(client, settings):
+def test_embedding_cache_round_trip_ttl_and_cap(transport, client, settings):
     keys = Keys(settings.namespace)
-    cache = EmbeddingCache(client, keys, ttl_s=30, max_tracks=3)
+    cache = EmbeddingCache(transport, ttl_s=30, max_tracks=3)
     rng = np.random.default_rng(0)
     embs = {t: rng.standard_normal(16).astype(np.float32) for t in range(1, 6)}
     box = np.array([1, 2, 30, 40], np.float32)
@@ -79,4 +90,4 @@ def test_embedding_cache_round_trip_ttl_and_cap(client, settings):
     assert 0 < client.pttl(keys.embeds_order("cam")) <= 30_000
     assert cache.get("cam", []) == {} and cache.put("cam", {}) == 0
     with pytest.raises(ValueError):
-        EmbeddingCache(client, keys, max_tracks=0)
+        EmbeddingCache(transport, max_tracks=0)
