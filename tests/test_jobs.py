@@ -84,10 +84,12 @@ def test_redis_outage_schedules_a_retry(tmp_path: Path, redis_server: EmbeddedRe
     folder = write_folder(tmp_path / "footage", 2)
     q = queue_name()
     dead = f"redis://127.0.0.1:{free_port()}/0"  # the pipeline's Redis is down
-    env = {**settings_env(settings.replace(reconnect_max_s=0.2)), "SPOTLINE_REDIS_URL": dead}
+    env = settings_env(settings.replace(reconnect_max_s=0.2))
     queue = ingest_queue(redis_server.url, q)
     job = queue.enqueue(ingest_job, str(folder), CAPS, env, None, meta={"spec": str(folder)})
-    run_jobs_worker(redis_server.url, q, burst=True, fork=False)
+    # the worker publishes to the Redis of its own settings, not one a job names
+    run_jobs_worker(redis_server.url, q, burst=True, fork=False,
+                    settings=settings.replace(redis_url=dead))
     job.refresh()
     assert job.get_status() == JobStatus.SCHEDULED
     assert job.number_of_retries == 1

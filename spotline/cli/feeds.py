@@ -271,12 +271,13 @@ def jobs_list(queue_name: str) -> None:
               "(SimpleWorker).")
 def jobs_worker(queue_name: str, burst: bool, fork: bool) -> None:
     """Run an RQ worker for ingest jobs (with the scheduler for delayed retries) until Ctrl-C,
-    or until the queue is empty with --burst."""
+    or until the queue is empty with --burst. It runs only spotline's own job functions (any
+    other job fails, refused) and publishes with this process's Redis URL and secrets."""
     from spotline.producer.jobs import run_jobs_worker
 
     s = current().settings
     ran = run_jobs_worker(need_url(s), queue_name, burst=burst, fork=fork,
-                          logging_level=s.log_level)
+                          logging_level=s.log_level, settings=s)
     if burst:
         click.echo("ran jobs" if ran else "no jobs to run", err=True)
 
