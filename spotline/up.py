@@ -181,7 +181,8 @@ def parse_workers(specs: tuple[str, ...]) -> dict[str, int]:
 
 
 def start_redis(settings: Settings, persist: bool = False) -> tuple[str, EmbeddedRedis | None]:
-    """The configured Redis URL, or a fresh embedded redis-server."""
+    """The configured Redis URL, or a fresh embedded redis-server (a random password: its URL
+    goes to the workers in their environment, never on a command line)."""
     if settings.redis_url:
         return settings.redis_url, None
     server = EmbeddedRedis(Path(settings.data_dir) / "redis", persist=persist).start()
@@ -189,9 +190,14 @@ def start_redis(settings: Settings, persist: bool = False) -> tuple[str, Embedde
 
 
 def write_up_file(settings: Settings, url: str) -> Path:
+    """Where other commands find a running `spotline up`: its Redis URL, password included, so
+    only the owner may read it (0600)."""
     path = Path(settings.data_dir) / UP_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an older file keeps its mode through O_CREAT
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({"url": url, "pid": os.getpid()}))
     return path
 
 
