@@ -1,8 +1,9 @@
 """Where the weights are and which device and threads run them.
 
-Real weights are local paths in the settings; nothing is downloaded. When a path is empty,
-the tiny random stand-ins of stages/tiny.py are written once under ``data_dir/tiny-models``
-and loaded by the same code as real weights.
+Real weights are local paths in the settings (``resolve_path`` is the one place they become
+absolute); nothing is downloaded. When the path of a model that runs is empty, the tiny random
+stand-ins of stages/tiny.py are written once under ``data_dir/tiny-models`` and loaded by the
+same code as real weights.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ..common.cores import cpu_count
 from ..common.errors import ModelError
 from ..common.settings import Settings
 from ..common.topology import TRACK, pipeline
-from .tiny import TINY_DIR, ensure_tiny_models
+from .tiny import TINY_DIR, ensure_tiny_models, tiny_paths
 
 log = logging.getLogger(__name__)
 
@@ -116,30 +117,48 @@ def crop_cap(settings: Settings, paths: ModelPaths) -> int:
 
 
 # --- where the weights are --------------------------------------------------------------------
-def resolve_weights(settings: Settings) -> ModelPaths:
-    """The configured model paths; empty ones fall back to tiny random models (written once)."""
-    given = {"detector_weights": settings.detector_weights,
-             "upscaler_weights": settings.upscaler_weights, "scorer_dir": settings.scorer_dir}
-    for key, value in given.items():
-        if value and not Path(value).exists() and not _is_bundled_yaml(value):
-            raise ModelError(f"{key} {value!r} does not exist (weights are local paths; "
-                             f"nothing is downloaded)")
-    tiny: dict[str, Path] = {}
-    missing: list[str] = []
-    if not all(given.values()):
-        tiny = ensure_tiny_models(Path(settings.data_dir) / TINY_DIR)
-        # the upscaler's stand-in is not worth a warning while upscaling is off
-        missing = [k for k, v in given.items()
-                   if not v and (settings.upscale or k != "upscaler_weights")]
+MODELS = ("detector", "upscaler", "scorer")
+WEIGHT_KEYS = {"detector": "detector_weights", "upscaler": "upscaler_weights",
+               "scorer": "scorer_dir"}
+
+
+def resolve_path(value: str | Path, base: str | Path | None = None) -> Path:
+    """The one place a configured path becomes a location: ``~`` expanded, a relative path
+    taken relative to ``base`` (the packaged demo models: the repository) or else to the
+    working directory, as the user typed it; made absolute, so that every stage, command and
+    child process finds the same file (and the export beside it) wherever it was started."""
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = Path(base if base is not None else Path.cwd()) / path
+    return Path(os.path.abspath(path))
+
+
+def used_models(settings: Settings) -> tuple[str, ...]:
+    """The models a pipeline with these settings runs: the upscaler only with upscaling on."""
+    return tuple(m for m in MODELS if m != "upscaler" or settings.upscale)
+
+
+def resolve_weights(settings: Settings, models: Sequence[str] | None = None) -> ModelPaths:
+    """The configured model paths, absolute (``resolve_path``). A model of ``models`` (default:
+    ``used_models``) with no path falls back to the tiny random stand-ins, written once under
+    ``data_dir/tiny-models``; nothing is written, and nothing said about them, when every
+    model that runs has a path (the others' fields then name stand-ins that may not exist)."""
+    need = used_models(settings) if models is None else tuple(models)
+    given = {m: getattr(settings, WEIGHT_KEYS[m]) for m in MODELS}
+    for model, value in given.items():
+        if value and not _is_bundled_yaml(value) and not resolve_path(value).exists():
+            raise ModelError(f"{WEIGHT_KEYS[model]} {value!r} does not exist (weights are "
+                             f"local paths; nothing is downloaded)")
+    directory = resolve_path(settings.data_dir) / TINY_DIR
+    missing = [m for m in need if not given[m]]
+    tiny = ensure_tiny_models(directory) if missing else tiny_paths(directory)
     if missing:
         _warn_once("using tiny RANDOM models for %s (from %s): boxes and scores are arbitrary; "
-                    "set SPOTLINE_DETECTOR_WEIGHTS / _UPSCALER_WEIGHTS / _SCORER_DIR for real "
-                    "results", ", ".join(missing), Path(settings.data_dir) / TINY_DIR)
-    return ModelPaths(
-        detector=Path(settings.detector_weights) if settings.detector_weights else tiny["detector"],
-        upscaler=Path(settings.upscaler_weights) if settings.upscaler_weights else tiny["upscaler"],
-        scorer=Path(settings.scorer_dir) if settings.scorer_dir else tiny["scorer"],
-        tiny=bool(missing))
+                   "set SPOTLINE_DETECTOR_WEIGHTS / _UPSCALER_WEIGHTS / _SCORER_DIR for real "
+                   "results", ", ".join(WEIGHT_KEYS[m] for m in missing), directory)
+    paths = {m: tiny[m] if not value else Path(value) if _is_bundled_yaml(value)
+             else resolve_path(value) for m, value in given.items()}
+    return ModelPaths(**paths, tiny=bool(missing))
 
 
 _warned: set[str] = set()

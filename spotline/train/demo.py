@@ -30,6 +30,7 @@ from typing import Any
 
 from spotline.common.errors import ConfigError
 from spotline.common.settings import Settings
+from spotline.stages.runtime import resolve_path
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_DIR = REPO / "models" / "demo"
@@ -82,7 +83,7 @@ def demo_overlay(directory: Path | None = None) -> dict[str, Any]:
         raise ConfigError(f"{path}: {exc}") from None
     for key in WEIGHT_KEYS:
         if values.get(key):
-            values[key] = str((REPO / values[key]).resolve())
+            values[key] = str(resolve_path(values[key], base=REPO))
     return values
 
 
@@ -107,8 +108,10 @@ def apply_demo_models(settings: Settings, directory: Path | None = None) -> Sett
 def is_demo(settings: Settings, directory: Path | None = None) -> bool:
     """These settings run the demo models."""
     overlay = demo_overlay(directory)
-    return bool(overlay) and settings.scorer_dir == overlay.get("scorer_dir") and \
-        settings.detector_weights == overlay.get("detector_weights")
+    return bool(overlay) and all(
+        getattr(settings, key) and overlay.get(key)
+        and resolve_path(getattr(settings, key)) == Path(overlay[key])
+        for key in ("scorer_dir", "detector_weights"))
 
 
 # --- demo scenes -------------------------------------------------------------------------------
