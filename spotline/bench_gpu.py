@@ -30,6 +30,7 @@ from typing import Any
 import click
 import numpy as np
 
+from spotline.bench.probes import end_load, probe_cpu, probe_lines
 from spotline.common.settings import Settings, load_settings
 
 SECTIONS = ("torch", "reference", "streaming", "onnx")  # in the order they run
@@ -141,6 +142,15 @@ def _crops(side: int, n: int) -> list[np.ndarray]:
 
 
 # --- sections ---------------------------------------------------------------------------------
+def probe(rec: Recorder) -> None:
+    """The CPU first (bench/probes.py): its ISA flags and matmul peaks, the load average."""
+    found = probe_cpu()
+    for line in probe_lines(found):
+        rec.say(line)
+    for key, value in found.items():
+        rec.put("probe", key, value)
+
+
 def environment(rec: Recorder, device: str) -> None:
     """nvidia-smi, torch and CUDA, onnxruntime and its providers."""
     info: dict[str, Any] = {"python": platform.python_version(), "device": device}
@@ -390,6 +400,7 @@ def run(settings: Settings, device: str, real: bool, runs: int, frames: int, rou
     rec = Recorder(out, budget_s)
     rec.put("run", "options", {"device": device, "real": real, "runs": runs, "frames": frames,
                                "rounds": rounds, "budget_s": budget_s, "argv": sys.argv})
+    rec.section("probe", lambda: probe(rec))
     rec.section("environment", lambda: environment(rec, device))
     paths: dict[str, str] = {}
 
@@ -414,6 +425,10 @@ def run(settings: Settings, device: str, real: bool, runs: int, frames: int, rou
         rec.section("streaming", lambda: streaming_fps(rec, s, frames, rounds), needs_s=60)
     if "onnx" in sections:
         rec.section("onnx", lambda: onnx_models(rec, s, paths, device, runs), needs_s=60)
+    found = rec.report["sections"].get("probe", {})
+    if "load_avg_before" in found:
+        rec.say(end_load(found))  # records load_avg_after in the probe's section
+        rec.put("probe", "load_avg_after", found["load_avg_after"])
     rec.say(f"done in {time.perf_counter() - rec.t0:.1f} s")
     return rec.report
 

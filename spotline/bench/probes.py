@@ -3,6 +3,7 @@ Prometheus scrapes (stage phases, entry sizes), trace breakdowns, machine and se
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -10,6 +11,7 @@ import socket
 import statistics
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -244,3 +246,191 @@ def throughput(results: Sequence[Result]) -> dict[str, float]:
         else len(done) / span
     return {"fps": round(len(results) / span, 4), "steady_fps": round(steady, 4),
             "makespan_s": round(span, 3)}
+
+
+# --- the machine: ISA flags and matmul peaks, printed before every bench ----------------------
+PROBE_SIZE = 1024  # M = N = K of the probe's matmuls (2.1 GFLOP each)
+PROBE_RUNS = 5  # best of this many after one warm-up
+
+
+def _best_s(call: Any, runs: int) -> float:
+    import time
+
+    call()
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _torch_peaks(n: int, runs: int, threads: int) -> dict[str, float]:
+    """torch fp32 and bf16 matmuls, and int8 (``torch._int_mm``) where this build has it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    ops = 2 * n ** 3
+    out: dict[str, float] = {}
+    try:
+        for name, dtype in (("torch_fp32_gflops", torch.float32),
+                            ("torch_bf16_gflops", torch.bfloat16)):
+            a, b = torch.ones(n, n, dtype=dtype), torch.ones(n, n, dtype=dtype)
+            out[name] = round(ops / _best_s(lambda a=a, b=b: a @ b, runs) / 1e9, 1)
+        a8 = torch.ones(n, n, dtype=torch.int8)
+        try:
+            out["torch_int8_gops"] = round(ops / _best_s(lambda: torch._int_mm(a8, a8), runs)
+                                           / 1e9, 1)
+        except (RuntimeError, AttributeError, NotImplementedError):
+            pass  # no int8 matmul on this build
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def _openvino_matmul(n: int, int8: bool) -> Any:
+    """An OpenVINO model of one n×n matmul against constant weights; ``int8``: both operands
+    behind FakeQuantize nodes (u8 activations, i8 weights), which the CPU plugin runs as an
+    int8 matmul (VNNI/AMX) as it does NNCF's int8 models."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    x = ops.parameter([n, n], np.float32, name="x")
+    w: Any = ops.constant(np.full((n, n), 0.5, np.float32))
+    if int8:
+        lo, hi = ops.constant(np.float32(0.0)), ops.constant(np.float32(2.55))
+        wlo, whi = ops.constant(np.float32(-1.27)), ops.constant(np.float32(1.27))
+        x_in: Any = ops.fake_quantize(x, lo, hi, lo, hi, 256)
+        w = ops.fake_quantize(w, wlo, whi, wlo, whi, 255)
+    else:
+        x_in = x
+    return ov.Model([ops.matmul(x_in, w, False, False)], [x])
+
+
+def _openvino_peaks(n: int, runs: int, threads: int) -> dict[str, Any]:
+    """OpenVINO's CPU plugin: f32 and bf16 with explicit INFERENCE_PRECISION_HINTs (its
+    default is bf16 wherever the CPU has it), and int8; with the precision each ran at."""
+    import openvino as ov
+
+    core = ov.Core()
+    x = np.ones((n, n), np.float32)
+    ops = 2 * n ** 3
+    out: dict[str, Any] = {}
+    for name, int8, hint in (("openvino_f32_gflops", False, "f32"),
+                             ("openvino_bf16_gflops", False, "bf16"),
+                             ("openvino_int8_gops", True, "f32")):
+        config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_NUM_THREADS": threads}
+        compiled = core.compile_model(_openvino_matmul(n, int8), "CPU", config)
+        request = compiled.create_infer_request()
+        out[name] = round(ops / _best_s(lambda r=request: r.infer({0: x}), runs) / 1e9, 1)
+        if hint == "bf16":  # a CPU without bf16 units runs the bf16 hint at f32
+            runs_as = compiled.get_property("INFERENCE_PRECISION_HINT")
+            out["openvino_bf16_runs_as"] = str(getattr(runs_as, "to_string", lambda: runs_as)())
+    return out
+
+
+def probe_cpu(matmul: bool = True, size: int = PROBE_SIZE, runs: int = PROBE_RUNS
+              ) -> dict[str, Any]:
+    """This machine as a bench sees it, measured in this process: the CPU's model and ISA
+    flags (from /proc/cpuinfo), the threads the models get, the load average, and the peak
+    fp32, bf16 and int8 matmul rates of ``size``³ matmuls (best of ``runs``) through torch
+    and OpenVINO, each where installed (about a second in all on 2 cores)."""
+    import importlib.util
+    import time
+
+    from spotline.stages import runtime
+    from spotline.stages.backends.cpu import cpu_info
+
+    t0 = time.perf_counter()
+    cpu = cpu_info()
+    threads = runtime.cpu_count()
+    probe: dict[str, Any] = {"cpu_model": cpu.model, "isa": cpu.isa(), "threads": threads,
+                             "load_avg_before": [round(v, 2) for v in os.getloadavg()],
+                             "peaks": {}, "matmul": f"{size}x{size}x{size}, best of {runs}, "
+                                                   "in-process"}
+    if matmul:
+        for module, measure in (("torch", _torch_peaks), ("openvino", _openvino_peaks)):
+            if importlib.util.find_spec(module) is None:
+                continue
+            try:
+                probe["peaks"].update(measure(size, runs, threads))
+            except Exception as exc:  # noqa: BLE001 - a probe failure is reported, not fatal
+                probe["peaks"][f"{module}_error"] = f"{type(exc).__name__}: {exc}"
+    probe["probe_s"] = round(time.perf_counter() - t0, 2)
+    return probe
+
+
+def probe_lines(probe: dict[str, Any]) -> list[str]:
+    """The probe as the lines a bench prints first."""
+    have = [f for f, on in probe["isa"].items() if on]
+    lacks = [f for f, on in probe["isa"].items() if not on]
+    lines = [f"machine: {probe['cpu_model']}, {probe['threads']} threads; ISA "
+             f"{' '.join(have) or 'none of the listed'}"
+             + (f" (not: {' '.join(lacks)})" if lacks else "")]
+    peaks = probe.get("peaks", {})
+    parts = []
+    for prefix, label in (("torch", "torch"), ("openvino", "OpenVINO")):
+        cells = [f"{kind} {peaks[key]:,.0f}" for key, kind in (
+            (f"{prefix}_fp32_gflops", "fp32"), (f"{prefix}_f32_gflops", "f32"),
+            (f"{prefix}_bf16_gflops", "bf16"), (f"{prefix}_int8_gops", "int8"))
+            if key in peaks]
+        if prefix == "openvino" and peaks.get("openvino_bf16_runs_as") not in (None, "bf16"):
+            cells.append(f"(bf16 hint runs as {peaks['openvino_bf16_runs_as']})")
+        if cells:
+            parts.append(f"{label} " + ", ".join(cells))
+        if f"{prefix}_error" in peaks:
+            parts.append(f"{label} failed: {peaks[f'{prefix}_error']}")
+    if parts:
+        lines.append(f"matmul peaks (GFLOPS, int8 GOPS; {probe['matmul']}): "
+                     + "; ".join(parts))
+    lines.append(f"load average before: {' '.join(f'{v:.2f}' for v in probe['load_avg_before'])}"
+                 f" (probe {probe['probe_s']:.2f} s)")
+    return lines
+
+
+def end_load(probe: dict[str, Any]) -> str:
+    """Record the load average after the bench in ``probe``; the line that says it."""
+    probe["load_avg_after"] = [round(v, 2) for v in os.getloadavg()]
+    return (f"load average after: {' '.join(f'{v:.2f}' for v in probe['load_avg_after'])} "
+            f"(before: {' '.join(f'{v:.2f}' for v in probe['load_avg_before'])})")
+
+
+def add_probe(command: Any) -> Any:
+    """Make every mode of the `bench` click command (the figures, --real, --backends, --soak,
+    --video, --only transport) start by probing and printing the machine (``probe_cpu``) and
+    end with the load average; a --json report gets the probe as its ``probe`` field. Wraps
+    the outermost callback: registered after the options that add modes."""
+    import functools
+
+    import click
+
+    original = command.callback
+
+    @functools.wraps(original)
+    def callback(*args: Any, **kwargs: Any) -> Any:
+        probe = probe_cpu()
+        for line in probe_lines(probe):
+            click.echo(line)
+        click.get_current_context().meta["spotline.probe"] = probe
+        try:
+            return original(*args, **kwargs)
+        finally:
+            click.echo(end_load(probe))
+            json_path = kwargs.get("json_path")
+            if json_path and Path(json_path).is_file():
+                _add_to_json(Path(json_path), probe)
+
+    command.callback = callback
+    return command
+
+
+def _add_to_json(path: Path, probe: dict[str, Any]) -> None:
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(report, dict):
+        report["probe"] = probe
+        path.write_text(json.dumps(report, indent=2, default=str))

@@ -59,6 +59,7 @@ cli.add_command(__import__("spotline.bench_gpu", fromlist=["x"]).bench_gpu)  # b
 __import__("spotline.bench.soak", fromlist=["x"]).add_soak_options(ops.bench)  # --soak
 __import__("spotline.bench_backends", fromlist=["x"]).add_backends_options(ops.bench)  # --backends
 __import__("spotline.cli_track", fromlist=["x"]).add_video_options(ops.bench)  # bench --video
+__import__("spotline.bench.probes", fromlist=["x"]).add_probe(ops.bench)  # last: every mode
 __import__("spotline.cli_track", fromlist=["x"]).add_grounding_options(ops.eval_cmd)  # eval
 cli.add_command(__import__("spotline.cli_track", fromlist=["x"]).calibrate)  # spotline calibrate
 cli.add_command(__import__("spotline.train.commands", fromlist=["x"]).data)  # data synth|crops
