@@ -161,6 +161,24 @@ class Settings:
     # --- producers
     backpressure: str = field(default="block", metadata={"help": "block or drop-oldest"})
     high_water: int = field(default=200, metadata={"help": "inbox backlog that triggers it"})
+    # --- feeds added over HTTP (POST /sources; producer/feedpolicy.py). The CLI is not bound.
+    feed_roots: str = field(default="", metadata={
+        "help": "folders whose files feeds added over HTTP may read, comma-separated (checked "
+                "after resolving symlinks and ..); empty: no local paths over HTTP"})
+    feed_schemes: str = field(default="rtsp,rtsps,http,https", metadata={
+        "help": "URL schemes feeds added over HTTP may use, comma-separated"})
+    feed_allow_private: bool = field(default=False, metadata={
+        "help": "feeds added over HTTP may reach loopback, link-local, private, multicast and "
+                "reserved addresses (every address the host name resolves to is checked, again "
+                "before each connection)"})
+    feed_allow_cameras: bool = field(default=False, metadata={
+        "help": "feeds added over HTTP may open the host's cameras (an index such as 0, or "
+                "/dev/video*)"})
+    max_feeds: int = field(default=64, metadata={
+        "help": "feeds the registry holds at most when one is added over HTTP (a supervisor "
+                "thread each)"})
+    feed_max_spec_chars: int = field(default=2048, metadata={
+        "help": "characters of a feed's spec (URL or path) added over HTTP"})
     # --- limits (checked at the producer/gateway and again at detect)
     max_frame_bytes: int = field(default=25 * 1024 * 1024, metadata={"help": "encoded frame"})
     max_pixels: int = field(default=50_000_000, metadata={"help": "width × height"})
@@ -245,7 +263,8 @@ def _validate(s: Settings) -> None:
     positive = ("imgsz", "max_det", "crops_per_part", "upscale_factor", "caption_cache_size",
                 "result_ttl_s", "results_maxlen", "visibility_timeout_ms", "max_deliveries",
                 "block_ms", "dead_maxlen", "high_water", "max_frame_bytes", "max_pixels",
-                "max_captions", "max_caption_chars", "rate_burst",
+                "max_captions", "max_caption_chars", "rate_burst", "max_feeds",
+                "feed_max_spec_chars",
                 *(f"batch_{st}" for st in STAGES))
     for key in positive:
         if getattr(s, key) <= 0:

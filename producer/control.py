@@ -31,15 +31,27 @@ from fastapi import APIRouter, Depends, HTTPException, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..common.errors import InputError, SpotlineError
+from ..common.redact import redact as redact_text
 from ..common.settings import BACKPRESSURE, Settings
 from ..common.transport import Transport
 from .client import Client
+from .feedpolicy import FeedPolicy, FeedRefused
 from .publisher import PublishStats, publish_source
-from .sources import Reconnect, SourceFrame, open_source, redact
+from .sources import (
+    DatasetSource,
+    FolderSource,
+    Reconnect,
+    Source,
+    SourceFrame,
+    open_source,
+    redact,
+)
 
 log = logging.getLogger(__name__)
 
-SOURCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+# fullmatch, never '$' (which lets one trailing newline through: "cam1\n" beside "cam1")
+SOURCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
+ORIGINS = ("host", "http")  # who registered a feed: the host's CLI/API, or the gateway
 STATES = ("starting", "running", "stalled", "reconnecting", "finished", "stopped")
 
 # Renew a lease only while we still hold it (KEYS[1] lease; ARGV owner, ttl ms).
@@ -65,9 +77,12 @@ class FeedSpec:
     fps: float | None = None
     live: bool = False  # read a video file as a live stream (loops, drops when behind)
     policy: str | None = None  # block or drop-oldest; default: drop-oldest for live feeds
+    # "http": added over the gateway, so bound by the feed policy (producer/feedpolicy.py)
+    # when added and again each time the supervisor opens it; "host": the operator's own
+    origin: str = "host"
 
     def __post_init__(self) -> None:
-        if not SOURCE_ID.match(self.source_id):
+        if not isinstance(self.source_id, str) or not SOURCE_ID.fullmatch(self.source_id):
             raise InputError(f"source id {self.source_id!r}: letters, digits and . _ / - only "
                              "(up to 128), starting with a letter or digit")
         if not self.spec.strip():
@@ -78,6 +93,8 @@ class FeedSpec:
             raise InputError(f"policy must be one of {BACKPRESSURE}, got {self.policy!r}")
         if any(not isinstance(c, str) or not c.strip() for c in self.captions):
             raise InputError("captions must be non-empty strings")
+        if self.origin not in ORIGINS:
+            raise InputError(f"origin must be one of {ORIGINS}, got {self.origin!r}")
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "captions": list(self.captions)})
@@ -86,6 +103,9 @@ class FeedSpec:
     def from_json(cls, raw: bytes | str) -> FeedSpec:
         data = json.loads(raw)
         data["captions"] = tuple(data.get("captions") or ())
+        # an entry that does not say who added it (an older spotline wrote it) may have come
+        # over HTTP: it is held to the policy (re-add it with the CLI to run it unbound)
+        data.setdefault("origin", "http")
         return cls(**data)
 
     def public(self) -> dict[str, Any]:
@@ -117,14 +137,41 @@ class Registry:
         self.t = transport
         self.keys = transport.keys
 
-    def add(self, feed: FeedSpec, replace: bool = False) -> bool:
-        """Register a feed; False when the id exists (and ``replace`` is not set)."""
+    def add(self, feed: FeedSpec, replace: bool = False, limit: int = 0) -> bool:
+        """Register a feed; False when the id exists (and ``replace`` is not set). ``limit``:
+        FeedRefused when the registry holds that many feeds already (checked atomically)."""
+        if limit:
+            return self._add_within(feed, limit)
         if replace:
             self.t.call(lambda: self.t.r.hset(self.keys.sources, feed.source_id,
                                               feed.to_json()), "add source")
             return True
         return bool(self.t.call(lambda: self.t.r.hsetnx(self.keys.sources, feed.source_id,
                                                         feed.to_json()), "add source"))
+
+    def _add_within(self, feed: FeedSpec, limit: int) -> bool:
+        """HSETNX only while the hash holds fewer than ``limit`` fields (WATCH: a concurrent
+        add makes us look again)."""
+        from redis.exceptions import WatchError
+
+        def add() -> int:
+            with self.t.r.pipeline(transaction=True) as pipe:
+                while True:
+                    try:
+                        pipe.watch(self.keys.sources)
+                        if pipe.hexists(self.keys.sources, feed.source_id):
+                            return 0
+                        if pipe.hlen(self.keys.sources) >= limit:
+                            return -1
+                        pipe.multi()
+                        pipe.hsetnx(self.keys.sources, feed.source_id, feed.to_json())
+                        return int(pipe.execute()[0])
+                    except WatchError:
+                        continue
+        added = int(self.t.call(add, "add source"))
+        if added < 0:
+            FeedPolicy(max_feeds=limit).check_count(limit)
+        return added > 0
 
     def remove(self, source_id: str) -> bool:
         """Unregister a feed (its supervisor stops it within a poll); False when unknown."""
@@ -207,7 +254,7 @@ class _Feed:
             try:
                 finished = self._publish_once()
             except Exception as exc:  # noqa: BLE001 - any failure of a feed is retried
-                msg = redact(str(exc)) or type(exc).__name__
+                msg = redact_text(str(exc)) or type(exc).__name__
                 if time.monotonic() - started > 2 * self.sup.max_backoff_s:
                     delay = self.sup.base_backoff_s  # it ran a good while: start over
                 self._set(state="reconnecting", error=msg,
@@ -227,8 +274,13 @@ class _Feed:
         reconnect = Reconnect(max_attempts=self.sup.source_attempts,
                               base_delay=self.sup.base_backoff_s,
                               max_delay=self.sup.max_backoff_s, sleep=self.stop.wait)
-        source = open_source(self.spec.spec, self.spec.captions, self.spec.source_id,
-                             self.spec.fps, reconnect=reconnect, live=self.spec.live)
+        guard = self._guard()
+        if guard is not None:
+            guard()  # again now, not only when it was added: links and DNS answers change
+        source = self._confine(open_source(self.spec.spec, self.spec.captions,
+                                           self.spec.source_id, self.spec.fps,
+                                           reconnect=reconnect, live=self.spec.live,
+                                           guard=guard))
         self._set(state="running", error=None, running_since=time.time())
         stats = PublishStats()
         base = self.snapshot()
@@ -253,6 +305,32 @@ class _Feed:
             source.close()
         return not self.stop.is_set()
 
+    def _guard(self) -> Any:
+        """For a feed added over HTTP: the policy check to run before each connection."""
+        if self.spec.origin != "http":
+            return None
+        policy, spec = self.sup.policy, self.spec.spec
+        return lambda: policy.check_target(spec)
+
+    def _confine(self, source: Source) -> Source:
+        """A folder or dataset added over HTTP: only its files inside feed_roots (a link in
+        it may point anywhere)."""
+        if self.spec.origin != "http":
+            return source
+        inside = self.sup.policy.inside_roots
+        if isinstance(source, FolderSource):
+            source.files = [f for f in source.files if inside(f)]
+            left = len(source.files)
+        elif isinstance(source, DatasetSource):
+            source.images = [i for i in source.images if inside(i.image_path)]
+            left = len(source.images)
+        else:
+            return source
+        if not left:
+            source.close()
+            raise FeedRefused(f"{self.spec.spec}: no images inside feed_roots")
+        return source
+
 
 class Supervisor:
     """Runs the registered feeds this process holds the lease of, until stopped."""
@@ -270,6 +348,7 @@ class Supervisor:
         self.base_backoff_s = base_backoff_s
         self.max_backoff_s = max_backoff_s
         self.source_attempts = source_attempts
+        self.policy = FeedPolicy.from_settings(settings)  # for feeds added over HTTP
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.feeds: dict[str, _Feed] = {}
         self._stop = threading.Event()
@@ -301,7 +380,8 @@ class Supervisor:
             # A finished file is not read again (remove and add it to re-read it); a finished
             # feed stays held (its lease renewed) by the supervisor that ran it.
             if sid not in self.feeds and sid not in done and self._take_lease(sid):
-                log.info("source=%s starting (%s)", sid, redact(spec.spec))
+                log.info("source=%s starting (%s, added from the %s)", sid, redact(spec.spec),
+                         spec.origin)
                 self.feeds[sid] = _Feed(self, spec).start()
         for sid, feed in list(self.feeds.items()):
             status = feed.snapshot()
@@ -362,6 +442,7 @@ def sources_router(settings: Settings, client: Client) -> APIRouter:
     from .live import api_guard
 
     registry = Registry(client.t)
+    policy = FeedPolicy.from_settings(settings)
     router = APIRouter(tags=["sources"], dependencies=[Depends(api_guard)])
 
     @router.get("/sources", summary="Registered feeds with their state")
@@ -372,10 +453,15 @@ def sources_router(settings: Settings, client: Client) -> APIRouter:
     def add_source(body: FeedRequest) -> dict[str, Any]:
         try:
             feed = FeedSpec(body.source_id, body.spec, tuple(body.captions), body.fps,
-                            body.live, body.policy)
+                            body.live, body.policy, origin="http")
+            policy.check_request(feed.spec, feed.captions)
+            added = registry.add(feed, limit=policy.max_feeds)
+        except FeedRefused as exc:
+            log.warning("POST /sources refused: %s", redact_text(str(exc)))
+            raise HTTPException(exc.status, str(exc)) from None
         except InputError as exc:
-            raise HTTPException(400, str(exc)) from None
-        if not registry.add(feed):
+            raise HTTPException(400, redact_text(str(exc))) from None
+        if not added:
             raise HTTPException(409, f"source {feed.source_id!r} exists; remove it first")
         return feed.public()
 

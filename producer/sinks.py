@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-Spotline-Signature"  # "sha256=<hex HMAC-SHA256 of the body>"
 FRAME_HEADER = "X-Spotline-Frame"
 DEFAULT_TOPIC = "spotline/{source_id}/results"
+MAX_TOPIC_BYTES = 65535  # MQTT: a topic name is a UTF-8 string of at most this many bytes
 LAG_EVERY_S = 2.0
 
 
@@ -115,9 +116,32 @@ class WebhookTarget:
         self._http.close()
 
 
+def mqtt_topic(template: str, source_id: str) -> str:
+    """The topic a source's results go to; DeliveryError (permanent) when the source id would
+    make it invalid: a wildcard (``+``, ``#``), NUL or another control character, or text
+    that is not UTF-8. Such a result is dead-lettered, never published on a
+    topic it did not name (a wildcard there is refused by the broker and by paho)."""
+    bad = sorted({c for c in source_id if c in "+#" or ord(c) < 32 or 0x7F <= ord(c) < 0xA0})
+    if not source_id or bad:
+        raise DeliveryError(f"source id {source_id!r} cannot be part of an MQTT topic "
+                            f"({'empty' if not source_id else 'holds ' + repr(''.join(bad))})",
+                            permanent=True)
+    topic = template.format(source_id=source_id)
+    try:
+        size = len(topic.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise DeliveryError(f"source id {source_id!r}: the MQTT topic is not UTF-8",
+                            permanent=True) from None
+    if size > MAX_TOPIC_BYTES:
+        raise DeliveryError(f"MQTT topic of {size} bytes: at most {MAX_TOPIC_BYTES}",
+                            permanent=True)
+    return topic
+
+
 class MqttTarget:
     """Publish to an MQTT broker at QoS 1, one topic per source (``{source_id}`` in the
-    template); a result counts as delivered when the broker's PUBACK arrives."""
+    template); a result counts as delivered when the broker's PUBACK arrives. A source id
+    that cannot make a valid topic dead-letters its result (``mqtt_topic``)."""
 
     kind = "mqtt"
 
@@ -134,6 +158,13 @@ class MqttTarget:
         except (KeyError, IndexError, ValueError) as exc:
             raise SpotlineError(f"topic template {topic!r}: only {{source_id}} may be used "
                                 f"({exc})") from None
+        try:
+            mqtt_topic(topic, "x")
+        except DeliveryError as exc:
+            raise SpotlineError(f"topic template {topic!r}: {exc}") from None
+        if any(c in topic for c in "+#\0"):
+            raise SpotlineError(f"topic template {topic!r}: no wildcards (+ #) or NUL in a "
+                                "topic one publishes to")
         self.topic = topic
         self.timeout_s = timeout_s
         self._connected = threading.Event()
@@ -159,8 +190,11 @@ class MqttTarget:
     def send(self, result: Result, payload: bytes) -> None:
         if not self._connected.wait(self.timeout_s):
             raise DeliveryError(f"not connected to the MQTT broker after {self.timeout_s:.0f}s")
-        topic = self.topic.format(source_id=result.source_id)
-        info = self._client.publish(topic, payload, qos=1)
+        topic = mqtt_topic(self.topic, result.source_id)
+        try:
+            info = self._client.publish(topic, payload, qos=1)
+        except ValueError as exc:  # paho's own checks (topic, payload size): cannot succeed
+            raise DeliveryError(f"publish to {topic!r}: {exc}", permanent=True) from None
         if info.rc != self._mqtt.MQTT_ERR_SUCCESS:
             raise DeliveryError(f"publish to {topic}: {self._mqtt.error_string(info.rc)}")
         try:

@@ -25,6 +25,7 @@ from ..common.images import encode_jpeg
 from ..common.images import image_size as image_size  # re-exported: the producers' check
 from ..common.limits import check_frame as check_frame  # re-exported
 from ..common.limits import validate_frame as validate_frame  # re-exported
+from ..common.redact import redact_url
 from .dataset import DATASET_FILE, TilImage, load_til
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
@@ -284,10 +285,14 @@ class LiveSource(Source):
     live = True
 
     def __init__(self, target: str | int, source_id: str, captions: tuple[str, ...] = (),
-                 pacer: Pacer | None = None, reconnect: Reconnect | None = None) -> None:
+                 pacer: Pacer | None = None, reconnect: Reconnect | None = None,
+                 guard: Callable[[], None] | None = None) -> None:
         super().__init__(source_id, captions, pacer)
         self.target = target
         self.reconnect = reconnect or Reconnect()
+        # called before every open and reopen; raises InputError to refuse the connection
+        # (a feed added over HTTP: its host is resolved and checked again each time)
+        self.guard = guard
         self.reconnects = 0  # reopen attempts made so far (for metrics and tests)
         self._cap: Any = None
 
@@ -303,6 +308,8 @@ class LiveSource(Source):
 
     def open(self) -> Source:
         """Open the feed once; failing at start is an InputError (no retries)."""
+        if self.guard is not None:
+            self.guard()
         self._cap = open_capture(self.target)
         if self._cap is None:
             raise InputError(f"cannot open {self.label}" + (
@@ -327,6 +334,8 @@ class LiveSource(Source):
         self.close()
         self.reconnect.sleep(self.reconnect.delay(attempt))
         self.reconnects += 1
+        if self.guard is not None:
+            self.guard()
         self._cap = open_capture(self.target)
 
     def _items(self) -> Iterator[_Item]:
@@ -382,8 +391,9 @@ def is_url(spec: str) -> bool:
 
 
 def redact(url: str) -> str:
-    """A URL without its user:password part."""
-    return re.sub(r"://[^/@]*@", "://", url)
+    """A URL without its user:password part (cut at the last '@' before the path: a password
+    may hold one) and with secret query values (token, password, signature...) masked."""
+    return redact_url(url, drop_user=True)
 
 
 def default_source_id(spec: str) -> str:
@@ -414,8 +424,9 @@ def classify(spec: str) -> str:
 
 def open_source(spec: str, captions: Iterable[str], source_id: str | None = None,
                 fps: float | None = None, *, reconnect: Reconnect | None = None,
-                live: bool = False) -> Source:
-    """Open the source a spec names (``live=True`` reads a video file as a live stream)."""
+                live: bool = False, guard: Callable[[], None] | None = None) -> Source:
+    """Open the source a spec names (``live=True`` reads a video file as a live stream;
+    ``guard`` is called before a live source connects, and before each reconnect)."""
     kind = classify(str(spec))
     kind = "stream" if live and kind == "video" else kind
     caps = tuple(captions)
@@ -430,7 +441,7 @@ def open_source(spec: str, captions: Iterable[str], source_id: str | None = None
         source = DatasetSource(spec, sid, pacer)
     elif kind in ("stream", "camera"):
         target: str | int = int(spec) if kind == "camera" else str(spec)
-        source = LiveSource(target, sid, caps, pacer, reconnect)
+        source = LiveSource(target, sid, caps, pacer, reconnect, guard)
     else:
         cls = {"image": ImageSource, "folder": FolderSource, "video": VideoSource}[kind]
         source = cls(spec, sid, caps, pacer)

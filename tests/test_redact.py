@@ -36,6 +36,43 @@ def test_redact(text: str, expected: str) -> None:
     assert redact(text) == expected
 
 
+@pytest.mark.parametrize("url, shown, without_user", [
+    # a password holding '@' (and ':', '?', '#'): cut at the LAST '@' before the path
+    ("rtsp://user:p@ss@cam.example/live", "rtsp://user:***@cam.example/live",
+     "rtsp://cam.example/live"),
+    ("rtsp://admin:a@b:c@10.0.0.5:554/s", "rtsp://admin:***@10.0.0.5:554/s",
+     "rtsp://10.0.0.5:554/s"),
+    ("rtsp://u:pa?ss#x@h/s?ch=1", "rtsp://u:***@h/s?ch=1", "rtsp://h/s?ch=1"),
+    ("http://u:@h/", "http://u:@h/", "http://h/"),
+    ("http://h/?a@b=1", "http://h/?a@b=1", "http://h/?a@b=1"),  # '@' after the path stays
+    # secret query keys, any case, by name or by ending
+    ("http://h/s?token=T&password=P&ch=2", "http://h/s?token=***&password=***&ch=2", None),
+    ("http://h/s?passwd=1&pwd=2&secret=3&pass=4", "http://h/s?passwd=***&pwd=***&secret=***"
+     "&pass=***", None),
+    ("http://h/s?Access_Token=1&API_KEY=2&apikey=3&key=4", "http://h/s?Access_Token=***"
+     "&API_KEY=***&apikey=***&key=***", None),
+    ("http://h/s?sig=1&Signature=2&auth=3&Authorization=4", "http://h/s?sig=***"
+     "&Signature=***&auth=***&Authorization=***", None),
+    ("https://b.s3.amazonaws.com/o.mp4?X-Amz-Algorithm=AWS4&X-Amz-Credential=AKIA%2F1"
+     "&X-Amz-Signature=abc&X-Amz-Security-Token=tok&X-Amz-Expires=60",
+     "https://b.s3.amazonaws.com/o.mp4?X-Amz-Algorithm=AWS4&X-Amz-Credential=***"
+     "&X-Amz-Signature=***&X-Amz-Security-Token=***&X-Amz-Expires=60", None),
+    ("http://h/s?refresh_token=1&client_secret=2&my-key=3", "http://h/s?refresh_token=***"
+     "&client_secret=***&my-key=***", None),
+    ("http://h/s?monkey=1&keyframe=2&tokens=3", "http://h/s?monkey=1&keyframe=2&tokens=3",
+     None),  # not secret names
+    ("http://h/s?a=1;sig=2#access_token=3&state=4", "http://h/s?a=1;sig=***"
+     "#access_token=***&state=4", None),
+    ("http://h/s?token=&x=1", "http://h/s?token=&x=1", None),  # nothing to hide
+    ("http://u:p@ss@h/s?token=T", "http://u:***@h/s?token=***", "http://h/s?token=***"),
+])
+def test_redact_url_table(url: str, shown: str, without_user: str | None) -> None:
+    assert redact_url(url) == shown
+    assert redact(f"cannot open {url}: timeout") == f"cannot open {shown}: timeout"
+    if without_user is not None:
+        assert redact_url(url, drop_user=True) == without_user
+
+
 def test_redact_url_keeps_what_the_url_says() -> None:
     assert redact_url(f"redis://:{SECRET}@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
 

@@ -334,3 +334,41 @@ def test_mqtt_sink_killed_and_restarted_loses_nothing(
     assert rc == 0
     for topic, doc in sub.messages:
         assert topic == f"fleet/{doc['source_id']}/boxes"
+
+
+def test_mqtt_sink_dead_letters_a_source_id_that_cannot_be_a_topic(transport: Transport,
+                                                                   mosquitto: int) -> None:
+    """A source id with a wildcard (+ #), NUL or another control character makes no valid
+    topic: that result is dead-lettered with the reason, at once; the sink goes on and
+    delivers the others."""
+    sub = Subscriber(mosquitto, "#")
+    sink = Sink(transport, MqttTarget(f"mqtt://127.0.0.1:{mosquitto}", client_id="sink-bad"),
+                SinkOptions(name="mqbad", backoff_s=0.01, max_attempts=3))
+    th = run_in_thread(sink)
+    bad = {"frame0100": "cam+1", "frame0101": "cam/#", "frame0102": "a\x00b",
+           "frame0103": "line\nbreak", "frame0104": ""}
+    good = [make_result(i, source="cam-ok") for i in range(3)]
+    try:
+        publish_results(transport, [good[0], *(make_result(int(f[5:]), source=sid)
+                                               for f, sid in bad.items()), *good[1:]])
+        wait_for(lambda: sink.counts.delivered + sink.counts.failed == 8, 30, "every result")
+        wait_for(lambda: sub.frames() == {r.frame_id for r in good}, 20, "the good ones")
+    finally:
+        sink.stop()
+        th.join(10)
+        sub.close()
+    assert not th.is_alive() and sink.counts.failed == 5 and sink.counts.delivered == 3
+    assert {t for t, _doc in sub.messages} == {"spotline/cam-ok/results"}
+    dead = {f[b"frame"].decode(): f[b"reason"].decode()
+            for _i, f in transport.r.xrange(transport.keys.dead)}
+    assert set(dead) == set(bad)
+    assert all("after 1 attempt(s)" in r and "MQTT topic" in r for r in dead.values()), dead
+    assert pending(transport, "sink-mqbad") == 0
+
+
+def test_mqtt_topic_template_with_a_wildcard_is_refused_at_start() -> None:
+    from spotline.common.errors import SpotlineError
+
+    for template in ("fleet/+/{source_id}", "fleet/{source_id}/#"):
+        with pytest.raises(SpotlineError, match="wildcards"):
+            MqttTarget("mqtt://127.0.0.1:1", topic=template)

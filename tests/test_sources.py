@@ -177,6 +177,27 @@ def test_local_stream_is_live_and_reconnects(tmp_path: Path, as_url: bool) -> No
     assert src.reconnects == 2 and slept == [0.1, 0.1]
 
 
+def test_a_live_sources_guard_runs_before_every_connection(tmp_path: Path) -> None:
+    """The guard (a feed added over HTTP: its policy check) runs before the first open and
+    before each reopen; when it refuses, the source stops with its InputError and opens no
+    more."""
+    path = _video(tmp_path / "live.avi", frames=3)
+    calls: list[int] = []
+
+    def guard() -> None:
+        calls.append(len(calls))
+        if len(calls) > 2:
+            raise InputError("refused by the feed policy")
+
+    src = open_source(str(path), CAPS, reconnect=Reconnect(5, 0.0, 0.0, sleep=lambda _s: None),
+                      live=True, guard=guard)
+    assert calls == [0]
+    with pytest.raises(InputError, match="refused by the feed policy"):
+        list(itertools.islice(src, 20))
+    # opened, reopened once (3 + 3 frames), then the third connection was refused
+    assert len(calls) == 3 and src.reconnects == 2 and src._cap is None
+
+
 class _FakeCap:
     def __init__(self, frames: int) -> None:
         self.frames = frames
@@ -284,6 +305,8 @@ def test_classify_and_ids(tmp_path: Path) -> None:
     assert default_source_id("0") == "camera0"
     assert default_source_id(str(tmp_path / "clip.mp4")) == "clip.mp4"
     assert redact("rtsp://u:p@host/x") == "rtsp://host/x"
+    assert redact("rtsp://u:p@ss@host/x?token=t&ch=1") == "rtsp://host/x?token=***&ch=1"
+    assert default_source_id("rtsp://u:p@ss@host/x") == "host_x"  # no piece of the password
 
 
 def test_reconnect_delays() -> None:

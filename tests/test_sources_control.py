@@ -143,7 +143,8 @@ def test_a_feed_that_cannot_open_is_retried_with_backoff_without_showing_credent
 def test_sources_over_the_gateway_http_api(settings: Settings, client: Client,
                                            tmp_path: Path) -> None:
     folder = folder_of_frames(tmp_path / "frames", 1)
-    with TestClient(create_app(settings, client)) as http:
+    over_http = settings.replace(feed_roots=str(tmp_path))  # local paths need a root
+    with TestClient(create_app(over_http, client), base_url="http://127.0.0.1") as http:
         body = {"source_id": "door/cam-2", "spec": str(folder), "captions": ["a person"]}
         created = http.post("/sources", json=body)
         assert created.status_code == 201, created.text
