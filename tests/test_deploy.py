@@ -166,9 +166,47 @@ def test_gateway_healthcheck_is_readiness() -> None:
     """Healthy means ready: Redis answers and every stage has a live worker (GET /ready)."""
     gateway = BASE["services"][GATEWAY]
     assert "/ready" in " ".join(gateway["healthcheck"]["test"])
-    assert "SPOTLINE_API_KEYS" in env_dict(gateway)
+    # keys required: the container listens beyond loopback, where an open gateway won't serve
+    assert env_dict(gateway)["SPOTLINE_API_KEYS"].startswith("${SPOTLINE_API_KEYS:?")
     settings = load_settings(env=interpolated(env_dict(gateway)))
-    assert settings.api_keys == "" and settings.rate_limit == 0  # unless set in .env
+    assert settings.api_keys == "test-secret" and settings.http_host == "0.0.0.0"
+    assert settings.rate_limit == 0  # unless set in .env
+
+
+def test_compose_publishes_only_the_gateway_beyond_loopback() -> None:
+    """Prometheus (no auth) and Grafana on 127.0.0.1 only, Grafana without anonymous access
+    unless asked, Redis pinned to a release, /metrics on the container network explicitly
+    (outside a container it binds loopback)."""
+    services = BASE["services"]
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            if name != GATEWAY:
+                assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port}"
+    assert "127.0.0.1:9090:9090" in services["prometheus"]["ports"]
+    assert "127.0.0.1:3000:3000" in services["grafana"]["ports"]
+    grafana = interpolated(env_dict(services["grafana"]))
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert re.fullmatch(r"redis:7\.\d+\.\d+", str(services["redis"]["image"]))
+    assert load_settings(env={}).metrics_host == "127.0.0.1"
+    for name, svc in SPOTLINE.items():
+        assert load_settings(env=interpolated(env_dict(svc))).metrics_host == "0.0.0.0", name
+    for name, svc in MERGED["services"].items():
+        assert env_dict(svc).get("SPOTLINE_METRICS_HOST", "0.0.0.0") == "0.0.0.0", name
+
+
+def test_secret_files_stay_out_of_git_and_images(tmp_path: Path) -> None:
+    """.env (compose's secrets) and deploy/k8s/secrets/ are ignored by git and by the image
+    build (`COPY . .` would bake them in); the examples are not."""
+    paths = [".env", ".env.local", "deploy/.env", "deploy/k8s/secrets/redis.env",
+             ".env.example", "deploy/k8s/secrets/redis.env.example"]
+    out = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT,
+                         capture_output=True, text=True, timeout=30)
+    assert set(out.stdout.split()) == set(paths[:4]), out.stdout + out.stderr
+    lines = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    assert {".env", ".env.*", "**/.env", "**/.env.*", "deploy/k8s/secrets"} <= set(lines)
+    # docker applies the last matching line: the exception must come after the patterns
+    assert lines.index("!.env.example") > max(lines.index(p) for p in (".env.*", "**/.env.*"))
 
 
 @pytest.mark.parametrize("name", sorted(SPOTLINE))
@@ -388,7 +426,8 @@ def test_grafana_provisioning(dashboard: dict[str, Any]) -> None:
     assert mounts["./deploy/grafana/dashboards"] == provider["options"]["path"]
     assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
     env = env_dict(grafana)
-    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    # anonymous access off unless GRAFANA_ANONYMOUS=true; then read-only
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "${GRAFANA_ANONYMOUS:-false}"
     assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
 
 

@@ -14,7 +14,10 @@
 
 from __future__ import annotations
 
+import base64
 import copy
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,7 +137,27 @@ def base_objects() -> list[dict[str, Any]]:
                 if c["image"] == image["name"]:
                     c["image"] = f"{image['newName']}:{image['newTag']}"
             objs.append(doc)
-    return objs
+    return objs + generated_secrets(kust)
+
+
+def generated_secrets(kust: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Secrets the kustomization's secretGenerator makes from env files the operator
+    writes (deploy/k8s/secrets/, git-ignored): the keys from each file's committed
+    ``.example``, a test value for each."""
+    out = []
+    for gen in kust.get("secretGenerator", []):
+        data = {}
+        for env_file in gen["envs"]:
+            example = (K8S / f"{env_file}.example").read_text(encoding="utf-8")
+            for line in example.splitlines():
+                if line.strip() and not line.startswith("#"):
+                    key, _, value = line.partition("=")
+                    assert value == "", f"{env_file}.example holds a value for {key}"
+                    data[key] = base64.b64encode(b"test-secret").decode()
+        out.append({"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "data": data,
+                    "metadata": {"name": gen["name"], "namespace": kust["namespace"],
+                                 "labels": gen["options"]["labels"]}})
+    return out
 
 
 def containers(obj: dict[str, Any]) -> list[dict[str, Any]]:
@@ -169,8 +192,6 @@ def json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]
 
 def gpu_objects() -> list[dict[str, Any]]:
     """The base objects with the GPU overlay's patches applied to the targets they name."""
-    import re
-
     kust = kustomization(GPU_OVERLAY)
     assert kust["resources"] == ["../.."]
     objs = base_objects()
@@ -224,7 +245,7 @@ def test_keda_objects_match_the_crds() -> None:
     for auth in auths.values():
         for ref in auth["spec"]["secretTargetRef"]:
             assert ref["parameter"] in REDIS_STREAMS_AUTH_PARAMS
-            assert ref["key"] in secrets[ref["name"]]["stringData"]
+            assert ref["key"] in secrets[ref["name"]]["data"]
     for so in by_kind(objs, "ScaledObject").values():
         assert 1 <= so["spec"]["minReplicaCount"] <= so["spec"]["maxReplicaCount"]
         for trig in so["spec"]["triggers"]:
@@ -319,23 +340,176 @@ def test_settings_configmap_is_valid_settings() -> None:
 def test_redis_keeps_an_aof_on_a_claim_and_its_password_in_a_secret() -> None:
     objs = base_objects()
     sts = by_kind(objs, "StatefulSet")["redis"]
-    (c,) = sts["spec"]["template"]["spec"]["containers"]
-    args = c["args"]
-    assert args[args.index("--appendonly") + 1] == "yes"
-    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
-    data_dir = args[args.index("--dir") + 1]
+    pod = sts["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["command"] == ["sh", "-c"]
+    (script,) = c["args"]
+    # the password: from the environment into a 0600 file in memory, never on argv
+    assert "umask 077" in script and '"$REDIS_PASSWORD" > /run/redis/auth.conf' in script
+    argv = script.split("exec ", 1)[1].split()
+    assert argv[:2] == ["redis-server", "/run/redis/auth.conf"]
+    assert "--requirepass" not in argv and "$(REDIS_PASSWORD)" not in script
+    assert argv[argv.index("--appendonly") + 1] == "yes"
+    data_dir = argv[argv.index("--dir") + 1]
     (claim,) = sts["spec"]["volumeClaimTemplates"]
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     assert mounts[claim["metadata"]["name"]] == data_dir
+    (run,) = [v for v in pod["volumes"] if mounts.get(v["name"]) == "/run/redis"]
+    assert run["emptyDir"]["medium"] == "Memory"
+    assert re.fullmatch(r"redis:7\.\d+\.\d+", c["image"])  # a release, not a moving tag
     secret = by_kind(objs, "Secret")["spotline-redis"]
     for e in env_of(c):
         if e["name"] in ("REDIS_PASSWORD", "REDISCLI_AUTH"):
             ref = e["valueFrom"]["secretKeyRef"]
-            assert ref["name"] == "spotline-redis" and ref["key"] in secret["stringData"]
+            assert ref["name"] == "spotline-redis" and ref["key"] in secret["data"]
     for dep in by_kind(objs, "Deployment").values():
         (wc,) = dep["spec"]["template"]["spec"]["containers"]
         ref = next(e for e in env_of(wc) if e["name"] == "REDIS_PASSWORD")["valueFrom"]
         assert ref["secretKeyRef"] == {"name": "spotline-redis", "key": "password"}
+
+
+def test_no_password_is_committed() -> None:
+    """No Secret object and no --requirepass in any manifest: the Redis password comes only
+    from the git-ignored deploy/k8s/secrets/redis.env."""
+    for path in K8S.rglob("*.yaml"):
+        text = path.read_text(encoding="utf-8")
+        assert "--requirepass" not in text and "change-me" not in text, path
+        assert all(d["kind"] != "Secret" for d in docs_of(path) if "kind" in d), path
+    gen = kustomization(K8S)["secretGenerator"]
+    assert [(g["name"], g["envs"]) for g in gen] == [("spotline-redis", ["secrets/redis.env"])]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", "-q",
+                              str(K8S / "secrets" / "redis.env")], cwd=ROOT, timeout=30)
+    assert ignored.returncode == 0, "deploy/k8s/secrets/redis.env must be git-ignored"
+
+
+KUBECTL = shutil.which("kubectl")
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed (its kustomize builds)")
+def test_kustomize_build_needs_the_secret_file_and_then_validates(tmp_path: Path) -> None:
+    """`kubectl kustomize` (kustomize itself) refuses the base without the password file,
+    naming it; with the file, every object it builds validates and carries the password only
+    in the Secret."""
+    tree = tmp_path / "k8s"
+    shutil.copytree(K8S, tree, ignore=shutil.ignore_patterns("redis.env"))
+    missing = subprocess.run([str(KUBECTL), "kustomize", str(tree)], capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode != 0 and "secrets/redis.env" in missing.stderr, missing.stderr
+    password = "0123abcd" * 8
+    (tree / "secrets" / "redis.env").write_text(f"password={password}\n")
+    built = subprocess.run([str(KUBECTL), "kustomize", str(tree)], capture_output=True,
+                           text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    objs = [d for d in yaml.safe_load_all(built.stdout) if d]
+    (secret,) = [o for o in objs if o["kind"] == "Secret"]
+    assert secret["metadata"]["name"] == "spotline-redis"  # no hash suffix: KEDA refers to it
+    assert base64.b64decode(secret["data"]["password"]).decode() == password
+    assert built.stdout.count(password) == 0  # base64 only, in the Secret
+    for obj in objs:
+        if obj["kind"] not in KEDA_KINDS:
+            kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
+    assert {o["kind"] for o in objs} >= {"NetworkPolicy", "StatefulSet", "Deployment"}
+
+
+def pod_specs(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o["spec"]["template"]["spec"] for o in objs
+            if o["kind"] in ("Deployment", "StatefulSet")}
+
+
+def test_pods_are_hardened() -> None:
+    """Non-root, RuntimeDefault seccomp, no privilege escalation, no capabilities, a read-only
+    root filesystem: the writable paths are volumes (spotline's data dir and /tmp, Redis's
+    data and the auth config)."""
+    for name, pod in pod_specs(gpu_objects()).items():
+        psc = pod["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["runAsUser"] > 0, name
+        assert psc["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, name
+            assert sc["readOnlyRootFilesystem"] is True, name
+            assert sc["capabilities"] == {"drop": ["ALL"]}, name
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            if name == "redis":
+                assert {"/data", "/run/redis"} <= set(mounts)
+                continue
+            for path in ("/var/lib/spotline", "/tmp"):  # data_dir (Dockerfile), caches, temp
+                assert "emptyDir" in volumes[mounts[path]], f"{name}: {path}"
+            assert not any(m.get("readOnly") is False for m in c.get("volumeMounts", []))
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a label selector (matchLabels, matchExpressions In) selects these labels."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        assert expr["operator"] == "In", "only In is used here"
+        if labels.get(expr["key"]) not in expr["values"]:
+            return False
+    return True
+
+
+def test_network_policies_deny_by_default_and_allow_only_the_pipeline() -> None:
+    objs = base_objects()
+    policies = by_kind(objs, "NetworkPolicy")
+    deny = policies["default-deny"]["spec"]
+    assert deny["podSelector"] == {} and set(deny["policyTypes"]) == {"Ingress", "Egress"}
+    assert "ingress" not in deny and "egress" not in deny
+    pods = {o["metadata"]["name"]: o["spec"]["template"]["metadata"]["labels"] for o in objs
+            if o["kind"] in ("Deployment", "StatefulSet")}
+
+    def ingress_ports(pod: str) -> dict[int, list[dict[str, Any]]]:
+        """The ports a pod accepts, and from whom ([] = anyone)."""
+        out: dict[int, list[dict[str, Any]]] = {}
+        for p in policies.values():
+            if selects(p["spec"]["podSelector"], pods[pod]):
+                for rule in p["spec"].get("ingress", []):
+                    for port in rule["ports"]:
+                        out.setdefault(port["port"], []).extend(rule.get("from", []))
+        return out
+
+    assert ingress_ports("gateway") == {5004: [], METRICS_PORT: [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]}
+    redis_from = ingress_ports("redis")
+    assert set(redis_from) == {6379}
+    assert {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "spotline"}}} in (
+        redis_from[6379])
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}} in (
+        redis_from[6379])  # KEDA reads the consumer groups' lag
+    for stage in STAGES:
+        assert set(ingress_ports(stage)) == {METRICS_PORT}, stage
+    assert ingress_ports("sources") == {}
+    # every spotline pod may reach Redis; only the feed supervisor reaches beyond the cluster,
+    # never link-local (the metadata service)
+    to_redis = policies["spotline-to-redis"]["spec"]
+    for name, labels in pods.items():
+        assert selects(to_redis["podSelector"], labels) == (name != "redis"), name
+    feeds = policies["sources-to-feeds"]["spec"]
+    assert [n for n, labels in pods.items() if selects(feeds["podSelector"], labels)] == [
+        "sources"]
+    blocks = [t["ipBlock"] for rule in feeds["egress"] for t in rule["to"]]
+    assert {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]} in blocks
+    for p in policies.values():
+        for rule in p["spec"].get("egress", []):
+            for target in rule["to"]:
+                if "ipBlock" in target:
+                    assert p["metadata"]["name"] == "sources-to-feeds"
+    # the ports in the policies are the ones the containers listen on
+    gw = by_kind(objs, "Deployment")["gateway"]["spec"]["template"]["spec"]["containers"][0]
+    assert {p["containerPort"] for p in gw["ports"]} == {5004, METRICS_PORT}
+
+
+def test_metrics_and_gateway_listen_on_the_pod_network_explicitly() -> None:
+    """Outside a container /metrics binds loopback (the default); here Prometheus scrapes over
+    the pod network, so the ConfigMap says 0.0.0.0, and the gateway (keys required) too."""
+    objs = base_objects()
+    data = by_kind(objs, "ConfigMap")["spotline-settings"]["data"]
+    assert load_settings(env={}).metrics_host == "127.0.0.1"
+    assert load_settings(env=data).metrics_host == "0.0.0.0"
+    (gw,) = by_kind(objs, "Deployment")["gateway"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in env_of(gw)}
+    assert env["SPOTLINE_HTTP_HOST"] == "0.0.0.0" and env["SPOTLINE_API_KEYS_FILE"]
 
 
 def test_gpu_overlay_requests_a_gpu_for_the_model_stages_only() -> None:
