@@ -188,7 +188,8 @@ class Registry:
             try:
                 out[sid] = FeedSpec.from_json(raw)
             except (ValueError, TypeError, SpotlineError) as exc:
-                log.error("source %s: unreadable registry entry (%s); ignored", sid, exc)
+                log.error("source %s: unreadable registry entry (%s); ignored", sid,
+                          redact_text(str(exc)))
         return out
 
     def statuses(self) -> dict[str, FeedStatus]:

@@ -45,12 +45,15 @@ def sources() -> None:
 def add(ctx: Any, spec: str, captions: tuple[str, ...], source_id: str | None,
         fps: float | None, live: bool, policy: str | None, replace: bool) -> None:
     """Register SPEC (RTSP/HTTP URL, camera index, video, folder, image; paths as the
-    supervisor sees them) as a feed."""
+    supervisor sees them) as a feed. A feed registered here is the operator's own: unlike one
+    added over the gateway's /sources, it is not bound by the feed policy (feed_roots,
+    feed_schemes, feed_allow_private, feed_allow_cameras; docs/security.md)."""
     from spotline.producer.control import FeedSpec
     from spotline.producer.sources import default_source_id
 
     try:
-        feed = FeedSpec(source_id or default_source_id(spec), spec, captions, fps, live, policy)
+        feed = FeedSpec(source_id or default_source_id(spec), spec, captions, fps, live, policy,
+                        origin="host")
     except SpotlineError as exc:
         raise click.ClickException(str(exc)) from None
     if not _registry(ctx).add(feed, replace=replace):
@@ -78,7 +81,9 @@ def list_(ctx: Any, as_json: bool) -> None:
         click.echo(f"{row['source_id']}  {st['state']}  last frame {age}  "
                    f"published={st.get('published', 0)} dropped={st.get('dropped', 0)} "
                    f"reconnects={st.get('reconnects', 0) + st.get('restarts', 0)}  "
-                   f"{row['spec']}" + (f"  error: {st['error']}" if st.get("error") else ""))
+                   f"{row['spec']}" + ("  (added over HTTP)" if row.get("origin") == "http"
+                                       else "")
+                   + (f"  error: {st['error']}" if st.get("error") else ""))
 
 
 @sources.command("remove")
