@@ -111,8 +111,9 @@ class Metrics:
             "spotline_track_frames", "Frames of the track stage: tracked, untracked (no "
             "sequence number, or late), replayed (delivered again)", ["outcome"], registry=r)
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
-        """Serve /metrics on ``port`` (0: a free one). Returns the port."""
+    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
+        """Serve /metrics on ``port`` (0: a free one) at ``addr`` (the ``metrics_host``
+        setting; loopback by default). Returns the port."""
         server, _thread = start_http_server(port, addr=addr, registry=self.registry)
         actual = int(server.server_address[1])
         log.info("metrics on http://%s:%d/metrics", addr, actual)

@@ -29,7 +29,7 @@ def run_stage(stage: Stage, settings: Settings, url: str, burst: bool = False,
     transport = Transport(settings, url=url)
     poller = None
     if metrics_port is not None:
-        metrics.serve(metrics_port)
+        metrics.serve(metrics_port, addr=settings.metrics_host)
         # Gauges read Redis on their own connection, never the worker's.
         poller = Poller(5.0, gauge_refresher(Transport(settings, url=url), metrics,
                                              transport)).start()

@@ -188,6 +188,9 @@ class Settings:
     http_host: str = field(default="0.0.0.0", metadata={"help": "gateway bind address"})
     http_port: int = field(default=5004, metadata={"help": "gateway port (seed: 5004)"})
     metrics_port: int = field(default=0, metadata={"help": "base /metrics port; 0: off"})
+    metrics_host: str = field(default="127.0.0.1", metadata={
+        "help": "/metrics bind address (workers, gateway, sinks): loopback unless set; "
+                "containers set 0.0.0.0 for Prometheus (docs/security.md)"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
     # --- gateway access (producer/access.py)
     api_keys: str = field(default="", metadata={

@@ -225,7 +225,7 @@ class SinkMetrics:
         self.lag = Gauge("spotline_sink_lag", "Results published but not yet delivered "
                          "(unread + in flight)", ["sink"], registry=r)
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
+    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         server, _thread = start_http_server(port, addr=addr, registry=self.registry)
         return int(server.server_address[1])
 

@@ -91,7 +91,7 @@ def _run(ctx: Any, kind: str, make_target: Callable[[], Any], opts: dict[str, An
                               backoff_s=opts["backoff"])
         metrics = SinkMetrics()
         if opts["metrics_port"] is not None:
-            metrics.serve(opts["metrics_port"])
+            metrics.serve(opts["metrics_port"], addr=settings.metrics_host)
         runner = Sink(Transport(settings, url=url), make_target(), options, metrics)
         runner.install_signals()
         counts = runner.run()

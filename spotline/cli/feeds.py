@@ -99,7 +99,7 @@ def _publish(s: Settings, url: str, src: Any, o: _Opts) -> None:
     sink = Sink(None, o.annotate)
     metrics = Metrics()
     if o.metrics_port is not None:
-        metrics.serve(o.metrics_port)
+        metrics.serve(o.metrics_port, addr=s.metrics_host)
     manifest = open(o.manifest_path, "a", encoding="utf-8") if o.manifest_path else None
 
     def published(frame: Any, fid: str) -> None:

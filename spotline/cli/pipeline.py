@@ -71,7 +71,7 @@ def serve(ctx: Ctx, host: str | None, port: int | None, metrics_port: int | None
     s = ctx.settings
     metrics = Metrics()
     if metrics_port is not None:
-        metrics.serve(metrics_port)
+        metrics.serve(metrics_port, addr=s.metrics_host)
     app = create_app(s, Client.connect(need_url(s), s), metrics, timeout_s=timeout)
     uvicorn.run(app, host=host or s.http_host, port=port or s.http_port,
                 log_level=s.log_level.lower(), timeout_graceful_shutdown=5)
