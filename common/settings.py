@@ -185,7 +185,9 @@ class Settings:
     max_captions: int = field(default=32, metadata={"help": "captions per frame"})
     max_caption_chars: int = field(default=512, metadata={"help": "characters per caption"})
     # --- surfaces
-    http_host: str = field(default="0.0.0.0", metadata={"help": "gateway bind address"})
+    http_host: str = field(default="127.0.0.1", metadata={
+        "help": "gateway bind address; another than loopback needs API keys (or "
+                "insecure_open_gateway)"})
     http_port: int = field(default=5004, metadata={"help": "gateway port (seed: 5004)"})
     metrics_port: int = field(default=0, metadata={"help": "base /metrics port; 0: off"})
     metrics_host: str = field(default="127.0.0.1", metadata={
@@ -223,6 +225,22 @@ def _validate_tracking(s: Settings) -> None:
     for key in ("track_keyframe_every", "track_switch_frames", "track_buffer", "track_detect_every",
                 "track_state_ttl_s", "track_cache_tracks", "batch_track"):
         if getattr(s, key) <= 0:
+    insecure_open_gateway: bool = field(default=False, metadata={
+        "help": "let `spotline serve` run with no API keys on an address other than loopback "
+                "(anyone who reaches it may use every route; said at start and on /health)"})
+    allowed_hosts: str = field(default="", metadata={
+        "help": "Host header names the gateway answers, comma-separated (DNS rebinding guard); "
+                "empty: localhost, 127.0.0.1, [::1] and the bind address; *: any"})
+    max_request_bytes: int = field(default=65536, metadata={
+        "help": "gateway body limit of every route but /identify (whose limit is "
+                "2 x max_frame_bytes + 1 MiB); refused before it is read"})
+    identify_max_instances: int = field(default=64, metadata={
+        "help": "instances per POST /identify at most"})
+    identify_max_images: int = field(default=16, metadata={
+        "help": "distinct images (frames) per POST /identify at most"})
+    auth_fail_per_minute: float = field(default=10.0, metadata={
+        "help": "failed gateway authentications per client address per minute (burst as "
+                "many) before 429; independent of rate_limit; 0: off"})
             raise ConfigError(f"{key} must be > 0, got {getattr(s, key)!r}")
     for key in ("track_min_iou", "not_in_view_threshold", "track_match"):
         if not 0.0 <= getattr(s, key) <= 1.0:
@@ -267,7 +285,8 @@ def _validate(s: Settings) -> None:
                 "result_ttl_s", "results_maxlen", "visibility_timeout_ms", "max_deliveries",
                 "block_ms", "dead_maxlen", "high_water", "max_frame_bytes", "max_pixels",
                 "max_captions", "max_caption_chars", "rate_burst", "max_feeds",
-                "feed_max_spec_chars",
+                "feed_max_spec_chars", "max_request_bytes",
+                "identify_max_instances", "identify_max_images",
                 *(f"batch_{st}" for st in STAGES))
     for key in positive:
         if getattr(s, key) <= 0:
@@ -277,7 +296,7 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"{key} must be in [0, 1], got {getattr(s, key)!r}")
     for key in ("max_wait_ms", "warmup", "torch_threads", "metrics_port", "scorer_input_size",
                 "pre_pad_large", "pre_pad_small", "pre_pad_min_side", "upscale_skip_side",
-                "rate_limit"):
+                "rate_limit", "auth_fail_per_minute"):
         if getattr(s, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(s, key)!r}")
     _validate_choices(s)

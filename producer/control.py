@@ -439,12 +439,14 @@ class FeedRequest(BaseModel):
 
 
 def sources_router(settings: Settings, client: Client) -> APIRouter:
-    """``/sources``: list, add and remove feeds (run by `spotline sources run`)."""
-    from .live import api_guard
+    """``/sources``: list, add and remove feeds (run by `spotline sources run`). Every method
+    needs the ``admin`` scope, checked by the gateway's guard before the body is read
+    (producer/guard.py) and again here."""
+    from .guard import require
 
     registry = Registry(client.t)
     policy = FeedPolicy.from_settings(settings)
-    router = APIRouter(tags=["sources"], dependencies=[Depends(api_guard)])
+    router = APIRouter(tags=["sources"], dependencies=[Depends(require("admin"))])
 
     @router.get("/sources", summary="Registered feeds with their state")
     def list_sources() -> list[dict[str, Any]]:

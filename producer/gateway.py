@@ -1,18 +1,25 @@
 """The HTTP gateway (`spotline serve`), compatible with the seed's container:
 
-    GET  /health   -> {"message": "health ok"}           (open: is the process up)
+    GET  /health   -> {"message": "health ok"}           (open: is the process up; an open
+                      gateway adds "auth": "open (loopback)" or "open (insecure)")
     GET  /ready    -> 200, or 503 listing what is missing (open: Redis and a live worker with
                       its model loaded for every stage)
     GET  /metrics  -> Prometheus text                      (open)
     POST /identify {"instances": [{"key": 0, "caption": "...", "b64": "<base64 JPEG>"}, ...]}
                    -> {"predictions": [[left, top, width, height], ...]}  (instance order)
 
-Instances that share an image are published as one frame with several captions. Bad input gets
-a 4xx with a message that says what is wrong (also an image the pipeline cannot decode: 422
-naming the instance); a pipeline that does not answer in time, a 504. A body over the limit is
-refused from its Content-Length, or, chunked, as soon as the bytes read pass the limit: it is
-never held whole. /identify needs an API key when keys are configured, and is rate-limited per
-key (producer/access.py).
+Instances that share an image are published as one frame with several captions, at most
+``identify_max_instances`` instances and ``identify_max_images`` distinct images a request
+(413 over either). Bad input gets a 4xx with a message that says what is wrong (also an image
+the pipeline cannot decode: 422 naming the instance); a pipeline that does not answer in time,
+a 504. Parsing, base64 decoding and header checks run in a worker thread, never on the event
+loop. Each key's frames are published as its own source (producer/access.py: tenants), and the
+key's rate limit is charged a token per distinct image.
+
+Every request first passes the guard (producer/guard.py): Host allow-list, API key and scope
+before the body is read, JSON content type, and a body limit enforced while it streams in.
+Safe by default: bound to loopback with no keys the gateway is open (and says so); bound
+elsewhere with no keys it refuses to start unless ``insecure_open_gateway`` is set.
 """
 
 from __future__ import annotations
@@ -29,12 +36,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..common.errors import InputError, SpotlineError, TransportError
+from ..common.errors import ConfigError, InputError, SpotlineError, TransportError
 from ..common.metrics import Metrics
 from ..common.settings import Settings
 from ..common.topology import pipeline
-from .access import Access
+from .access import Access, Caller, KeyRing, Refused, is_loopback
 from .client import Client, ResultTimeout
+from .guard import Guard, require
 from .sources import check_frame, image_size
 
 log = logging.getLogger(__name__)
@@ -103,6 +111,21 @@ def parse_request(body: bytes, max_bytes: int) -> IdentifyRequest:
         raise HttpError(400, f"invalid request: {problems}") from None
 
 
+def check_caps(req: IdentifyRequest, settings: Settings, max_cost: int | None) -> None:
+    """Instances and distinct images per request within the settings (and distinct images
+    within the key's burst, when rate limited: a request it could never pay for); 413."""
+    if len(req.instances) > settings.identify_max_instances:
+        raise HttpError(413, f"{len(req.instances)} instances in one request; at most "
+                             f"{settings.identify_max_instances} (identify_max_instances)")
+    images = len({inst.b64 for inst in req.instances})
+    if images > settings.identify_max_images:
+        raise HttpError(413, f"{images} distinct images in one request; at most "
+                             f"{settings.identify_max_images} (identify_max_images)")
+    if max_cost is not None and images > max_cost:
+        raise HttpError(413, f"{images} distinct images in one request; this key's rate "
+                             f"limit takes at most {max_cost} at once (rate_burst)")
+
+
 def group_frames(req: IdentifyRequest, settings: Settings) -> list[tuple[bytes, list[int],
                                                                          list[str]]]:
     """(image bytes, instance indices, captions) per distinct image, in first-seen order."""
@@ -142,36 +165,53 @@ def readiness(settings: Settings, client: Client) -> list[str]:
             f"{READY_WITHIN_S:.0f}s)" for stage, n in alive.items() if n < 1]
 
 
+Frames = list[tuple[bytes, list[int], list[str]]]
+
+
 class Identify:
     """POST /identify: read and check the body, publish a frame per distinct image, wait for
     the results; every outcome is a (status, JSON payload)."""
 
-    def __init__(self, settings: Settings, client: Client, timeout_s: float) -> None:
+    def __init__(self, settings: Settings, client: Client, access: Access,
+                 timeout_s: float) -> None:
         self.settings = settings
         self.client = client
+        self.access = access
         self.timeout_s = timeout_s
-        self.max_body = settings.max_frame_bytes * 2 + 1024 * 1024  # base64 inflates by 4/3
+        self.max_body = identify_max_bytes(settings)
 
-    async def run(self, request: Request) -> tuple[int, dict[str, Any]]:
+    async def run(self, request: Request, caller: Caller) -> tuple[int, dict[str, Any]]:
         from starlette.concurrency import run_in_threadpool
 
         try:
-            req = parse_request(await read_body(request, self.max_body), self.max_body)
-            frames = group_frames(req, self.settings)
-            predictions = await run_in_threadpool(self.answer, req, frames)
+            body = await read_body(request, self.max_body)
+            req, frames = await run_in_threadpool(self.prepare, body)
+            predictions = await run_in_threadpool(self.answer, req, frames, caller)
             return 200, {"predictions": predictions}
         except HttpError as exc:
             return exc.status, {"error": str(exc)}
+        except Refused as exc:
+            return exc.status, {"error": str(exc), "headers": exc.headers}
         except ResultTimeout as exc:
             return 504, {"error": f"pipeline did not answer in {self.timeout_s:.0f}s: {exc}"}
         except TransportError as exc:
             return 503, {"error": f"pipeline unavailable: {exc}"}
 
-    def answer(self, req: IdentifyRequest, frames: list[tuple[bytes, list[int], list[str]]]
+    def prepare(self, body: bytes) -> tuple[IdentifyRequest, Frames]:
+        """Parse, cap, decode and check: CPU work, run in a worker thread."""
+        req = parse_request(body, self.max_body)
+        check_caps(req, self.settings, self.access.max_cost())
+        return req, group_frames(req, self.settings)
+
+    def answer(self, req: IdentifyRequest, frames: Frames, caller: Caller
                ) -> list[list[float]]:
+        # A token per distinct image: the guard took one for the request, the rest here.
+        if len(frames) > 1:
+            self.access.admit(caller, len(frames) - 1)
         # The seed's images are unrelated: never numbered as a video (track mode answers them
-        # per frame).
-        ids = [(self.client.publish(image, captions, source_id="http", sequenced=False), idx)
+        # per frame). Each key's frames are its own source: only it (and admin) sees them.
+        ids = [(self.client.publish(image, captions, source_id=caller.source,
+                                    sequenced=False), idx)
                for image, idx, captions in frames]
         results = self.client.await_results([fid for fid, _ in ids], timeout=self.timeout_s)
         failed = [(idx, results[fid].error) for fid, idx in ids if results[fid].error]
@@ -184,19 +224,54 @@ class Identify:
         return predictions
 
 
+def identify_max_bytes(settings: Settings) -> int:
+    """The /identify body limit: two frames' worth of base64 (it inflates by 4/3) + 1 MiB."""
+    return settings.max_frame_bytes * 2 + 1024 * 1024
+
+
+def exposure(settings: Settings, keys: KeyRing, host: str) -> str:
+    """How the gateway is reachable: "keys", "open (loopback)" or "open (insecure)". Raises
+    ConfigError for an open gateway on another address than loopback without
+    ``insecure_open_gateway``."""
+    if keys.configured:
+        return "keys"
+    if is_loopback(host):
+        log.warning("no API keys configured (api_keys / api_keys_file): the gateway on %s is "
+                    "OPEN to every local user and program (fine for local development)", host)
+        return "open (loopback)"
+    if not settings.insecure_open_gateway:
+        raise ConfigError(
+            f"refusing to serve an open gateway on {host}: with no API keys anyone who can "
+            f"reach that address could add feeds and read every frame. Set api_keys or "
+            f"api_keys_file (SPOTLINE_API_KEYS=KEY:identify+read+admin), bind to 127.0.0.1 "
+            f"(--host / http_host), or accept the risk with insecure_open_gateway "
+            f"(SPOTLINE_INSECURE_OPEN_GATEWAY=true)")
+    log.warning("INSECURE: no API keys and insecure_open_gateway is set: the gateway on %s is "
+                "OPEN to anyone who can reach it (every route, /sources included)", host)
+    return "open (insecure)"
+
+
 def create_app(settings: Settings, client: Client, metrics: Metrics | None = None,
-               timeout_s: float = 120.0) -> FastAPI:
-    """The gateway application over a pipeline reached through ``client``."""
+               timeout_s: float = 120.0, host: str | None = None) -> FastAPI:
+    """The gateway application over a pipeline reached through ``client``, to be served on
+    ``host`` (default: http_host; an open gateway elsewhere than loopback is a ConfigError
+    unless insecure_open_gateway)."""
     metrics = metrics or Metrics()
+    host = host or settings.http_host
+    access = Access(settings, client.t)
+    mode = exposure(settings, access.keys, host)
     app = FastAPI(title="spotline gateway", version="1",
                   description="Visual grounding: the box each caption describes.")
-    access = Access(settings, client.t)
-    app.state.access = access  # other routers guard themselves with Depends(app.state.access)
-    handler = Identify(settings, client, timeout_s)
+    app.state.access = access
+    app.add_middleware(Guard, access=access, settings=settings, bind_host=host,
+                       identify_max_bytes=identify_max_bytes(settings))
+    handler = Identify(settings, client, access, timeout_s)
+    health_body = {"message": "health ok"} if mode == "keys" else {"message": "health ok",
+                                                                    "auth": mode}
 
     @app.get("/health")
     def health() -> dict[str, str]:
-        return {"message": "health ok"}
+        return health_body
 
     @app.get("/ready")
     def ready() -> JSONResponse:
@@ -204,16 +279,19 @@ def create_app(settings: Settings, client: Client, metrics: Metrics | None = Non
         return JSONResponse({"ready": not missing, "missing": missing},
                             status_code=503 if missing else 200)
 
-    @app.post("/identify", response_model=IdentifyResponse, dependencies=[Depends(access)],
+    @app.post("/identify", response_model=IdentifyResponse,
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                   "schema": IdentifyRequest.model_json_schema()}}}})
-    async def identify(request: Request) -> Any:
+    async def identify(request: Request,
+                       caller: Caller = Depends(require("identify"))) -> Any:  # noqa: B008
         t0 = time.perf_counter()
-        status, payload = await handler.run(request)
+        status, payload = await handler.run(request, caller)
         metrics.http_requests.labels("/identify", str(status)).inc()
         metrics.http_seconds.labels("/identify").observe(time.perf_counter() - t0)
+        headers = payload.pop("headers", None)
         # a refused body may not have been read: close rather than parse what follows
-        headers = {"Connection": "close"} if status == 413 else None
+        if status == 413:
+            headers = {**(headers or {}), "Connection": "close"}
         return JSONResponse(payload, status_code=status, headers=headers)
 
     @app.get("/metrics")

@@ -10,13 +10,16 @@ frame with that result becomes the source's shown frame. Every result updates th
 figures. Memory is bounded: one shown frame per source, at most ``max_sources`` sources (the
 least recently updated is forgotten), a bounded window of arrival times.
 
-Routes (the data ones under the gateway's API keys when it has them):
-    GET /live                               the page (plain HTML + JS, no build, no CDN; open:
-                                            it holds no data, and asks for a key when needed)
-    GET /live/sources                       every source's state, JSON
+Routes (the data ones need a key with the ``read`` scope when the gateway has keys, and show
+only the sources that key may read: its own /identify source and the operator's feeds, or every
+source with ``admin`` too; producer/access.py):
+    GET /live                               the page (plain HTML, no build, no CDN; open: it
+                                            holds no data, and asks for a key when needed)
+    GET /live/static/{live.js,live.css}     its script and style (a strict CSP: no inline code)
+    GET /live/sources                       the readable sources' states, JSON
     GET /live/events                        SSE: event ``source`` with one source's state (and
                                             its frame as a data URL when it is new to the page)
-    GET /live/frames/{source}/{frame}.jpg   the shown frame's JPEG
+    GET /live/frames/{source}/{frame}.jpg   a frame's JPEG, only under the source it belongs to
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,12 +43,19 @@ from ..common.envelope import Result
 from ..common.errors import DecodeError, SpotlineError
 from ..common.settings import Settings
 from ..common.transport import DATA_FIELD, Transport
+from .access import Caller
 from .client import Client
+from .guard import require
 from .previews import Previews
 
 log = logging.getLogger(__name__)
 
-PAGE = Path(__file__).resolve().parent / "static" / "live.html"
+STATIC = Path(__file__).resolve().parent / "static"
+PAGE = STATIC / "live.html"
+ASSETS = {"live.js": "text/javascript; charset=utf-8", "live.css": "text/css; charset=utf-8"}
+# The page's own script and style only (no inline code), images from itself or data: URLs.
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
 FPS_WINDOW_S = 5.0
 DROPS_EVERY_S = 1.0
 SEED_RESULTS = 200  # results read back at start, so the page is not empty until the next one
@@ -93,15 +103,18 @@ def stage_times(result: Result) -> list[dict[str, Any]]:
 class _Listener:
     """One SSE connection: the sources changed since it last sent (coalesced: bounded)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 may_read: Callable[[str], bool] = lambda _source: True) -> None:
         self.loop = loop
+        self.may_read = may_read
         self.dirty: set[str] = set()
         self.sent: dict[str, str] = {}  # source -> the frame whose image it has sent
         self.event = asyncio.Event()
 
     def mark(self, source_id: str) -> None:  # runs on the listener's loop
-        self.dirty.add(source_id)
-        self.event.set()
+        if self.may_read(source_id):
+            self.dirty.add(source_id)
+            self.event.set()
 
 
 class LiveState:
@@ -162,7 +175,7 @@ class LiveState:
 
     def update(self, result: Result, arrived: float | None = None) -> None:
         """Take one result: figures always; the shown frame when its preview exists."""
-        jpeg = self.previews.get(result.frame_id)
+        jpeg = self.previews.get(result.frame_id, result.source_id)
         with self.lock:
             view = self._view(result.source_id)
             view.results += 1
@@ -213,33 +226,23 @@ class LiveState:
             view = self.sources.get(source_id)
             return view.state(time.time()) if view else None
 
-    def all_states(self) -> list[dict[str, Any]]:
+    def all_states(self, may_read: Callable[[str], bool] = lambda _source: True
+                   ) -> list[dict[str, Any]]:
+        """The states of the sources ``may_read`` lets through, by id."""
         now = time.time()
         with self.lock:
             return [v.state(now) for v in sorted(self.sources.values(),
-                                                 key=lambda v: v.source_id)]
+                                                 key=lambda v: v.source_id)
+                    if may_read(v.source_id)]
 
     def frame(self, source_id: str, frame_id: str) -> bytes | None:
+        """The JPEG of a frame of this source (None when it is another source's frame)."""
         with self.lock:
             view = self.sources.get(source_id)
             if view is not None and view.frame_id == frame_id:
                 return view.jpeg
-        return self.previews.get(frame_id)  # a frame shown a moment ago, while its TTL lasts
-
-
-async def api_guard(request: Request) -> None:
-    """The gateway's API-key check (and rate limit), when it has one (``app.state.access``,
-    producer/access.py): a key in ``X-API-Key`` or ``Authorization: Bearer``. The page itself
-    holds no data and is open; everything it loads goes through this."""
-    access = getattr(request.app.state, "access", None)
-    if access is None:
-        return
-    from starlette.concurrency import run_in_threadpool
-
-    from .access import API_KEY_HEADER, BEARER
-
-    await run_in_threadpool(access, request, await API_KEY_HEADER(request),
-                            await BEARER(request))
+        # a frame shown a moment ago, while its TTL lasts: its record names its source
+        return self.previews.get(frame_id, source_id)
 
 
 def live_router(settings: Settings, client: Client) -> APIRouter:
@@ -247,35 +250,43 @@ def live_router(settings: Settings, client: Client) -> APIRouter:
     transport = Transport(settings, url=client.t.url) if client.t.url else client.t
     live = LiveState(transport)
     router = APIRouter(tags=["live view"], on_shutdown=[live.stop])
-    guarded = [Depends(api_guard)]
+    reader = Depends(require("read"))
 
     @router.get("/live", response_class=HTMLResponse, summary="Live view page")
     def page() -> HTMLResponse:
         live.ensure_started()
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"),
+                            headers={"Content-Security-Policy": PAGE_CSP,
+                                     "Cache-Control": "no-store"})
 
-    @router.get("/live/sources", dependencies=guarded,
-                summary="Every source's latest frame and figures")
-    def sources() -> JSONResponse:
+    @router.get("/live/static/{name}", summary="The live page's script and style")
+    def asset(name: str) -> Response:
+        if name not in ASSETS:  # a fixed list: never a path from the request
+            raise HTTPException(404, f"no {name!r}")
+        return Response((STATIC / name).read_bytes(), media_type=ASSETS[name],
+                        headers={"Cache-Control": "no-cache"})
+
+    @router.get("/live/sources", summary="The latest frame and figures of every source this "
+                "key may read")
+    def sources(caller: Caller = reader) -> JSONResponse:
         live.ensure_started()
-        return JSONResponse(live.all_states())
+        return JSONResponse(live.all_states(caller.may_read))
 
-    @router.get("/live/frames/{source_id:path}/{frame_id}.jpg", dependencies=guarded,
-                summary="A shown frame (JPEG)")
-    def frame(source_id: str, frame_id: str) -> Response:
-        jpeg = live.frame(source_id, frame_id)
-        if jpeg is None:
+    @router.get("/live/frames/{source_id:path}/{frame_id}.jpg",
+                summary="A shown frame (JPEG), under its own source")
+    def frame(source_id: str, frame_id: str, caller: Caller = reader) -> Response:
+        jpeg = live.frame(source_id, frame_id) if caller.may_read(source_id) else None
+        if jpeg is None:  # unknown, expired, another source's, or not this key's to read
             raise HTTPException(404, f"no frame {frame_id} of {source_id} (expired?)")
         return Response(jpeg, media_type="image/jpeg",
                         headers={"Cache-Control": "private, max-age=60"})
 
-    @router.get("/live/events", dependencies=guarded,
-                summary="Server-sent events: event 'source', one per update")
-    async def events(request: Request) -> Any:
+    @router.get("/live/events", summary="Server-sent events: event 'source', one per update")
+    async def events(request: Request, caller: Caller = reader) -> Any:
         from sse_starlette.sse import EventSourceResponse
 
         live.ensure_started()
-        listener = _Listener(asyncio.get_running_loop())
+        listener = _Listener(asyncio.get_running_loop(), caller.may_read)
         live.listeners.add(listener)
         return EventSourceResponse(_stream(live, listener, request), ping=15, sep="\n")
 
@@ -288,7 +299,7 @@ async def _stream(live: LiveState, listener: _Listener,
     its frame as a data URL (``image_data``) the first time this connection sees that frame, so
     the page makes no further (authenticated) requests."""
     try:
-        for state in live.all_states():
+        for state in live.all_states(listener.may_read):
             yield _event(live, listener, state)
         while not await request.is_disconnected():
             try:

@@ -6,6 +6,9 @@ and stored under ``keys.preview(frame_id)`` with a TTL. When that frame's result
 the collector, the live view draws the result on it. Memory in Redis stays bounded: about
 ``ttl_s / every_s`` previews of ~20-60 kB per source.
 
+A preview is stored with the source it belongs to (msgpack ``{"source": id, "jpeg": bytes}``),
+so the live view serves a frame only under its own source (tenants: producer/access.py).
+
 Producers also count the frames they drop or reject per source in the ``keys.counters`` hash
 (fields ``dropped:<source>`` and ``rejected:<source>``), where the live view reads them.
 """
@@ -17,6 +20,7 @@ import threading
 import time
 
 import cv2
+import msgpack
 import numpy as np
 
 from ..common.errors import SpotlineError
@@ -79,16 +83,28 @@ class Previews:
             log.debug("frame=%s no preview: %s", frame_id, exc)
             return False
         key = self.t.keys.preview(frame_id)
+        record = msgpack.packb({"source": source_id, "jpeg": jpeg}, use_bin_type=True)
         try:
-            self.t.call(lambda: self.t.r.set(key, jpeg, ex=self.ttl_s), "preview")
+            self.t.call(lambda: self.t.r.set(key, record, ex=self.ttl_s), "preview")
         except SpotlineError as exc:
             log.debug("frame=%s preview not stored: %s", frame_id, exc)
             return False
         return True
 
-    def get(self, frame_id: str) -> bytes | None:
+    def get(self, frame_id: str, source_id: str) -> bytes | None:
+        """The preview of a frame of ``source_id``; None when there is none, or the frame is
+        another source's."""
         raw = self.t.get(self.t.keys.preview(frame_id))
-        return bytes(raw) if raw else None
+        if not raw:
+            return None
+        try:
+            record = msgpack.unpackb(bytes(raw), raw=False)
+        except (ValueError, msgpack.UnpackException):
+            return None
+        if not isinstance(record, dict) or record.get("source") != source_id:
+            return None
+        jpeg = record.get("jpeg")
+        return bytes(jpeg) if isinstance(jpeg, bytes) else None
 
     def count_drop(self, source_id: str, reason: str = "dropped") -> None:
         """Count a frame a producer dropped (backpressure) or rejected (bad input)."""

@@ -25,6 +25,8 @@ from spotline.producer.client import Client
 from spotline.producer.gateway import create_app
 from tests.conftest import ROOT, child_env
 
+LOCAL = "http://127.0.0.1"  # a Host the gateway answers to (allowed_hosts)
+
 # ultralytics' two bundled photos, read without importing ultralytics into this process
 ASSETS = Path(importlib.util.find_spec("ultralytics").origin).parent / "assets"  # type: ignore
 BUS, ZIDANE = (ASSETS / "bus.jpg").read_bytes(), (ASSETS / "zidane.jpg").read_bytes()
@@ -57,7 +59,7 @@ def api(pipeline: tuple[Settings, str]) -> Iterator[tuple[TestClient, Client, Me
     s, url = pipeline
     client = Client.connect(url, s)
     metrics = Metrics()
-    with TestClient(create_app(s, client, metrics, timeout_s=120)) as http:
+    with TestClient(create_app(s, client, metrics, timeout_s=120), base_url=LOCAL) as http:
         yield http, client, metrics
     client.close()
 
@@ -65,7 +67,9 @@ def api(pipeline: tuple[Settings, str]) -> Iterator[tuple[TestClient, Client, Me
 def test_health(api: tuple[TestClient, Client, Metrics]) -> None:
     http, _, _ = api
     r = http.get("/health")
-    assert r.status_code == 200 and r.json() == {"message": "health ok"}
+    # the seed's answer; an open gateway (no keys, loopback) says so in one more field
+    assert r.status_code == 200 and r.json() == {"message": "health ok",
+                                                 "auth": "open (loopback)"}
 
 
 def test_identify_four_instances_in_order(api: tuple[TestClient, Client, Metrics]) -> None:
@@ -108,7 +112,7 @@ def test_oversized_body_is_413(pipeline: tuple[Settings, str]) -> None:
     s, url = pipeline
     small = s.replace(max_frame_bytes=1000)  # body limit: 2 x 1000 + 1 MiB
     client = Client.connect(url, small)
-    with TestClient(create_app(small, client, timeout_s=5)) as http:
+    with TestClient(create_app(small, client, timeout_s=5), base_url=LOCAL) as http:
         r = http.post("/identify", content=b"x" * (1024 * 1024 + 3000),
                       headers={"content-type": "application/json"})
     client.close()
@@ -142,7 +146,7 @@ def test_ready_with_every_stage_live(api: tuple[TestClient, Client, Metrics]) ->
 
 def test_pipeline_timeout_is_504(redis_server: EmbeddedRedis, settings: Settings) -> None:
     client = Client.connect(redis_server.url, settings)  # a namespace with no workers
-    with TestClient(create_app(settings, client, timeout_s=1)) as http:
+    with TestClient(create_app(settings, client, timeout_s=1), base_url=LOCAL) as http:
         r = http.post("/identify", json={"instances": four_instances()[:1]})
     client.close()
     assert r.status_code == 504 and "did not answer in 1s" in r.json()["error"]
@@ -173,7 +177,7 @@ def test_seed_client_against_spotline_serve(pipeline: tuple[Settings, str],
         deadline = time.monotonic() + 60
         while True:  # until the server answers
             try:
-                if httpx.get(f"{base}/health", timeout=1).json() == {"message": "health ok"}:
+                if httpx.get(f"{base}/health", timeout=1).json()["message"] == "health ok":
                     break
             except httpx.TransportError:
                 pass

@@ -25,13 +25,15 @@ from spotline.producer.gateway import create_app
 from tests.conftest import ROOT, child_env
 from tests.faultlib import wait_for
 
+LOCAL = "http://127.0.0.1"  # a Host the gateway answers to (allowed_hosts)
+
 BAD_BODY = b"{}"  # past the guards, the gateway answers it 400: enough to tell them apart
 
 
 def gateway(redis_server: EmbeddedRedis, **overrides: object) -> tuple[TestClient, Client]:
     s = load_settings(env={}, **{"namespace": f"sec{uuid.uuid4().hex[:8]}", **overrides})
     client = Client.connect(redis_server.url, s)
-    return TestClient(create_app(s, client, timeout_s=1)), client
+    return TestClient(create_app(s, client, timeout_s=1), base_url=LOCAL), client
 
 
 @pytest.fixture
@@ -170,8 +172,8 @@ def test_content_length_over_the_limit_is_refused_before_the_body(
     base, _ = serve
     host, port = base.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"POST /identify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 1000000000\r\n\r\n")  # and never a byte of the body
+        sock.sendall(b"POST /identify HTTP/1.1\r\nHost: 127.0.0.1\r\n"  # and never a byte
+                     b"Content-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n")
         answer = b""
         while chunk := sock.recv(4096):  # the gateway closes the connection after answering
             answer += chunk

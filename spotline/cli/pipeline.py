@@ -48,7 +48,8 @@ def up(ctx: Ctx, worker_specs: tuple[str, ...], metrics: bool, persist: bool) ->
 
 
 @click.command()
-@click.option("--host", default=None, help="Bind address (default: http_host setting).")
+@click.option("--host", default=None, help="Bind address (default: http_host setting, "
+              "127.0.0.1). Another address needs API keys (or insecure_open_gateway).")
 @click.option("--port", type=int, default=None, help="Port (default: http_port, 5004).")
 @click.option("--metrics-port", type=int, default=None,
               help="Also serve /metrics on this port (it is always on the main port too).")
@@ -58,7 +59,8 @@ def up(ctx: Ctx, worker_specs: tuple[str, ...], metrics: bool, persist: bool) ->
 def serve(ctx: Ctx, host: str | None, port: int | None, metrics_port: int | None,
           timeout: float) -> None:
     """HTTP gateway, compatible with the seed's container: GET /health, POST /identify
-    (plus GET /metrics and the OpenAPI page at /docs). Needs a running pipeline."""
+    (plus GET /metrics, the live view at /live, /sources and the OpenAPI page at /docs).
+    Needs a running pipeline. With no API keys it serves only on loopback (docs/security.md)."""
     import uvicorn
 
     from spotline.common.metrics import Metrics
@@ -72,8 +74,9 @@ def serve(ctx: Ctx, host: str | None, port: int | None, metrics_port: int | None
     metrics = Metrics()
     if metrics_port is not None:
         metrics.serve(metrics_port, addr=s.metrics_host)
-    app = create_app(s, Client.connect(need_url(s), s), metrics, timeout_s=timeout)
-    uvicorn.run(app, host=host or s.http_host, port=port or s.http_port,
+    bind = host or s.http_host
+    app = create_app(s, Client.connect(need_url(s), s), metrics, timeout_s=timeout, host=bind)
+    uvicorn.run(app, host=bind, port=port or s.http_port,
                 log_level=s.log_level.lower(), timeout_graceful_shutdown=5)
 
 
