@@ -411,3 +411,40 @@ def describe() -> list[tuple[str, str, str]]:
     for f in dataclasses.fields(Settings):
         rows.append((f.name, repr(f.default), f.metadata.get("help", "")))
     return rows
+
+
+# --- `spotline config`: where each value came from, and values fit to print -------------------
+SECRET_WORDS = ("password", "secret", "token", "api_key", "credential")
+
+
+def origins(env: Mapping[str, str] | None = None, config_file: str | Path | None = None,
+            **overrides: Any) -> dict[str, str]:
+    """Where ``load_settings`` (same arguments) takes each value from, later ones winning:
+    ``default``, ``file PATH`` (the settings file), ``env SPOTLINE_<KEY>``, or ``option``."""
+    env = os.environ if env is None else env
+    out = {name: "default" for name in _FIELDS}
+    path = config_file or env.get(CONFIG_ENV)
+    if path:
+        for key in _read_file(Path(path)):
+            if key in out:
+                out[key] = f"file {Path(path).resolve()}"
+    for name in env:
+        key = name[len(ENV_PREFIX):].lower()
+        if name.startswith(ENV_PREFIX) and name != CONFIG_ENV and key in out:
+            out[key] = f"env {name}"
+    for key, value in overrides.items():
+        if key in out and value is not None:
+            out[key] = f"option --{key.replace('_', '-')}"
+    return out
+
+
+def shown(key: str, value: Any) -> Any:
+    """A setting's value fit to print: a secret's (api keys, passwords, tokens) masked, and in
+    any text the passwords and secret query values of URLs (``redis://:***@host``)."""
+    from .redact import MASK, redact
+
+    if not isinstance(value, str) or not value:
+        return value
+    if any(word in key for word in SECRET_WORDS) and not key.endswith(("_file", "_dir")):
+        return MASK
+    return redact(value)

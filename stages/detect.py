@@ -18,6 +18,7 @@ from ..common.limits import check_captions
 from ..common.settings import Settings
 from ..common.topology import COLLECT, TRACK, next_stage
 from . import backends, runtime
+from .backends import tiling
 from .base import Routed, Stage
 from .libs import offline_env, undo_ultralytics_pil_patch
 
@@ -117,15 +118,44 @@ def load_detector(path: Any) -> Any:
 
 def detect_frames(model: Any, images: list[np.ndarray], settings: Settings, device: str = "cpu",
                   half: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(boxes float32 N×4 xyxy, scores float32 N) per BGR image, best first."""
+    """(boxes float32 N×4 xyxy, scores float32 N) per BGR image, best first. Each frame runs
+    at its ``tiling.plan`` size: ``imgsz``, or (imgsz 0) one that follows the frame, in tiles
+    above ``imgsz_cap`` whose boxes are merged back (stages/backends/tiling.py)."""
+    plans = [tiling.plan(im.shape[1], im.shape[0], settings.imgsz, settings.imgsz_cap,
+                         settings.tile_overlap, settings.imgsz_scale) for im in images]
+    inputs: list[np.ndarray] = []  # whole frames and tiles, in order
+    sizes: list[int] = []
+    for image, p in zip(images, plans, strict=True):
+        views = [image] if p.tiles is None else \
+            [np.ascontiguousarray(image[t.y:t.y + t.h, t.x:t.x + t.w]) for t in p.tiles]
+        inputs += views
+        sizes += [p.imgsz] * len(views)
+    found = _predict(model, inputs, sizes, settings, device, half)
+    out: list[tuple[np.ndarray, np.ndarray]] = []
+    k = 0
+    for image, p in zip(images, plans, strict=True):
+        if p.tiles is None:
+            out.append(found[k])
+            k += 1
+            continue
+        n = len(p.tiles)
+        out.append(tiling.merge_tiles(found[k:k + n], p.tiles, image.shape[1], image.shape[0],
+                                      settings.iou, settings.max_det))
+        k += n
+    return out
+
+
+def _predict(model: Any, images: list[np.ndarray], sizes: list[int], settings: Settings,
+             device: str, half: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Boxes and scores of each image at its size (frames or tiles), by either path."""
     if isinstance(model, backends.ExportedDetector):  # letterbox, TTA and NMS in numpy
-        return [model.predict(image, settings.imgsz, settings.conf, settings.iou,
-                              settings.max_det, settings.tta) for image in images]
+        return [model.predict(image, size, settings.conf, settings.iou, settings.max_det,
+                              settings.tta) for image, size in zip(images, sizes, strict=True)]
     found: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros((0, 4), np.float32),
                                                    np.zeros(0, np.float32))] * len(images)
-    for indices in predict_groups(images, device):
+    for indices in predict_groups(images, device, sizes):
         with _keep_threads():
-            results = model.predict([images[i] for i in indices], imgsz=settings.imgsz,
+            results = model.predict([images[i] for i in indices], imgsz=sizes[indices[0]],
                                     conf=settings.conf, iou=settings.iou,
                                     max_det=settings.max_det, augment=settings.tta,
                                     device=device, verbose=False, **_precision(half))
@@ -153,16 +183,17 @@ def _keep_threads() -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
-def predict_groups(images: list[np.ndarray], device: str) -> list[list[int]]:
-    """Which frames share a predict call: on an accelerator, frames of one shape (Ultralytics
-    letterboxes a mixed batch to a square, which would make boxes depend on batch-mates); on
-    the CPU each frame alone (no faster batched, and the boxes stay bit-identical whatever
-    the batch)."""
+def predict_groups(images: list[np.ndarray], device: str,
+                   sizes: list[int] | None = None) -> list[list[int]]:
+    """Which frames (or tiles) share a predict call: on an accelerator, those of one shape and
+    input size (Ultralytics letterboxes a mixed batch to a square, which would make boxes
+    depend on batch-mates; a frame's tiles are one such group); on the CPU each alone (no
+    faster batched, and the boxes stay bit-identical whatever the batch)."""
     if not device.startswith(("cuda", "mps")):
         return [[i] for i in range(len(images))]
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, image in enumerate(images):
-        groups.setdefault(image.shape, []).append(i)
+        groups.setdefault((*image.shape, sizes[i] if sizes else 0), []).append(i)
     return list(groups.values())
 
 

@@ -8,7 +8,10 @@ from spotline.common.settings import Settings, load_settings, settings_env
 
 def test_defaults_are_the_seed_method() -> None:
     s = load_settings(env={})
-    assert (s.imgsz, s.conf, s.iou, s.max_det, s.tta) == (1600, 0.1, 0.1, 10, True)
+    assert (s.conf, s.iou, s.max_det, s.tta) == (0.1, 0.1, 10, True)
+    # the detector's size follows the frame (the seed's 1520x870 frames run at 1536, its
+    # fixed 1600 is the cap); SPOTLINE_IMGSZ=1600 runs the seed's exact size
+    assert (s.imgsz, s.imgsz_cap, s.tile_overlap) == (0, 1600, 0.2)
     assert s.upscale and s.upscale_factor == 4
     assert (s.pre_pad_large, s.pre_pad_small, s.pre_pad_min_side) == (10, 1, 10)
     assert s.prompt == "This is a photo of {caption}."
@@ -24,6 +27,9 @@ def test_env_values_are_typed() -> None:
 @pytest.mark.parametrize("env, key", [
     ({"SPOTLINE_IMGSIZE": "640"}, "SPOTLINE_IMGSIZE"),
     ({"SPOTLINE_IMGSZ": "big"}, "imgsz"),
+    ({"SPOTLINE_IMGSZ": "-1"}, "imgsz"),
+    ({"SPOTLINE_IMGSZ_CAP": "0"}, "imgsz_cap"),
+    ({"SPOTLINE_TILE_OVERLAP": "0.95"}, "tile_overlap"),
     ({"SPOTLINE_TTA": "maybe"}, "tta"),
     ({"SPOTLINE_CONF": "1.5"}, "conf"),
     ({"SPOTLINE_BATCH_SCORE": "0"}, "batch_score"),

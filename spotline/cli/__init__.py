@@ -15,7 +15,7 @@ from spotline.common.logs import setup_logging
 from spotline.common.settings import load_settings
 from spotline.train.demo import apply_demo_models
 
-from . import feeds, ops, pipeline
+from . import config_cmd, feeds, ops, pipeline
 from .context import Ctx, need_url, pass_ctx
 
 
@@ -31,6 +31,8 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=config_cmd.print_version, help="Print spotline's version and exit.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="TOML or YAML settings file (also SPOTLINE_CONFIG).")
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR.")
@@ -39,7 +41,8 @@ def cli(ctx: click.Context, config_file: str | None, log_level: str | None) -> N
     """spotline: streaming visual grounding (YOLO -> Real-ESRGAN -> SigLIP) over Redis Streams.
 
     Settings come from SPOTLINE_* environment variables and an optional --config file; see
-    docs/settings.md. With no SPOTLINE_REDIS_URL, `up` and `demo` run an embedded redis-server.
+    docs/settings.md (`spotline config` prints them). With no SPOTLINE_REDIS_URL, `up` and
+    `demo` run an embedded redis-server.
     """
     # with no weight paths set, every command (up, worker, eval, bench, ...) runs the committed
     # demo models with their settings, unless SPOTLINE_MODELS=tiny (issue 12)
@@ -52,6 +55,7 @@ for _command in (pipeline.worker, pipeline.up, pipeline.serve, pipeline.demo, fe
                  feeds.results, feeds.ingest, feeds.jobs, ops.models, ops.dead, ops.bench,
                  ops.eval_cmd):
     cli.add_command(_command)
+cli.add_command(config_cmd.config)  # spotline config: the effective settings and their sources
 cli.add_command(__import__("spotline.cli_sink", fromlist=["sink"]).sink)  # spotline sink
 cli.add_command(__import__("spotline.cli_sources", fromlist=["sources"]).sources)
 cli.add_command(__import__("spotline.cli_export", fromlist=["export"]).export)  # export

@@ -102,6 +102,13 @@ def apply_demo_models(settings: Settings, directory: Path | None = None) -> Sett
     defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
     changes = {k: v for k, v in overlay.items()
                if k in defaults and getattr(settings, k) == defaults[k]}
+    if "imgsz" in changes:
+        # settings.toml's imgsz is the size the detector was trained at, on frames of the
+        # plan's size: it runs at that scale on a frame of any size (the imgsz it names on
+        # the training frames; --config settings.toml keeps the fixed size)
+        trained = changes.pop("imgsz") / max(DemoPlan().size)
+        if settings.imgsz_scale == defaults["imgsz_scale"]:
+            changes["imgsz_scale"] = trained
     return settings.replace(**changes)
 
 

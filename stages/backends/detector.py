@@ -184,7 +184,10 @@ class ExportedDetector:
 
     def predict(self, image: np.ndarray, imgsz: int, conf: float, iou: float, max_det: int,
                 tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(boxes float32 N×4 xyxy in the image's pixels, scores float32 N), best first."""
+        """(boxes float32 N×4 xyxy in the image's pixels, scores float32 N), best first;
+        ``imgsz`` 0 follows the image (its long side rounded up to the stride)."""
+        if imgsz <= 0:
+            imgsz = max(image.shape[:2])
         imgsz = max(math.ceil(imgsz / self.stride) * self.stride, self.stride)  # check_imgsz
         box = letterbox(image, imgsz, self.stride)
         if tta and self.can_augment:
