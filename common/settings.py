@@ -196,12 +196,32 @@ class Settings:
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
     # --- gateway access (producer/access.py)
     api_keys: str = field(default="", metadata={
-        "help": "gateway API keys, comma-separated; none here or in api_keys_file: open gateway"})
+        "help": "gateway API keys, comma-separated: KEY (scopes identify+read) or "
+                "KEY:SCOPE+SCOPE (identify, read, admin); none here or in api_keys_file: an "
+                "open gateway (loopback only, docs/security.md)"})
     api_keys_file: str = field(default="", metadata={
-        "help": "file of gateway API keys, one a line (# comments); re-read when it changes"})
+        "help": "file of gateway API keys, one a line as in api_keys (# comments); re-read "
+                "when it changes; empty or gone: nobody gets in"})
     rate_limit: float = field(default=0.0, metadata={
-        "help": "gateway requests/s per API key (token bucket in Redis); 0: off"})
+        "help": "gateway tokens/s per API key (token bucket in Redis): a token a request, on "
+                "/identify a token a distinct image; 0: off"})
     rate_burst: int = field(default=20, metadata={"help": "requests a key may send at once"})
+    insecure_open_gateway: bool = field(default=False, metadata={
+        "help": "let `spotline serve` run with no API keys on an address other than loopback "
+                "(anyone who reaches it may use every route; said at start and on /health)"})
+    allowed_hosts: str = field(default="", metadata={
+        "help": "Host header names the gateway answers, comma-separated (DNS rebinding guard); "
+                "empty: localhost, 127.0.0.1, [::1] and the bind address; *: any"})
+    max_request_bytes: int = field(default=65536, metadata={
+        "help": "gateway body limit of every route but /identify (whose limit is "
+                "2 x max_frame_bytes + 1 MiB); refused before it is read"})
+    identify_max_instances: int = field(default=64, metadata={
+        "help": "instances per POST /identify at most"})
+    identify_max_images: int = field(default=16, metadata={
+        "help": "distinct images (frames) per POST /identify at most"})
+    auth_fail_per_minute: float = field(default=10.0, metadata={
+        "help": "failed gateway authentications per client address per minute (burst as "
+                "many) before 429; independent of rate_limit; 0: off"})
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -225,22 +245,6 @@ def _validate_tracking(s: Settings) -> None:
     for key in ("track_keyframe_every", "track_switch_frames", "track_buffer", "track_detect_every",
                 "track_state_ttl_s", "track_cache_tracks", "batch_track"):
         if getattr(s, key) <= 0:
-    insecure_open_gateway: bool = field(default=False, metadata={
-        "help": "let `spotline serve` run with no API keys on an address other than loopback "
-                "(anyone who reaches it may use every route; said at start and on /health)"})
-    allowed_hosts: str = field(default="", metadata={
-        "help": "Host header names the gateway answers, comma-separated (DNS rebinding guard); "
-                "empty: localhost, 127.0.0.1, [::1] and the bind address; *: any"})
-    max_request_bytes: int = field(default=65536, metadata={
-        "help": "gateway body limit of every route but /identify (whose limit is "
-                "2 x max_frame_bytes + 1 MiB); refused before it is read"})
-    identify_max_instances: int = field(default=64, metadata={
-        "help": "instances per POST /identify at most"})
-    identify_max_images: int = field(default=16, metadata={
-        "help": "distinct images (frames) per POST /identify at most"})
-    auth_fail_per_minute: float = field(default=10.0, metadata={
-        "help": "failed gateway authentications per client address per minute (burst as "
-                "many) before 429; independent of rate_limit; 0: off"})
             raise ConfigError(f"{key} must be > 0, got {getattr(s, key)!r}")
     for key in ("track_min_iou", "not_in_view_threshold", "track_match"):
         if not 0.0 <= getattr(s, key) <= 1.0:
