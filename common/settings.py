@@ -71,7 +71,20 @@ class Settings:
                 "auto (on the CPU 2·384² input pixels per call: 2 crops for SigLIP-384, where "
                 "larger chunks are no faster per crop, up to 64 for small inputs; 64 on a GPU)"})
     # --- detect (seed: predict(imgsz=1600, conf=0.1, iou=0.1, max_det=10, augment=True))
-    imgsz: int = field(default=1600, metadata={"help": "YOLO inference size (seed: 1600)"})
+    imgsz: int = field(default=0, metadata={
+        "help": "YOLO inference size; 0: follow the frame (its long side rounded up to the "
+                "stride, 32, up to imgsz_cap; larger frames are tiled). The seed ran a fixed "
+                "1600"})
+    imgsz_scale: float = field(default=1.0, metadata={
+        "help": "with imgsz 0: the detector runs at the frame's long side times this (the "
+                "scale its training letterboxed images by: trained at imgsz T on frames of long "
+                "side L, T/L), rounded up to the stride"})
+    imgsz_cap: int = field(default=1600, metadata={
+        "help": "with imgsz 0: the largest size the detector runs at; a frame whose long side "
+                "is larger is cut into overlapping tiles of at most this size, merged by NMS"})
+    tile_overlap: float = field(default=0.2, metadata={
+        "help": "with imgsz 0: the least overlap of neighbouring tiles, as a share of the tile "
+                "side (make it at least the largest object's size)"})
     conf: float = field(default=0.1, metadata={"help": "YOLO confidence threshold"})
     iou: float = field(default=0.1, metadata={"help": "YOLO NMS IoU threshold"})
     max_det: int = field(default=10, metadata={"help": "boxes per frame at most"})
@@ -284,8 +297,16 @@ def _validate_choices(s: Settings) -> None:
                               f"{PRECISIONS}, got {value!r}")
 
 
+def _validate_detect(s: Settings) -> None:
+    if not 0.0 <= s.tile_overlap < 0.9:
+        raise ConfigError(f"tile_overlap must be in [0, 0.9), got {s.tile_overlap!r}")
+    if not 0.25 <= s.imgsz_scale <= 4.0:
+        raise ConfigError(f"imgsz_scale must be in [0.25, 4], got {s.imgsz_scale!r}")
+
+
 def _validate(s: Settings) -> None:
-    positive = ("imgsz", "max_det", "crops_per_part", "upscale_factor", "caption_cache_size",
+    positive = ("imgsz_cap", "max_det", "crops_per_part", "upscale_factor",
+                "caption_cache_size",
                 "result_ttl_s", "results_maxlen", "visibility_timeout_ms", "max_deliveries",
                 "block_ms", "dead_maxlen", "high_water", "max_frame_bytes", "max_pixels",
                 "max_captions", "max_caption_chars", "rate_burst", "max_feeds",
@@ -298,7 +319,9 @@ def _validate(s: Settings) -> None:
     for key in ("conf", "iou"):
         if not 0.0 <= getattr(s, key) <= 1.0:
             raise ConfigError(f"{key} must be in [0, 1], got {getattr(s, key)!r}")
-    for key in ("max_wait_ms", "warmup", "torch_threads", "metrics_port", "scorer_input_size",
+    _validate_detect(s)
+    for key in ("imgsz", "max_wait_ms", "warmup", "torch_threads", "metrics_port",
+                "scorer_input_size",
                 "pre_pad_large", "pre_pad_small", "pre_pad_min_side", "upscale_skip_side",
                 "rate_limit", "auth_fail_per_minute"):
         if getattr(s, key) < 0:
