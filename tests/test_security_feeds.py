@@ -67,8 +67,13 @@ class Listener:
             conn.close()
 
     def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        except OSError:
+            pass
         self.sock.close()
         self.thread.join(5)
+        assert not self.thread.is_alive()
 
 
 @pytest.fixture
