@@ -150,9 +150,11 @@ class Settings:
         "help": "cached track embeddings per source at most"})
     joint_assign: bool = field(default=True, metadata={
         "help": "track mode: one box per caption (Hungarian) when a frame has several"})
-    not_in_view: bool = field(default=False, metadata={
-        "help": "track mode: no box (bbox null) for a caption probably not in the frame "
-                "(needs calibration.json beside the scorer: `spotline eval DATA --calibrate`)"})
+    not_in_view: str = field(default="auto", metadata={
+        "help": "track mode: no box (bbox null) for a caption probably not in the frame, from "
+                "the calibration.json beside the scorer (`spotline eval DATA --calibrate`; the "
+                "demo scorer ships one): auto (when the scorer has one with a threshold), true "
+                "(the track stage refuses to start without one), false (always a box)"})
     not_in_view_threshold: float = field(default=0.0, metadata={
         "help": "with not_in_view: abstain under this probability of being in view; 0: the "
                 "threshold fitted with the calibration"})
@@ -237,6 +239,7 @@ class Settings:
                 "many) before 429; independent of rate_limit; 0: off"})
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "not_in_view", _tristate("not_in_view", self.not_in_view))
         _validate(self)
         _validate_tracking(self)
 
@@ -344,6 +347,8 @@ _HINTS = typing.get_type_hints(Settings)
 
 def _coerce(key: str, value: Any) -> Any:
     """Turn a string (env) or file value into the field's type; errors name the key."""
+    if key == "not_in_view":
+        return _tristate(key, value)
     hint = _HINTS[key]
     try:
         if hint is bool:
@@ -370,6 +375,18 @@ def _coerce(key: str, value: Any) -> Any:
         return tuple(int(float(v)) for v in items)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid value for {key}: {value!r} ({exc})") from None
+
+
+def _tristate(key: str, value: Any) -> str:
+    """auto, true or false, from those words, a boolean or its other words (1, yes, on...)."""
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return "true"
+    if text in ("0", "false", "no", "off"):
+        return "false"
+    if text != "auto":
+        raise ConfigError(f"{key} must be auto, true or false, got {value!r}")
+    return text
 
 
 def _read_file(path: Path) -> dict[str, Any]:

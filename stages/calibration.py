@@ -36,8 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.optimize import isotonic_regression, minimize
-from scipy.special import expit, logit
 
 from ..common.errors import ConfigError
 
@@ -45,6 +43,21 @@ FILENAME = "calibration.json"
 METHODS = ("temperature", "isotonic")
 FORMAT_VERSION = 2
 READS_VERSIONS = (1, 2)  # version 1: no presence model
+
+
+def expit(x: np.ndarray | float) -> np.ndarray:
+    """The logistic sigmoid (as scipy.special.expit: the core install has no scipy)."""
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+def logit(p: np.ndarray | float) -> np.ndarray:
+    """log(p / (1 - p)), the inverse of ``expit``."""
+    p = np.asarray(p, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return np.log(p / (1.0 - p))
+
+
 # Probabilities are clipped into [EPS, 1 - EPS] before logit so a 0 or 1 stays finite.
 EPS = 1e-7
 MAX_KNOTS = 512
@@ -168,6 +181,8 @@ def nll(probs: np.ndarray, correct: np.ndarray) -> float:
 
 def fit_temperature(scores: np.ndarray, correct: np.ndarray) -> Calibration:
     """Temperature and bias minimising the NLL (L-BFGS-B on log T, b)."""
+    from scipy.optimize import minimize  # fitting only: spotline[train]
+
     scores, correct = _check(scores, correct)
     space = score_space(scores)
     z = _logits(scores, space)
@@ -189,6 +204,8 @@ def fit_temperature(scores: np.ndarray, correct: np.ndarray) -> Calibration:
 
 def fit_isotonic(scores: np.ndarray, correct: np.ndarray) -> Calibration:
     """A monotone non-decreasing map, as at most MAX_KNOTS knots."""
+    from scipy.optimize import isotonic_regression  # fitting only: spotline[train]
+
     scores, correct = _check(scores, correct)
     order = np.argsort(scores, kind="stable")
     xs, ys = scores[order], correct[order]
@@ -243,6 +260,8 @@ def presence_features(logits: np.ndarray, captions: Sequence[str] | None = None
 
 def _logistic(x: np.ndarray, y: np.ndarray) -> tuple[float, ...]:
     """Weights (then bias) of a ridge-regularised logistic regression of 0/1 ``y`` on ``x``."""
+    from scipy.optimize import minimize  # fitting only: spotline[train]
+
     design = np.c_[x, np.ones(len(x))]
     ridge = np.r_[np.full(x.shape[1], L2), 0.0]
 
@@ -320,17 +339,37 @@ def fit(scores: np.ndarray, correct: np.ndarray, method: str = "temperature") ->
 
 
 def abstain_threshold(settings: Any, calibration: Calibration | None) -> float | None:
-    """The "not in view" threshold the settings ask for: None when not_in_view is off, the
-    explicit not_in_view_threshold when set, else the one fitted with the calibration."""
-    if not settings.not_in_view:
+    """The "not in view" threshold the settings ask for, None for always a box.
+
+    ``not_in_view`` false: None. Auto: with a calibration beside the scorer, the explicit
+    not_in_view_threshold when set, else the one fitted with the calibration; None without a
+    calibration, or with one fitted without captions that name nothing. True: the same, but
+    what auto would answer None for is an error."""
+    mode = not_in_view_mode(settings.not_in_view)
+    if mode == "false":
         return None
+    if calibration is None:
+        if mode == "auto":
+            return None
+        raise ConfigError("not_in_view needs calibration.json beside the scorer: fit it with "
+                          "`spotline eval DATASET --calibrate`")
     if settings.not_in_view_threshold > 0:
         return float(settings.not_in_view_threshold)
-    if calibration is None or calibration.threshold is None:
+    if calibration.threshold is None and mode == "true":
         raise ConfigError("not_in_view needs a threshold: refit the calibration with captions "
                           "that name nothing (`spotline eval DATASET --calibrate --absent 1`) "
                           "or set not_in_view_threshold")
     return calibration.threshold
+
+
+def not_in_view_mode(value: Any) -> str:
+    """The ``not_in_view`` setting as auto, true or false (a boolean is true or false)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    mode = str(value).lower()
+    if mode not in ("auto", "true", "false"):
+        raise ConfigError(f"not_in_view must be auto, true or false, got {value!r}")
+    return mode
 
 
 def calibration_path(scorer_dir: str | Path) -> Path:

@@ -296,8 +296,8 @@ def options_from(settings: Any) -> TrackOptions:
         evidence=EvidenceConfig(decay=settings.track_decay, margin=settings.track_margin,
                                 switch_frames=settings.track_switch_frames),
         joint=settings.joint_assign,
-        # not in view: the explicit threshold, or (None) the calibration's, resolved in setup
-        abstain_below=(settings.not_in_view_threshold or None) if settings.not_in_view else None,
+        # not in view: resolved in setup, from the scorer's calibration (when there is one)
+        abstain_below=None,
         detect_every=settings.track_detect_every, settle=settings.track_settle,
         motion=settings.track_redetect_motion, match=settings.track_match)
 
@@ -403,10 +403,12 @@ class Track(Stage):
         self.embedder.setup()
         self.model_name = self.embedder.score.model_name
         self.device_name = self.embedder.score.device_name
-        if self.settings.not_in_view > 0:
+        if calibration.not_in_view_mode(self.settings.not_in_view) != "false":
+            # auto: abstain when the scorer has a calibration (the demo scorer's is committed);
+            # true: it must have one
             scorer_dir = runtime.resolve_weights(self.settings).scorer
             self.calibration = calibration.load(scorer_dir)
-            if self.calibration is None:
+            if self.calibration is None and self.settings.not_in_view == "true":
                 raise ConfigError(f"not_in_view needs {calibration.calibration_path(scorer_dir)}"
                                   ": fit it with `spotline eval DATASET --calibrate`")
             self.options = dataclasses.replace(self.options, abstain_below=calibration.

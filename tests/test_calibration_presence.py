@@ -191,7 +191,7 @@ def test_the_threshold_comes_from_the_settings_or_the_calibration(monkeypatch):
     monkeypatch.setenv("SPOTLINE_NOT_IN_VIEW", "true")
     monkeypatch.setenv("SPOTLINE_NOT_IN_VIEW_THRESHOLD", "0.25")
     s = load_settings()
-    assert s.not_in_view is True and s.not_in_view_threshold == 0.25
+    assert s.not_in_view == "true" and s.not_in_view_threshold == 0.25
     monkeypatch.setenv("SPOTLINE_NOT_IN_VIEW_THRESHOLD", "1.5")
     with pytest.raises(ConfigError, match="not_in_view_threshold"):
         load_settings()
