@@ -270,10 +270,6 @@ class Access:
                                      max(1, math.ceil(per_minute)))
                          if per_minute > 0 else None)
 
-    @property
-    def mode(self) -> str:
-        return "open" if self.keys.open else "keys"
-
     def authenticate(self, key: str | None, address: str) -> Caller:
         """The caller a key stands for, or Refused: 429 while its address has failed too
         often (even with a good key: a guess that works must not show), 401 otherwise."""
