@@ -87,6 +87,10 @@ class Metrics:
             "spotline_model_loaded", "1 when the stage's model is loaded", ["stage", "model",
                                                                               "device"],
             registry=r)
+        self.model_precision = Gauge(
+            "spotline_model_precision", "1 for the precision each model of the stage runs at, "
+            "and why (export_precision auto: fastest, not-faster, drift-refused, only-fp32; "
+            "set; torch)", ["model", "precision", "reason"], registry=r)
         self.http_requests = Counter(
             "spotline_http_requests", "Gateway requests by route and status", ["route", "status"],
             registry=r)

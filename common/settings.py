@@ -21,7 +21,7 @@ CONFIG_ENV = "SPOTLINE_CONFIG"
 
 BACKPRESSURE = ("block", "drop-oldest")
 BACKENDS = ("auto", "torch", "onnx", "openvino")
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("auto", "fp32", "fp16", "int8")
 THREAD_POLICIES = ("follow", "static")  # common/cores.py
 
 
@@ -57,14 +57,22 @@ class Settings:
     backend: str = field(default="auto", metadata={
         "help": "model runtime: auto (an export of the checkpoint when there is one: OpenVINO "
                 "on x86 CPUs, else ONNX Runtime; torch when none), torch, onnx, openvino"})
-    export_precision: str = field(default="fp32", metadata={
-        "help": "which export the onnx/openvino backends load: fp32, fp16, int8 (spotline export)"})
+    export_precision: str = field(default="auto", metadata={
+        "help": "which export the onnx/openvino backends load: auto (per model, the fastest of "
+                "the exports this CPU runs fast, fp16 as bf16 on AMX/AVX512_BF16 and int8 on "
+                "VNNI/AMX, whose outputs stay within precision_max_drift of fp32's: measured "
+                "once per machine, docs/performance.md), fp32, fp16, int8 (spotline export)"})
     export_precision_detector: str = field(default="", metadata={
-        "help": "the detector's export precision (fp32, fp16, int8); empty: export_precision"})
+        "help": "the detector's export precision (auto, fp32, fp16, int8); empty: "
+                "export_precision"})
     export_precision_upscaler: str = field(default="", metadata={
-        "help": "the upscaler's export precision (fp32, fp16, int8); empty: export_precision"})
+        "help": "the upscaler's export precision (auto, fp32, fp16, int8); empty: "
+                "export_precision"})
     export_precision_scorer: str = field(default="", metadata={
-        "help": "SigLIP's export precision (fp32, fp16, int8); empty: export_precision"})
+        "help": "SigLIP's export precision (auto, fp32, fp16, int8); empty: export_precision"})
+    precision_max_drift: float = field(default=0.01, metadata={
+        "help": "export_precision auto refuses a precision whose outputs on held-out inputs "
+                "drift more than this from fp32's (1 - cosine)"})
     score_chunk: int = field(default=0, metadata={
         "help": "crops per SigLIP image-tower call (a batch's crops go through in chunks of "
                 "this many): bounds its activation memory (SigLIP-large ~16 MiB per crop); 0: "
@@ -319,7 +327,7 @@ def _validate(s: Settings) -> None:
     for key in positive:
         if getattr(s, key) <= 0:
             raise ConfigError(f"{key} must be > 0, got {getattr(s, key)!r}")
-    for key in ("conf", "iou"):
+    for key in ("conf", "iou", "precision_max_drift"):
         if not 0.0 <= getattr(s, key) <= 1.0:
             raise ConfigError(f"{key} must be in [0, 1], got {getattr(s, key)!r}")
     _validate_detect(s)

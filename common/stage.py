@@ -26,6 +26,9 @@ class Stage(ABC):
     name: ClassVar[str]
     model_name: str = ""
     device_name: str = "cpu"
+    # Each model's precision and why (stages/backends/precision.py's Choice: model, precision,
+    # reason), set by setup; the worker exports them as spotline_model_precision.
+    precision_choices: tuple[Any, ...] = ()
     # The worker's metrics (common/metrics.py), set by the worker: a stage may count what
     # only it knows (the track stage's tracks and reuse). None when run without a worker.
     metrics: Any = None

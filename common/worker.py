@@ -123,6 +123,9 @@ class Worker:
         self.stage.setup()
         self.metrics.model_loaded.labels(name, self.stage.model_name or name,
                                          self.stage.device_name).set(1)
+        for choice in self.stage.precision_choices:
+            self.metrics.model_precision.labels(choice.model, choice.precision,
+                                                choice.reason).set(1)
         self.log.info("ready (burst=%s)", self.burst)
         try:
             while not self.stopping:

@@ -141,6 +141,7 @@ def ensure_exports(paths: dict[str, str], engines: Sequence[str],
     the same for every model, or per model kind."""
     from spotline.common.errors import ModelError
     from spotline.export import export_model
+    from spotline.export_precision import synthetic_calibration
     from spotline.stages.backends.manifest import export_dir, read_manifest, source_hash
 
     for kind in ("detector", "upscaler", "scorer"):
@@ -156,7 +157,9 @@ def ensure_exports(paths: dict[str, str], engines: Sequence[str],
         if missing:
             say(f"exporting {kind} ({', '.join(engines)}; {', '.join(missing)})...")
             t0 = time.perf_counter()
-            export_model(kind, source, engines, missing)
+            # int8 static, calibrated on synthetic frames, as `spotline export` makes it
+            export_model(kind, source, engines, missing,
+                         synthetic_calibration() if "int8" in missing else None)
             say(f"  {time.perf_counter() - t0:.1f} s")
 
 
@@ -173,20 +176,28 @@ def run_child(spec: dict[str, Any], settings: Settings, timeout_s: float) -> dic
 
 def bench_backends(settings: Settings, paths: dict[str, str], runs: int = 3,
                    engines: Sequence[str] = ("onnx", "openvino"),
-                   precisions: Sequence[str] = ("fp32", "int8"),
+                   precisions: Sequence[str] = ("fp32", "fp16", "int8"),
                    cases: Sequence[str] = tuple(c for c, _ in CASES), threads: int = 0,
                    say: Callable[[str], None] = print, timeout_s: float = 1800.0,
                    skip: Sequence[str] = ()) -> dict[str, Any]:
     """{case: {"torch": figures, "onnx-fp32": figures, ...}} with speed-ups against torch;
-    ``skip`` leaves out some "engine-precision" keys."""
+    ``skip`` leaves out some "engine-precision" keys. fp16 runs on OpenVINO only, and only
+    where the CPU runs it as bf16 (ONNX Runtime's fp16 on a CPU is emulated: slow)."""
     from spotline.stages import backends, runtime
+    from spotline.stages.backends.cpu import cpu_info
 
     threads = threads or runtime.cpu_count()
     settings = settings.replace(torch_threads=threads, backend="torch")
     engines = [e for e in engines if backends.available(e)]
+    bf16 = cpu_info().bf16
+    if "fp16" in precisions:
+        skip = [*skip, "onnx-fp16", *([] if bf16 else ["openvino-fp16"])]
+        if not bf16 or "openvino" not in engines:
+            precisions = [p for p in precisions if p != "fp16"]
     ensure_exports(paths, engines, precisions, say)
     report: dict[str, Any] = {"threads": threads, "runs": runs, "imgsz": settings.imgsz,
-                              "paths": paths, "cases": {}}
+                              "paths": paths, "cases": {},
+                              "openvino_fp16_runs_as": "bf16" if bf16 else "f32"}
     for case in cases:
         row: dict[str, Any] = {}
         for backend, precision in [("torch", "fp32"), *((e, p) for p in precisions
@@ -206,6 +217,17 @@ def bench_backends(settings: Settings, paths: dict[str, str], runs: int = 3,
     return report
 
 
+def _export_precisions(settings: Settings, kind: str, engines: Sequence[str]) -> list[str]:
+    """The exports a pipeline at ``export_precision[_<kind>]`` loads: that one, or with auto
+    what auto measures on this machine."""
+    precision = settings.precision_for(kind)
+    if precision != "auto":
+        return [precision]
+    from spotline.export_precision import auto_precisions
+
+    return auto_precisions(engines, settings.device)
+
+
 def _fmt(figures: dict[str, Any]) -> str:
     if "error" in figures:
         return f"error: {figures['error']}"
@@ -218,7 +240,9 @@ def table(report: dict[str, Any]) -> str:
     keys: list[str] = []
     for row in report["cases"].values():
         keys += [k for k in row if k not in keys]
-    head = "| model | " + " | ".join(keys) + " |"
+    runs_as = report.get("openvino_fp16_runs_as")
+    head = "| model | " + " | ".join(f"{k} (runs {runs_as})" if k == "openvino-fp16" and runs_as
+                                     else k for k in keys) + " |"
     lines = [head, "|" + "---|" * (len(keys) + 1)]
     for case, row in report["cases"].items():
         cells = []
@@ -302,9 +326,11 @@ def add_backends_options(command: Any) -> Any:
             if backend_part != "models":
                 from spotline.bench import exported
 
-                ensure_exports(paths, [settings.backend] if settings.backend in ("onnx",
-                               "openvino") else ["onnx", "openvino"],
-                               {k: [settings.precision_for(k)] for k in paths}, say)
+                engines = [settings.backend] if settings.backend in ("onnx",
+                                                                     "openvino") else \
+                    ["onnx", "openvino"]
+                ensure_exports(paths, engines, {k: _export_precisions(settings, k, engines)
+                                                for k in paths}, say)
                 report["pipeline"] = exported.pipeline_vs_reference(
                     settings, paths, frames=pipeline_frames, say=say)
         except SpotlineError as exc:

@@ -69,6 +69,32 @@ def load_calibration(directory: Path | str, limit: int = CALIBRATION_IMAGES) -> 
     return Calibration(str(directory), frames, crops[:limit * 4])
 
 
+def synthetic_calibration(limit: int = CALIBRATION_IMAGES) -> Calibration:
+    """Calibration for the int8 that ``spotline export`` makes by default, when no dataset is
+    given: fixed synthetic frames (a gradient, noise, solid shapes) and crops of the same kind,
+    other seeds than the held-out inputs export_precision auto checks drift on."""
+    from spotline.stages.backends.precision import HELD_OUT_FRAME, held_out_image
+
+    frames = [held_out_image(1000 + k, *HELD_OUT_FRAME) for k in range(limit)]
+    crops = [np.ascontiguousarray(held_out_image(2000 + k, 96, 96)[..., ::-1])
+             for k in range(limit)]
+    return Calibration("synthetic", frames, crops)
+
+
+def auto_precisions(engines: Iterable[str], device: str = "cpu") -> list[str]:
+    """What ``export_precision auto`` can choose from on this machine, so what ``spotline
+    export`` makes when no precision is given: fp32 (the reference), fp16 where it runs fast
+    (OpenVINO at bf16 on AMX-BF16/AVX512_BF16; ONNX Runtime on CUDA) and int8 where the CPU
+    has int8 units (AMX-INT8, AVX512_VNNI, AVX-VNNI)."""
+    from spotline.stages.backends.precision import candidates
+
+    found: list[str] = []
+    for engine in engines:
+        chosen, _why = candidates(engine, device, ("fp32", "fp16", "int8"))
+        found += [p for p in chosen if p not in found]
+    return found
+
+
 # --- precisions shared by every model ---------------------------------------------------------
 def onnx_variants(fp32: Path, precisions: Iterable[str],
                   feeds: Sequence[dict[str, np.ndarray]] | None = None,

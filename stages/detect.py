@@ -44,9 +44,10 @@ class Detect(Stage):
         """Load the YOLO weights (.pt or architecture .yaml), or their export (settings
         ``backend``: no torch then), and warm up."""
         paths = runtime.resolve_weights(self.settings)
-        precision = self.settings.precision_for("detector")
-        backend = backends.choose_backend(self.settings.backend, paths.detector, precision,
-                                          self.settings.device)
+        backend, choice = backends.precision.choose(
+            "detector", self.settings, paths.detector,
+            runtime.export_threads(self.settings, self.name))
+        precision, self.precision_choices = choice.precision, (choice,)
         if backend == "torch":
             self.device = runtime.resolve_device(self.settings)
             self.half = runtime.use_half(self.settings, self.device)

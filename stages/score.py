@@ -56,9 +56,10 @@ class Score(Stage):
         """Load the model and processor from a local directory, or the exported towers
         (settings ``backend``: numpy, tokenizers and one runtime; no torch)."""
         paths = runtime.resolve_weights(self.settings)
-        precision = self.settings.precision_for("scorer")
-        backend = backends.choose_backend(self.settings.backend, paths.scorer, precision,
-                                          self.settings.device)
+        backend, choice = backends.precision.choose(
+            "scorer", self.settings, paths.scorer,
+            runtime.export_threads(self.settings, self.name))
+        precision, self.precision_choices = choice.precision, (choice,)
         if backend != "torch":
             self.exported = backends.load_scorer(
                 paths.scorer, backend, precision,

@@ -37,9 +37,10 @@ class Upscale(Stage):
         """Load the Real-ESRGAN weights (architecture inferred from the state dict), or their
         export (settings ``backend``: no torch then)."""
         paths = runtime.resolve_weights(self.settings)
-        precision = self.settings.precision_for("upscaler")
-        backend = backends.choose_backend(self.settings.backend, paths.upscaler, precision,
-                                          self.settings.device)
+        backend, choice = backends.precision.choose(
+            "upscaler", self.settings, paths.upscaler,
+            runtime.export_threads(self.settings, self.name))
+        precision, self.precision_choices = choice.precision, (choice,)
         if backend == "torch":
             device = runtime.resolve_device(self.settings)
             runtime.set_threads(self.settings, self.name)

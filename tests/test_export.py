@@ -271,8 +271,8 @@ def test_export_command(tiny: dict[str, Path], tmp_path: Path) -> None:
     env = {"SPOTLINE_UPSCALER_WEIGHTS": str(source),
            "SPOTLINE_DETECTOR_WEIGHTS": str(tiny["detector"]),
            "SPOTLINE_SCORER_DIR": str(tiny["scorer"])}
-    result = CliRunner().invoke(cli, ["export", "--model", "upscaler", "--engine", "onnx"],
-                                env=env)
+    result = CliRunner().invoke(cli, ["export", "--model", "upscaler", "--engine", "onnx",
+                                      "--precision", "fp32"], env=env)
     assert result.exit_code == 0, result.output
     assert f"upscaler: {source} -> {export_dir(source)} (onnx-fp32;" in result.output
     assert read_manifest(export_dir(source)).files == {

@@ -43,12 +43,15 @@ def pipeline_vs_reference(settings: Settings, paths: dict[str, str], frames: int
     say(f"[pipeline] torch reference {ref_torch['fps']:.4f} frames/s; in-process reference on "
         f"the exports ({exported.backend} {precisions(exported)})...")
     ref_same = run_reference(exported, shots, batched=False)
+    chosen = choices(exported, paths)  # what auto chose (measured by the reference's stages)
     say(f"[pipeline] exported reference {ref_same['fps']:.4f} frames/s; streaming on the "
         f"exports (threads_policy {exported.threads_policy})...")
     stream = run_streaming(exported, shots, {}, light=light, timeout_s=timeout_s)
     out: dict[str, Any] = {
         "frames": frames, "light_frames": light, "backend": exported.backend,
-        "precision": precisions(exported), "threads_policy": exported.threads_policy,
+        "precision": precisions(exported, chosen), "threads_policy": exported.threads_policy,
+        "precision_choices": {m: {"precision": c.precision, "reason": c.reason,
+                                  "detail": c.detail} for m, c in chosen.items()},
         "reference_torch": _brief(ref_torch), "reference_exported": _brief(ref_same),
         "streaming": {"fps": stream["fps"], "steady_fps": stream["steady_fps"],
                       "latency": stream["latency"], "errors": stream["errors"],
@@ -78,9 +81,27 @@ def pipeline_vs_reference(settings: Settings, paths: dict[str, str], frames: int
     return out
 
 
-def precisions(settings: Settings) -> str:
-    """The export precision, or each model's where they differ (export_precision_<model>)."""
-    found = {m: settings.precision_for(m) for m in MODELS}
+def choices(settings: Settings, paths: dict[str, str]) -> dict[str, Any]:
+    """Each exported model's precision choice as its stage makes it (export_precision auto:
+    measured once per machine, then read back from the export folder)."""
+    from spotline.stages import runtime
+    from spotline.stages.backends import precision
+
+    stages = {"detector": "detect", "upscaler": "upscale", "scorer": "score"}
+    out: dict[str, Any] = {}
+    for model in MODELS:
+        if model == "upscaler" and not settings.upscale:
+            continue
+        out[model] = precision.choose(model, settings, paths[model],
+                                      runtime.export_threads(settings, stages[model]))[1]
+    return out
+
+
+def precisions(settings: Settings, chosen: dict[str, Any] | None = None) -> str:
+    """The export precision, or each model's where they differ (export_precision_<model>);
+    with ``chosen`` (``choices``) what auto chose."""
+    found = {m: c.precision for m, c in chosen.items()} if chosen else \
+        {m: settings.precision_for(m) for m in MODELS}
     if len(set(found.values())) == 1:
         return found["detector"]
     return ", ".join(f"{m} {p}" for m, p in found.items())
@@ -120,4 +141,4 @@ def lines(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-__all__ = ["lines", "pipeline_vs_reference", "precisions"]
+__all__ = ["choices", "lines", "pipeline_vs_reference", "precisions"]

@@ -327,7 +327,8 @@ def _openvino_peaks(n: int, runs: int, threads: int) -> dict[str, Any]:
         out[name] = round(ops / _best_s(lambda r=request: r.infer({0: x}), runs) / 1e9, 1)
         if hint == "bf16":  # a CPU without bf16 units runs the bf16 hint at f32
             runs_as = compiled.get_property("INFERENCE_PRECISION_HINT")
-            out["openvino_bf16_runs_as"] = str(getattr(runs_as, "to_string", lambda: runs_as)())
+            out["openvino_bf16_runs_as"] = runs_as.to_string() if hasattr(
+                runs_as, "to_string") else str(runs_as)
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...common.errors import ModelError
+from . import precision
 from .detector import ExportedDetector
 from .engine import ENGINES, available, load_engine, x86_cpu
 from .manifest import (
@@ -98,4 +99,4 @@ def load_scorer(source: Path | str, engine: str, precision: str = "fp32", thread
 
 __all__ = ["BACKENDS", "ENGINES", "PRECISIONS", "ExportedDetector", "ExportedScorer",
            "ExportedUpscaler", "available", "choose_backend", "export_dir", "load_detector",
-           "load_engine", "load_scorer", "load_upscaler"]
+           "load_engine", "load_scorer", "load_upscaler", "precision"]
