@@ -122,6 +122,8 @@ def _build(obj: Any, raw: bytes) -> Envelope | Result:
             and isinstance(obj[1], dict)):
         raise DecodeError("not a spotline payload: expected [kind, fields]", raw)
     kind, body = obj
+    if isinstance(body.get("meta"), dict):  # JSON arrays in meta come back as lists, as given
+        body = {**body, "meta": _thaw(body["meta"])}
     version = body.get("v")
     if version != SCHEMA_VERSION:
         raise DecodeError(f"schema version {version!r} is not {SCHEMA_VERSION}", raw)
@@ -136,6 +138,30 @@ def _build(obj: Any, raw: bytes) -> Envelope | Result:
         raise DecodeError(f"malformed {kind}: {exc}", raw) from None
     _check_types(msg, raw)
     return msg
+
+
+def _thaw(v: Any) -> Any:
+    """msgpack's tuples (use_list=False) back to lists, inside a frame's meta."""
+    if isinstance(v, tuple):
+        return [_thaw(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _thaw(x) for k, x in v.items()}
+    return v
+
+
+def _is_json(v: Any, depth: int = 0) -> bool:
+    """A JSON value: what a frame's meta may hold (common/meta.py checks it at publish)."""
+    if depth > 32:
+        return False
+    if v is None or isinstance(v, bool | int | str):
+        return True
+    if isinstance(v, float):
+        return v == v and v not in (float("inf"), float("-inf"))
+    if isinstance(v, list):
+        return all(_is_json(x, depth + 1) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _is_json(x, depth + 1) for k, x in v.items())
+    return False
 
 
 def _is_num(v: Any) -> bool:
@@ -169,6 +195,7 @@ _COMMON_CHECKS: dict[str, Any] = {
                              and all(_is_int(n) and n >= 0 for n in v)),
     "error": lambda v: v is None or isinstance(v, str),
     "trace": _is_trace,
+    "meta": lambda v: isinstance(v, dict) and _is_json(v),
 }
 _ENVELOPE_CHECKS: dict[str, Any] = {
     "image": lambda v: v is None or isinstance(v, bytes),

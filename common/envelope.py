@@ -12,6 +12,9 @@ from typing import Any
 import numpy as np
 
 SCHEMA_VERSION = 1
+# The JSON form of a result as subscribers receive it (docs/results.md, docs/results.schema.json).
+# Changes within v1 are additive only: new fields may appear, none is removed or changes meaning.
+RESULT_SCHEMA = "spotline.result/v1"
 
 # One trace row: (stage, enqueued, started, finished), unix seconds.
 TraceRow = tuple[str, float, float, float]
@@ -54,6 +57,9 @@ class Envelope:
     track_ids: np.ndarray | None = None  # int64 N, -1: untracked box
     picks: np.ndarray | None = None  # int64 C
     probs: np.ndarray | None = None  # float32 C
+    # The frame's metadata as the producer gave it (a JSON object, common/meta.py), returned
+    # unchanged on its result.
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def replace(self, **changes: Any) -> Envelope:
         return dataclasses.replace(self, **changes)
@@ -89,6 +95,7 @@ class Result:
     # is then the fallback box and its score the calibrated probability). Empty otherwise.
     track_ids: tuple[int, ...] = ()
     absent: tuple[bool, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict)  # the frame's, unchanged
 
     def replace(self, **changes: Any) -> Result:
         return dataclasses.replace(self, **changes)
@@ -104,8 +111,10 @@ class Result:
         return self.finished_time - self.capture_time
 
     def as_json(self) -> dict[str, Any]:
-        """A JSON-friendly dict (JSONL output, HTTP)."""
+        """The result as subscribers receive it, in every sink and over HTTP (JSONL output,
+        SSE, webhooks, MQTT): docs/results.md, validated by docs/results.schema.json."""
         return {
+            "schema": RESULT_SCHEMA,
             "frame_id": self.frame_id,
             "source_id": self.source_id,
             "capture_time": self.capture_time,
@@ -115,6 +124,7 @@ class Result:
             "fallback": self.fallback,
             "results": [self._caption_json(k) for k in range(len(self.captions))],
             "trace": [list(row) for row in self.trace],
+            "meta": self.meta,
         }
 
     def _caption_json(self, k: int) -> dict[str, Any]:
@@ -154,7 +164,7 @@ def error_result(env: Envelope, reason: str,
     return Result(frame_id=env.frame_id, source_id=env.source_id, capture_time=env.capture_time,
                   captions=env.captions, boxes=tuple(box for _ in env.captions),  # type: ignore[misc]
                   scores=tuple(float("nan") for _ in env.captions), image_size=env.image_size,
-                  fallback=True, error=reason, trace=env.trace)
+                  fallback=True, error=reason, trace=env.trace, meta=env.meta)
 
 
 def strip(env: Envelope) -> Envelope:

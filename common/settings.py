@@ -207,6 +207,9 @@ class Settings:
     max_pixels: int = field(default=50_000_000, metadata={"help": "width × height"})
     max_captions: int = field(default=32, metadata={"help": "captions per frame"})
     max_caption_chars: int = field(default=512, metadata={"help": "characters per caption"})
+    meta_max_bytes: int = field(default=4096, metadata={
+        "help": "a frame's meta (a JSON object given at publish time, returned on its result) "
+                "at most, as compact UTF-8 JSON"})
     # --- surfaces
     http_host: str = field(default="127.0.0.1", metadata={
         "help": "gateway bind address; another than loopback needs API keys (or "
@@ -320,7 +323,7 @@ def _validate(s: Settings) -> None:
                 "caption_cache_size",
                 "result_ttl_s", "results_maxlen", "visibility_timeout_ms", "max_deliveries",
                 "block_ms", "dead_maxlen", "high_water", "max_frame_bytes", "max_pixels",
-                "max_captions", "max_caption_chars", "rate_burst", "max_feeds",
+                "max_captions", "max_caption_chars", "meta_max_bytes", "rate_burst", "max_feeds",
                 "feed_max_spec_chars", "max_request_bytes",
                 "identify_max_instances", "identify_max_images",
                 *(f"batch_{st}" for st in STAGES))

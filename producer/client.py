@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from ..common.codec import decode, encode
 from ..common.envelope import Envelope, Result, new_frame_id
 from ..common.errors import DecodeError, SpotlineError
 from ..common.images import image_size as read_image_size
 from ..common.limits import check_frame
+from ..common.meta import check_meta
 from ..common.settings import Settings, load_settings
 from ..common.topology import FRAMES
 from ..common.transport import DATA_FIELD, Transport
@@ -44,7 +46,8 @@ class Client:
 
     def publish(self, image: bytes, captions: Sequence[str], source_id: str = "default",
                 capture_time: float | None = None, frame_id: str | None = None,
-                image_size: tuple[int, int] = (0, 0), sequenced: bool | None = None) -> str:
+                image_size: tuple[int, int] = (0, 0), sequenced: bool | None = None,
+                meta: dict[str, Any] | None = None) -> str:
         """Publish one encoded image (JPEG/PNG bytes) with its captions; returns the frame id.
 
         ``sequenced`` (default: the ``tracking`` setting) numbers the frame within its source
@@ -53,7 +56,12 @@ class Client:
 
         The frame must pass the limits every producer and the gateway check (size, pixels,
         captions: ``sources.validate_frame``), else InputError; an ``image_size`` given means
-        the caller has already validated it, and only the cheap checks run again."""
+        the caller has already validated it, and only the cheap checks run again.
+
+        ``meta``: a small JSON object (at most ``meta_max_bytes`` as JSON) returned unchanged on
+        the frame's result (docs/results.md); anything else is an InputError and nothing is
+        published."""
+        meta = check_meta(meta, self.settings.meta_max_bytes)
         check_frame(image, captions, self.settings)
         if tuple(image_size) == (0, 0):
             image_size = read_image_size(bytes(image), self.settings)
@@ -66,7 +74,8 @@ class Client:
             seq = int(self.t.call(lambda: self.t.r.incr(self.keys.seq(source_id)), "seq"))
         env = Envelope(frame_id=frame_id or new_frame_id(), source_id=source_id,
                        capture_time=time.time() if capture_time is None else capture_time,
-                       captions=captions, image=bytes(image), image_size=image_size, seq=seq)
+                       captions=captions, image=bytes(image), image_size=image_size, seq=seq,
+                       meta=meta)
         self.t.add(self.keys.inbox(FRAMES), env.frame_id, encode(env))
         self.previews.offer(env.frame_id, source_id, env.image or b"")
         return env.frame_id

@@ -25,10 +25,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from tqdm import tqdm
 
 from ..common.errors import InputError
+from ..common.meta import check_meta
 from ..common.metrics import Metrics
 from ..common.settings import BACKPRESSURE, Settings
 from .client import Client
@@ -87,6 +89,7 @@ class _Publisher:
     on_published: Callable[[SourceFrame, str], None] | None
     stats: PublishStats = field(default_factory=PublishStats)
     keep_ids: bool = True
+    meta: dict[str, Any] | None = None  # every frame's (checked once, by publish_source)
     held: tuple[SourceFrame, tuple[int, int]] | None = None  # drop-oldest: newest waiting
     _last_report: float = 0.0
 
@@ -150,7 +153,8 @@ class _Publisher:
 
     def publish(self, frame: SourceFrame, size: tuple[int, int]) -> None:
         fid = self.client.publish(frame.image, frame.captions, source_id=frame.source_id,
-                                  capture_time=frame.capture_time, image_size=size)
+                                  capture_time=frame.capture_time, image_size=size,
+                                  meta=self.meta)
         self.stats.published += 1
         if self.keep_ids:
             self.stats.frame_ids.append(fid)
@@ -230,7 +234,8 @@ def publish_source(source: Source, client: Client, settings: Settings,
                    skip: int = 0, stop: threading.Event | None = None,
                    on_progress: Callable[[PublishStats], None] | None = None,
                    on_published: Callable[[SourceFrame, str], None] | None = None,
-                   stats: PublishStats | None = None, keep_ids: bool = True) -> PublishStats:
+                   stats: PublishStats | None = None, keep_ids: bool = True,
+                   meta: dict[str, Any] | None = None) -> PublishStats:
     """Publish every frame of ``source`` (opened) through ``client``; returns the counts.
 
     ``policy``: block or drop-oldest (default: see ``default_policy``). ``max_frames``: stop
@@ -239,15 +244,18 @@ def publish_source(source: Source, client: Client, settings: Settings,
     ``on_progress(stats)`` runs after every frame read, ``on_published(frame, frame_id)`` after
     every frame published. ``stats``: count into this object (a caller keeps the counts when
     publishing raises); ``keep_ids=False`` leaves ``stats.frame_ids`` empty (a feed that runs
-    for days). Raises ``SourceFailed`` when the source breaks while being read and
-    ``TransportError`` when Redis stays unreachable.
+    for days); ``meta``: a JSON object every frame carries and its result returns unchanged
+    (checked before the first frame: InputError, nothing published). Raises ``SourceFailed``
+    when the source breaks while being read and ``TransportError`` when Redis stays
+    unreachable.
     """
     policy = policy or default_policy(source, settings)
     if policy not in BACKPRESSURE:
         raise InputError(f"policy must be one of {BACKPRESSURE}, got {policy!r}")
+    meta = check_meta(meta, settings.meta_max_bytes)
     stats = stats if stats is not None else PublishStats()
     pub = _Publisher(source, client, settings, policy, metrics, stop, on_published, stats,
-                     keep_ids)
+                     keep_ids, meta)
     total = source.total
     stats.total = max(0, total - skip) if total is not None else None
     if max_frames is not None and stats.total is not None:

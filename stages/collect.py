@@ -57,7 +57,7 @@ def _result(env: Envelope, picks: list[tuple[tuple[float, ...], float]], fallbac
     return Result(frame_id=env.frame_id, source_id=env.source_id, capture_time=env.capture_time,
                   captions=env.captions, boxes=tuple(b for b, _ in picks),  # type: ignore[misc]
                   scores=tuple(s for _, s in picks), image_size=env.image_size,
-                  fallback=fallback, trace=env.trace)
+                  fallback=fallback, trace=env.trace, meta=env.meta)
 
 
 def tracked_result(env: Envelope, settings: Settings) -> Result:
@@ -81,4 +81,4 @@ def tracked_result(env: Envelope, settings: Settings) -> Result:
     return Result(frame_id=env.frame_id, source_id=env.source_id, capture_time=env.capture_time,
                   captions=env.captions, boxes=tuple(out_boxes), scores=tuple(scores),
                   image_size=env.image_size, fallback=len(boxes) == 0, trace=env.trace,
-                  track_ids=tuple(tracks), absent=tuple(absent))
+                  track_ids=tuple(tracks), absent=tuple(absent), meta=env.meta)
