@@ -316,11 +316,13 @@ def test_demo_models_apply_only_without_weights_and_keep_user_settings(tmp_path:
         "upscale = false\nimgsz = 448\ntta = false\n")
     applied = demo.apply_demo_models(load_settings(env={}, conf=0.3), tmp_path)
     assert applied.detector_weights == str((demo.REPO / "models/demo/detector.pt").resolve())
-    assert (applied.imgsz, applied.tta, applied.upscale, applied.conf) == (448, False, False, 0.3)
+    assert (applied.tta, applied.upscale, applied.conf) == (False, False, 0.3)
+    # the training size becomes a scale: 448 on the plan's 384-px frames, any frame at 448/384
+    assert (applied.imgsz, applied.imgsz_scale) == (0, pytest.approx(448 / 384))
     assert demo.is_demo(applied, tmp_path)
     user = load_settings(env={}, imgsz=640)
     assert demo.apply_demo_models(user, tmp_path).imgsz == 640  # what the user set stays
     for kept in (load_settings(env={}, models="tiny"),
                  load_settings(env={}, scorer_dir=str(tmp_path))):
         assert demo.apply_demo_models(kept, tmp_path) == kept
-    assert demo.apply_demo_models(load_settings(env={}), tmp_path / "none").imgsz == 1600
+    assert demo.apply_demo_models(load_settings(env={}), tmp_path / "none").imgsz == 0

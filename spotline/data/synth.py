@@ -9,10 +9,25 @@ one object of its image. The other objects share its colour or its shape often e
 (``hard_negative``) to be hard negatives. Scenes: a textured background (sky with clouds,
 sea, fields, noise), 3–6 objects of 10–80 px with soft shadows, some overlap and blur, then the
 seed's degradations: Gaussian and ISO noise, brightness/contrast, JPEG quality 25–75.
+
+Two styles (``SynthOptions.style``):
+
+- ``classic`` (the default; the demo models were trained on it): the scenes above.
+- ``heldout``: a second family that no training command may use (``refuse_heldout``): another
+  renderer's look, pale gradient skies with soft blobs in the vocabulary's colours, terrain,
+  water and urban blocks, frames of 384–1920 px in several aspect ratios, objects of 8–120 px,
+  some in clusters, rotated, motion-blurred, low-contrast or partly occluded, among clutter
+  that is not in the vocabulary (other shapes, lines, text-like marks). ``heldout_options``
+  gives its preset; its lines carry ``"style"`` and ``"background"``.
+
+The domain-randomisation options (``sizes``, ``clutter``, ``low_contrast``, ``occlusion``,
+``rotate``, ``motion_blur``) work with either style; off (the default) a classic scene is the
+same bytes as before they existed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -33,6 +48,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "ring")
 COLOUR_JITTER = 20
 BACKGROUNDS = ("sky", "sea", "fields", "noise")
+CLASSIC, HELDOUT = "classic", "heldout"
+STYLES = (CLASSIC, HELDOUT)
+HELDOUT_BACKGROUNDS = ("pale_sky", "terrain", "water", "urban")
+ASPECTS = (1.0, 4 / 3, 3 / 2, 16 / 9, 1.75, 2.0)  # width / height with sizes; some portrait
+FAMILY_FILE = "synth.json"  # beside vlm.jsonl: the options a dataset was made with
 DATASET_FILE = "vlm.jsonl"
 IMAGES_DIR = "images"
 SPLITS = ("train", "val", "test")
@@ -63,6 +83,14 @@ class SynthOptions:
     max_overlap: float = 0.25  # of a placed object's box that a later one may cover
     blur_p: float = 0.15  # chance an object is blurred (motion/defocus)
     backgrounds: tuple[str, ...] = BACKGROUNDS
+    style: str = CLASSIC
+    # domain randomisation (off by default)
+    sizes: tuple[int, int] | None = None  # long side range: each image its own size and aspect
+    clutter: int = 0  # marks not in the vocabulary per image, at most
+    low_contrast: float = 0.0  # chance an object is drawn faint (blended into the background)
+    occlusion: float = 0.0  # chance an object is partly covered by clutter drawn over it
+    rotate: bool = False  # any rotation (squares, diamonds, crosses within ±30°)
+    motion_blur: float = 0.0  # chance an object is smeared along a direction
 
     def __post_init__(self) -> None:
         w, h = self.size
@@ -71,13 +99,41 @@ class SynthOptions:
             raise ValueError(f"size must be at least 64x64, got {w}x{h}")
         if not 1 <= self.objects[0] <= self.objects[1] <= 12:
             raise ValueError(f"objects must be a range within 1..12, got {self.objects}")
-        if not 4 <= lo <= hi <= min(w, h) // 2:
-            raise ValueError(f"object sides must be within 4..{min(w, h) // 2}, got {self.sides}")
+        short = min(w, h) if self.sizes is None else int(self.sizes[0] / max(ASPECTS))
+        if self.sizes is not None and not 128 <= self.sizes[0] <= self.sizes[1] <= 4096:
+            raise ValueError(f"sizes must be a range within 128..4096, got {self.sizes}")
+        # with sizes, larger objects are capped to half of each image's shorter side
+        if not 4 <= lo <= hi or (hi if self.sizes is None else lo) > short // 2:
+            raise ValueError(f"object sides must be within 4..{short // 2}, got {self.sides}")
         if not 1 <= self.jpeg_quality[0] <= self.jpeg_quality[1] <= 100:
             raise ValueError(f"jpeg quality must be within 1..100, got {self.jpeg_quality}")
-        unknown = set(self.backgrounds) - set(BACKGROUNDS)
+        if self.style not in STYLES:
+            raise ValueError(f"style must be one of {STYLES}, got {self.style!r}")
+        allowed = HELDOUT_BACKGROUNDS if self.style == HELDOUT else BACKGROUNDS
+        unknown = set(self.backgrounds) - set(allowed)
         if unknown or not self.backgrounds:
-            raise ValueError(f"backgrounds must be some of {BACKGROUNDS}, got {self.backgrounds}")
+            raise ValueError(f"backgrounds of style {self.style} must be some of {allowed}, got "
+                             f"{self.backgrounds}")
+        for name in ("low_contrast", "occlusion", "motion_blur"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be a chance in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.clutter <= 64:
+            raise ValueError(f"clutter must be within 0..64, got {self.clutter}")
+
+    @property
+    def randomised(self) -> bool:
+        """Any domain-randomisation option is on."""
+        return bool(self.sizes or self.clutter or self.low_contrast or self.occlusion
+                    or self.rotate or self.motion_blur)
+
+
+def heldout_options(seed: int = 0, images: int = 100, **changes: Any) -> SynthOptions:
+    """The held-out family's preset (``changes`` override single fields)."""
+    preset: dict[str, Any] = dict(
+        style=HELDOUT, backgrounds=HELDOUT_BACKGROUNDS, sizes=(384, 1920), objects=(3, 7),
+        sides=(10, 120), hard_negative=0.75, jpeg_quality=(40, 90), max_overlap=0.15, blur_p=0.1,
+        clutter=8, low_contrast=0.2, occlusion=0.15, rotate=True, motion_blur=0.2)
+    return SynthOptions(seed=seed, images=images, **{**preset, **changes})
 
 
 @dataclass
@@ -100,11 +156,13 @@ class Scene:
     image: np.ndarray
     objects: list[SceneObject] = field(default_factory=list)
     quality: int = 75  # JPEG quality it is saved at
+    meta: dict[str, Any] = field(default_factory=dict)  # extra fields of its line
 
     def record(self, name: str) -> dict[str, Any]:
-        """The scene's TIL line."""
-        return {"image": name, "annotations": [{"caption": o.caption, "bbox": list(o.box)}
-                                               for o in self.objects]}
+        """The scene's TIL line (with ``meta``'s fields, e.g. style and background)."""
+        return {"image": name, **self.meta,
+                "annotations": [{"caption": o.caption, "bbox": list(o.box)}
+                                for o in self.objects]}
 
 
 def rng_for(seed: int, index: int) -> np.random.Generator:
@@ -209,8 +267,135 @@ def noise_background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return base * (0.7 + 0.4 * coarse) + (fine - 0.5) * 25.0
 
 
+# --- the held-out family's backgrounds (another renderer's look) -------------------------------
+def _soft_blob(img: np.ndarray, rng: np.random.Generator, colour: np.ndarray,
+               alpha: float) -> None:
+    """A soft elliptical blob (Gaussian falloff) of ``colour`` blended into ``img``."""
+    h, w = img.shape[:2]
+    cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+    rx, ry = rng.uniform(0.04, 0.2) * max(w, h), rng.uniform(0.03, 0.15) * max(w, h)
+    x0, x1 = int(max(0, cx - 3 * rx)), int(min(w, cx + 3 * rx + 1))
+    y0, y1 = int(max(0, cy - 3 * ry)), int(min(h, cy + 3 * ry + 1))
+    if x0 >= x1 or y0 >= y1:
+        return
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    a = np.exp(-(((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2))[..., None] * alpha
+    img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - a) + colour * a
+
+
+def pale_sky(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A pale gradient sky with soft cloud blobs in the vocabulary's colours and faint haze."""
+    top, bottom = _jitter(rng, (205, 220, 238), 15), _jitter(rng, (238, 240, 245), 10)
+    t = np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None, None]
+    img = top * (1 - t) + bottom * t + np.zeros((1, w, 1), np.float32)
+    names = list(COLOURS)
+    for _ in range(int(rng.integers(3, 10))):
+        colour = _jitter(rng, COLOURS[names[int(rng.integers(len(names)))]], 25)
+        _soft_blob(img, rng, colour, rng.uniform(0.15, 0.55))
+    haze = fractal_noise(rng, h, w, cell=rng.uniform(150, 400), octaves=3)[..., None]
+    return img * (1 - 0.25 * haze) + 250.0 * 0.25 * haze
+
+
+def terrain(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Elevation-coloured terrain (lowland green to rock and snow) with contour lines."""
+    height = fractal_noise(rng, h, w, cell=rng.uniform(120, 320), octaves=5)
+    stops = np.array([0.0, 0.35, 0.5, 0.65, 0.8, 1.0], np.float32)
+    palette = np.array([(70, 110, 60), (105, 135, 70), (150, 140, 95), (130, 110, 85),
+                        (160, 155, 150), (235, 235, 235)], np.float32)
+    palette = np.clip(palette + rng.uniform(-12, 12, (1, 3)), 0, 255)
+    scaled = (height - height.min()) / max(1e-6, float(np.ptp(height)))
+    img = np.stack([np.interp(scaled, stops, palette[:, k]) for k in range(3)], axis=-1)
+    contour = np.abs(np.sin(scaled * rng.uniform(25, 60))) < 0.05
+    return img.astype(np.float32) * (1 - 0.18 * contour[..., None])
+
+
+def water(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Dark water (navy to teal) with ripples and a bright shore band at one edge."""
+    deep, shallow = _jitter(rng, (15, 30, 50), 10), _jitter(rng, (30, 95, 105), 15)
+    depth = fractal_noise(rng, h, w, cell=rng.uniform(100, 300), octaves=3)[..., None]
+    img = deep * (1 - depth) + shallow * depth
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    ripple = np.sin((xx * rng.uniform(0.05, 0.2) + yy) / rng.uniform(3, 8)
+                    + 8 * depth[..., 0])
+    img = img + (ripple > 0.8)[..., None] * rng.uniform(10, 25)
+    if rng.random() < 0.5:
+        band = int(rng.uniform(0.05, 0.15) * h)
+        img[:band] = _jitter(rng, (190, 175, 140), 15) * (0.9 + 0.1 * depth[:band])
+    return img
+
+
+def urban(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """City blocks from above: roads between blocks of roofs in greys, slate and terracotta."""
+    img = np.zeros((h, w, 3), np.float32) + _jitter(rng, (95, 95, 100), 10)
+    roofs = [(150, 150, 150), (110, 115, 125), (170, 95, 70), (200, 195, 185), (80, 80, 85)]
+    block = int(rng.integers(40, 110))
+    road = int(rng.integers(6, 16))
+    for y in range(road, h, block + road):
+        for x in range(road, w, block + road):
+            bw, bh = min(block, w - x), min(block, h - y)
+            for _ in range(int(rng.integers(1, 5))):  # buildings in the block
+                rw = int(rng.integers(bw // 3 + 1, bw + 1))
+                rh = int(rng.integers(bh // 3 + 1, bh + 1))
+                rx = x + int(rng.integers(0, bw - rw + 1))
+                ry = y + int(rng.integers(0, bh - rh + 1))
+                roof = _jitter(rng, roofs[int(rng.integers(len(roofs)))], 12)
+                img[ry:ry + rh, rx:rx + rw] = roof
+                img[ry + rh - 2:ry + rh, rx:rx + rw] *= 0.7  # a shadow edge
+    grain = smooth_noise(rng, h, w, cell=rng.uniform(2, 5))
+    return img * (0.92 + 0.16 * grain)
+
+
 BACKGROUND_FNS: dict[str, Callable[[np.random.Generator, int, int], np.ndarray]] = {
-    "sky": sky, "sea": sea, "fields": fields, "noise": noise_background}
+    "sky": sky, "sea": sea, "fields": fields, "noise": noise_background,
+    "pale_sky": pale_sky, "terrain": terrain, "water": water, "urban": urban}
+
+
+# --- clutter: marks that are not in the vocabulary --------------------------------------------
+CLUTTER_KINDS = ("line", "text", "bar", "crescent", "arrow", "dots")
+
+
+def draw_clutter(canvas: np.ndarray, rng: np.random.Generator,
+                 near: tuple[int, int, int, int] | None = None) -> None:
+    """One mark that no caption names (a line, text-like marks, a thin bar, a crescent, an
+    arrow, a row of dots), in any colour; ``near`` (l, t, w, h) puts it over that box's edge."""
+    h, w = canvas.shape[:2]
+    kind = CLUTTER_KINDS[int(rng.integers(len(CLUTTER_KINDS)))] if near is None else "bar"
+    colour = tuple(float(v) for v in rng.uniform(0, 255, 3))
+    if near is not None:  # over about a quarter of the box, from one side
+        left, top, bw, bh = near
+        x0 = left + int(rng.uniform(0.5, 0.8) * bw)
+        y0 = top + int(rng.uniform(-0.2, 0.5) * bh)
+        cv2.rectangle(canvas, (x0, y0), (x0 + bw, y0 + max(2, bh // 2)), colour, -1)
+        return
+    x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+    size = int(rng.integers(10, max(11, min(w, h) // 4)))
+    if kind == "line":
+        end = (x + int(rng.integers(-4, 5) * size), y + int(rng.integers(-4, 5) * size))
+        cv2.line(canvas, (x, y), end, colour, int(rng.integers(1, 4)), cv2.LINE_AA)
+    elif kind == "text":
+        text = "".join(chr(int(rng.integers(65, 91))) for _ in range(int(rng.integers(2, 7))))
+        ink = np.zeros((h, w), np.uint8)  # putText draws on 8-bit images only
+        cv2.putText(ink, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, rng.uniform(0.3, 1.2), 255,
+                    int(rng.integers(1, 3)), cv2.LINE_AA)
+        _paste(canvas, np.broadcast_to(np.float32(colour), (h, w, 3)), ink / np.float32(255),
+               0, 0)
+    elif kind == "bar":
+        angle = rng.uniform(0, 180)
+        cv2.ellipse(canvas, (x, y), (size, max(1, size // int(rng.integers(4, 9)))), angle, 0,
+                    360, colour, -1, cv2.LINE_AA)
+    elif kind == "crescent":
+        r = max(4, size // 2)
+        cv2.circle(canvas, (x, y), r, colour, -1, cv2.LINE_AA)
+        under = tuple(float(v) for v in canvas[min(max(y, 0), h - 1), min(max(x + r, 0), w - 1)])
+        cv2.circle(canvas, (x + r // 2, y - r // 3), r, under, -1, cv2.LINE_AA)
+    elif kind == "arrow":
+        end = (x + int(rng.integers(-2, 3) * size), y + int(rng.integers(-2, 3) * size))
+        cv2.arrowedLine(canvas, (x, y), end, colour, int(rng.integers(1, 4)), cv2.LINE_AA,
+                        tipLength=0.3)
+    else:  # dots
+        for k in range(int(rng.integers(3, 8))):
+            cv2.circle(canvas, (x + k * max(4, size // 3), y), int(rng.integers(1, 3)), colour, -1,
+                       cv2.LINE_AA)
 
 
 # --- shapes ------------------------------------------------------------------------------------
@@ -339,8 +524,10 @@ def _paste(canvas: np.ndarray, layer: np.ndarray, alpha: np.ndarray, x: int, y: 
 
 
 def draw_object(canvas: np.ndarray, mask: np.ndarray, colour: np.ndarray, x: int, y: int,
-                rng: np.random.Generator, blur: bool) -> None:
-    """A soft shadow, then the object with mild lighting (and blur when asked)."""
+                rng: np.random.Generator, blur: bool, faint: bool = False,
+                smear: bool = False) -> None:
+    """A soft shadow, then the object with mild lighting (and blur when asked; ``faint``:
+    blended into the background at 35–60 %; ``smear``: motion blur)."""
     h, w = mask.shape
     shadow = cv2.GaussianBlur(mask, (0, 0), 1.5) * rng.uniform(0.25, 0.45)
     dx, dy = int(rng.integers(1, 4)), int(rng.integers(1, 4))
@@ -353,6 +540,10 @@ def draw_object(canvas: np.ndarray, mask: np.ndarray, colour: np.ndarray, x: int
     if blur:
         sigma = rng.uniform(0.7, 1.4)
         alpha = cv2.GaussianBlur(mask, (0, 0), sigma)
+    if smear:
+        alpha = motion_smear(alpha, rng)
+    if faint:
+        alpha = alpha * rng.uniform(0.35, 0.6)
     _paste(canvas, layer, alpha, x, y)
 
 
@@ -382,34 +573,136 @@ def degrade(image: np.ndarray, seed: int) -> np.ndarray:
     return compose(image=image)["image"]
 
 
+def frame_size(options: SynthOptions, rng: np.random.Generator) -> tuple[int, int]:
+    """(width, height) of one image: ``size``, or with ``sizes`` a long side in that range
+    (uniform) at one of ASPECTS, a fifth of them portrait."""
+    if options.sizes is None:
+        return options.size
+    long = rng.uniform(options.sizes[0], options.sizes[1])
+    aspect = ASPECTS[int(rng.integers(len(ASPECTS)))]
+    w, h = int(round(long / 2) * 2), int(round(long / aspect / 2) * 2)
+    return (h, w) if rng.random() < 0.2 else (w, h)
+
+
+def rotate_mask(mask: np.ndarray, shape: str, rng: np.random.Generator) -> np.ndarray:
+    """The mask turned by a random angle (squares, diamonds, crosses by at most 30°, so that
+    a square does not become a diamond), on a canvas large enough to hold it."""
+    limit = 30.0 if shape in ("square", "diamond", "cross") else 180.0
+    angle = rng.uniform(-limit, limit)
+    h, w = mask.shape
+    side = int(math.ceil(math.hypot(h, w))) + 2
+    big = np.zeros((side, side), np.float32)
+    y0, x0 = (side - h) // 2, (side - w) // 2
+    big[y0:y0 + h, x0:x0 + w] = mask
+    turn = cv2.getRotationMatrix2D((side / 2, side / 2), angle, 1.0)
+    return cv2.warpAffine(big, turn, (side, side), flags=cv2.INTER_LINEAR)
+
+
+def motion_smear(alpha: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The alpha mask smeared along a random direction by 3–9 px (motion blur)."""
+    length = int(rng.integers(3, 10))
+    kernel = np.zeros((length, length), np.float32)
+    kernel[length // 2, :] = 1.0 / length
+    turn = cv2.getRotationMatrix2D((length / 2 - 0.5, length / 2 - 0.5), rng.uniform(0, 180), 1)
+    kernel = cv2.warpAffine(kernel, turn, (length, length))
+    return cv2.filter2D(alpha, -1, kernel / max(1e-6, float(kernel.sum())))
+
+
+def _near_cluster(rng: np.random.Generator, centres: list[tuple[float, float]],
+                  width: int, height: int, mask: np.ndarray
+                  ) -> tuple[int, int, tuple[int, int, int, int]] | None:
+    """A spot close to one of ``centres`` for the mask's box, None when it falls outside."""
+    ys, xs = np.nonzero(mask > 0.5)
+    if xs.size == 0:
+        return None
+    bx, by = int(xs.min()), int(ys.min())
+    bw, bh = int(xs.max()) - bx + 1, int(ys.max()) - by + 1
+    cx, cy = centres[int(rng.integers(len(centres)))]
+    spread = 0.12 * max(width, height)
+    left, top = int(cx + rng.normal(0, spread)), int(cy + rng.normal(0, spread))
+    if not (0 <= left <= width - bw and 0 <= top <= height - bh):
+        return None
+    return left - bx, top - by, (left, top, bw, bh)
+
+
+def _spot(options: SynthOptions, rng: np.random.Generator, mask: np.ndarray, width: int,
+          height: int, boxes: list[tuple[int, int, int, int]],
+          centres: list[tuple[float, float]]) -> tuple[int, int, tuple[int, int, int, int]] | None:
+    """Where an object goes: in the held-out family most near a cluster centre (if it fits
+    without covering others), else anywhere (``place``)."""
+    if centres and rng.random() < 0.6:
+        spot = _near_cluster(rng, centres, width, height, mask)
+        if spot is not None and all(_covered(o, spot[2]) <= options.max_overlap
+                                    and _covered(spot[2], o) <= options.max_overlap
+                                    for o in boxes):
+            return spot
+    return place(rng, mask, width, height, boxes, options.max_overlap)
+
+
+def _object_mask(options: SynthOptions, rng: np.random.Generator, shape: str,
+                 side: int) -> np.ndarray:
+    mask = render_mask(shape, side, rng)
+    return rotate_mask(mask, shape, rng) if options.rotate else mask
+
+
 def make_scene(options: SynthOptions, index: int) -> Scene:
     """Render image ``index`` of the dataset ``options`` describe (before JPEG)."""
     rng = rng_for(options.seed, index)
-    width, height = options.size
+    width, height = frame_size(options, rng)
     kind = options.backgrounds[int(rng.integers(len(options.backgrounds)))]
     canvas = np.clip(BACKGROUND_FNS[kind](rng, height, width), 0, 255).astype(np.float32)
+    if options.clutter:
+        for _ in range(int(rng.integers(0, options.clutter + 1))):
+            draw_clutter(canvas, rng)
     n = int(rng.integers(options.objects[0], options.objects[1] + 1))
     scene = Scene(canvas)
     boxes: list[tuple[int, int, int, int]] = []
     lo, hi = options.sides
+    hi = min(hi, min(width, height) // 2)
+    centres = [(rng.uniform(0.15, 0.85) * width, rng.uniform(0.15, 0.85) * height)
+               for _ in range(int(rng.integers(1, 3)))] if options.style == HELDOUT else []
     for colour, shape in choose_objects(rng, n, options.hard_negative):
         for _attempt in range(3):
             side = int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
-            mask = render_mask(shape, side, rng)
-            spot = place(rng, mask, width, height, boxes, options.max_overlap)
+            mask = _object_mask(options, rng, shape, side)
+            spot = _spot(options, rng, mask, width, height, boxes, centres)
             if spot is not None:
                 break
         if spot is None:
             continue
         x, y, box = spot
         draw_object(canvas, mask, fill_colour(colour, rng), x, y, rng,
-                    blur=rng.random() < options.blur_p)
+                    blur=rng.random() < options.blur_p,
+                    faint=bool(options.low_contrast) and rng.random() < options.low_contrast,
+                    smear=bool(options.motion_blur) and rng.random() < options.motion_blur)
         boxes.append(box)
         scene.objects.append(SceneObject(colour, shape, box))
+    if options.occlusion:
+        for box in boxes:
+            if rng.random() < options.occlusion:
+                draw_clutter(canvas, rng, near=box)
     noise_seed = int(rng.integers(0, 2**31 - 1))
-    scene.image = degrade(np.clip(canvas, 0, 255).round().astype(np.uint8), noise_seed)
+    image = np.clip(canvas, 0, 255).round().astype(np.uint8)
+    if options.style == HELDOUT:
+        scene.image = heldout_degrade(image, rng)
+    else:
+        scene.image = degrade(image, noise_seed)
     scene.quality = int(rng.integers(options.jpeg_quality[0], options.jpeg_quality[1] + 1))
+    if options.style == HELDOUT or options.randomised:
+        scene.meta = {"style": options.style, "background": kind}
     return scene
+
+
+def heldout_degrade(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The held-out family's camera: a slight vignette, Gaussian noise of σ 1–5 (no
+    albumentations: another pipeline than the classic one's)."""
+    h, w = image.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    r2 = ((xx / w - 0.5) ** 2 + (yy / h - 0.5) ** 2) * 2
+    vignette = 1.0 - rng.uniform(0.0, 0.2) * r2
+    noisy = image.astype(np.float32) * vignette[..., None]
+    noisy += rng.normal(0, rng.uniform(1, 5), noisy.shape).astype(np.float32)
+    return np.clip(noisy, 0, 255).round().astype(np.uint8)
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
@@ -446,7 +739,38 @@ def write_split(out: Path, options: SynthOptions, indices: Sequence[int],
         if progress is not None:
             progress(1)
     _write_bytes(out / DATASET_FILE, ("\n".join(lines) + "\n").encode() if lines else b"")
+    _write_family(out, options)
     return out
+
+
+def _write_family(out: Path, options: SynthOptions) -> None:
+    """``synth.json`` beside vlm.jsonl for a held-out or randomised dataset: how it was made
+    (``refuse_heldout`` reads its style)."""
+    if options.style == HELDOUT or options.randomised:
+        fields = dataclasses.asdict(options)
+        _write_bytes(out / FAMILY_FILE, (json.dumps(fields, indent=1) + "\n").encode())
+
+
+def refuse_heldout(path: str | Path) -> None:
+    """Raise InputError when ``path`` (a dataset folder or its vlm.jsonl) holds the held-out
+    family: its ``synth.json`` says so, or any line carries ``"style": "heldout"``. Every
+    training command calls this on its data: the family measures what training never saw."""
+    from spotline.common.errors import InputError
+
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    jsonl = folder / DATASET_FILE if path.is_dir() else path
+    family = folder / FAMILY_FILE
+    style = None
+    if family.is_file():
+        try:
+            style = json.loads(family.read_text(encoding="utf-8")).get("style")
+        except (ValueError, AttributeError, OSError):
+            style = None
+    marker = f'"style": "{HELDOUT}"'.encode()
+    if style == HELDOUT or (jsonl.is_file() and marker in jsonl.read_bytes()):
+        raise InputError(f"{path} is the held-out scene family (style {HELDOUT}): it is for "
+                         "evaluation only, never for training")
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

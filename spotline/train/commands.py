@@ -60,9 +60,24 @@ def data() -> None:
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
 @click.option("--images", "n_images", default=100, show_default=True, type=click.IntRange(1))
-@click.option("--size", default="384x256", show_default=True, help="Image size WxH.")
-@click.option("--objects", default="3-6", show_default=True, help="Objects per image, LO-HI.")
-@click.option("--sides", default="10-80", show_default=True, help="Object size in px, LO-HI.")
+@click.option("--style", type=click.Choice(["classic", "heldout"]), default="classic",
+              show_default=True, help="classic: the scenes the demo models were trained on; "
+              "heldout: the second family, for evaluation only (training refuses it; its own "
+              "sizes, backgrounds, clutter...; --size/--objects/--sides/--sizes override).")
+@click.option("--size", default=None, help="Image size WxH.  [default: 384x256]")
+@click.option("--objects", default=None, help="Objects per image, LO-HI.  [default: 3-6]")
+@click.option("--sides", default=None, help="Object size in px, LO-HI.  [default: 10-80]")
+@click.option("--sizes", default=None, help="Each image its own size: long side LO-HI px at "
+              "one of several aspect ratios (replaces --size).")
+@click.option("--clutter", default=None, type=click.IntRange(0, 64),
+              help="Marks that are not in the vocabulary per image, at most.")
+@click.option("--low-contrast", default=None, type=click.FloatRange(0, 1),
+              help="Chance an object is drawn faint.")
+@click.option("--occlusion", default=None, type=click.FloatRange(0, 1),
+              help="Chance an object is partly covered.")
+@click.option("--rotate/--no-rotate", default=None, help="Rotate objects freely.")
+@click.option("--motion-blur", default=None, type=click.FloatRange(0, 1),
+              help="Chance an object is motion-blurred.")
 @click.option("--split", default=None, help="Write into OUT/SPLIT (e.g. train, val, test).")
 @click.option("--ratios", default=None, help="Split into OUT/train, OUT/val, OUT/test by these "
               "ratios, e.g. 0.8,0.1,0.1.")
@@ -70,9 +85,11 @@ def data() -> None:
               "with a per-frame vlm.jsonl.")
 @click.option("--clips", default=2, show_default=True, help="With --video: clips.")
 @click.option("--frames", default=48, show_default=True, help="With --video: frames per clip.")
-def synth_cmd(out: str, seed: int, n_images: int, size: str, objects: str, sides: str,
-              split: str | None, ratios: str | None, video: bool, clips: int,
-              frames: int) -> None:
+def synth_cmd(out: str, seed: int, n_images: int, style: str, size: str | None,
+              objects: str | None, sides: str | None, sizes: str | None, clutter: int | None,
+              low_contrast: float | None, occlusion: float | None, rotate: bool | None,
+              motion_blur: float | None, split: str | None, ratios: str | None, video: bool,
+              clips: int, frames: int) -> None:
     """Write a synthetic aerial dataset of coloured shapes to OUT (captions "{colour} {shape}",
     each naming exactly one object of its image; see docs in spotline/data/synth.py)."""
     from tqdm import tqdm
@@ -81,9 +98,14 @@ def synth_cmd(out: str, seed: int, n_images: int, size: str, objects: str, sides
 
     if split and ratios:
         raise click.UsageError("give --split or --ratios, not both")
+    given = {"size": size and _size(size), "objects": objects and _range(objects),
+             "sides": sides and _range(sides), "sizes": sizes and _range(sizes),
+             "clutter": clutter, "low_contrast": low_contrast, "occlusion": occlusion,
+             "rotate": rotate, "motion_blur": motion_blur}
+    given = {k: v for k, v in given.items() if v is not None}
     try:
-        options = synth.SynthOptions(seed=seed, images=n_images, size=_size(size),
-                                     objects=_range(objects), sides=_range(sides))
+        options = synth.heldout_options(seed, n_images, **given) if style == "heldout" else \
+            synth.SynthOptions(seed=seed, images=n_images, **given)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     if video:

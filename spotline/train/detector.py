@@ -23,6 +23,7 @@ import numpy as np
 
 from spotline.common.errors import InputError, ModelError
 from spotline.data.dataset import Record, read_dataset
+from spotline.data.synth import refuse_heldout
 from spotline.train import augment
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,9 @@ def write_yolo_dataset(train: list[Record], val: list[Record], root: Path) -> Pa
 
 def split_records(run: DetectorRun) -> tuple[list[Record], list[Record]]:
     """(train, val) records; errors before any work on an empty split."""
+    for path in (run.train, run.val):
+        if path:
+            refuse_heldout(path)  # the held-out family is for evaluation only
     report = read_dataset(run.train, skip_bad=run.skip_bad)
     if report.skipped:
         log.warning("%s", report.summary())

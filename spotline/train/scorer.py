@@ -37,6 +37,7 @@ from spotline.common.errors import InputError, ModelError
 from spotline.common.settings import Settings
 from spotline.data.crops import CropMaker, load_rgb
 from spotline.data.dataset import Box, Record, read_dataset
+from spotline.data.synth import refuse_heldout
 from spotline.train import augment
 from spotline.train.loss import caption_labels, sigmoid_loss
 from spotline.train.siglip import crop_side, load_for_training, save_scorer, write_scratch_scorer
@@ -188,6 +189,7 @@ def check_run(run: ScorerRun) -> None:
 
 
 def _records(path: str, skip_bad: bool, what: str) -> list[Record]:
+    refuse_heldout(path)  # the held-out family is for evaluation only
     report = read_dataset(path, skip_bad=skip_bad)
     if report.skipped:
         log.warning("%s", report.summary())
