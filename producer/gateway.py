@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..common.errors import ConfigError, InputError, SpotlineError, TransportError
+from ..common.meta import check_meta
 from ..common.metrics import Metrics
 from ..common.settings import Settings
 from ..common.topology import pipeline
@@ -59,6 +60,9 @@ class Instance(BaseModel):
 
 class IdentifyRequest(BaseModel):
     instances: list[Instance] = Field(min_length=1)
+    meta: dict[str, Any] | None = Field(None, description=(
+        "a JSON object returned unchanged on every frame's result (docs/results.md); at most "
+        "meta_max_bytes as JSON"))
 
 
 class IdentifyResponse(BaseModel):
@@ -201,6 +205,10 @@ class Identify:
         """Parse, cap, decode and check: CPU work, run in a worker thread."""
         req = parse_request(body, self.max_body)
         check_caps(req, self.settings, self.access.max_cost())
+        try:
+            check_meta(req.meta, self.settings.meta_max_bytes)
+        except InputError as exc:
+            raise HttpError(400, f"invalid request: {exc}") from None
         return req, group_frames(req, self.settings)
 
     def answer(self, req: IdentifyRequest, frames: Frames, caller: Caller
@@ -211,7 +219,7 @@ class Identify:
         # The seed's images are unrelated: never numbered as a video (track mode answers them
         # per frame). Each key's frames are its own source: only it (and admin) sees them.
         ids = [(self.client.publish(image, captions, source_id=caller.source,
-                                    sequenced=False), idx)
+                                    sequenced=False, meta=req.meta), idx)
                for image, idx, captions in frames]
         results = self.client.await_results([fid for fid, _ in ids], timeout=self.timeout_s)
         failed = [(idx, results[fid].error) for fid, idx in ids if results[fid].error]
@@ -299,11 +307,34 @@ def create_app(settings: Settings, client: Client, metrics: Metrics | None = Non
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     _error_handlers(app)
+    _openapi_keys(app)
     from .live import live_router  # GET /live: the live view (producer/live.py)
     app.include_router(live_router(settings, client))
     from .control import sources_router  # /sources: feeds at run time (producer/control.py)
     app.include_router(sources_router(settings, client))
+    from .results_http import results_router  # GET /results/events (producer/results_http.py)
+    app.include_router(results_router(settings, client))
     return app
+
+
+def _openapi_keys(app: FastAPI) -> None:
+    """The OpenAPI page shows how to send a key (the guard reads it: producer/guard.py)."""
+    from fastapi.openapi.utils import get_openapi
+
+    def schema() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version,
+                               description=app.description, routes=app.routes)
+            spec.setdefault("components", {})["securitySchemes"] = {
+                "APIKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key",
+                                 "description": "an API key (scopes: docs/security.md)"},
+                "HTTPBearer": {"type": "http", "scheme": "bearer",
+                               "description": "an API key as a bearer token"}}
+            spec["security"] = [{"APIKeyHeader": []}, {"HTTPBearer": []}]
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = schema  # type: ignore[method-assign]
 
 
 def _error_handlers(app: FastAPI) -> None:

@@ -173,6 +173,8 @@ def test_sources_need_the_admin_scope(redis_server: EmbeddedRedis) -> None:
         assert http.get("/live/sources", headers=boss).status_code == 403
         assert "lacks the 'read' scope" in http.get("/live/sources", headers=boss).text
         assert http.get("/an/unknown/route", headers={"X-API-Key": "caller"}).status_code == 403
+        spec = http.get("/openapi.json").json()  # open, and says how to send a key
+        assert set(spec["components"]["securitySchemes"]) == {"APIKeyHeader", "HTTPBearer"}
     settings = settings_for(api_keys="k:root")
     client = Client.connect(redis_server.url, settings)
     with pytest.raises(ConfigError, match="scopes are identify\\+read\\+admin"):
