@@ -6,7 +6,9 @@ receiver has taken it (HTTP 2xx; MQTT PUBACK at QoS 1). A sink that is down (kil
 its machine lost) loses nothing: on start it first re-sends what it had read but not
 acknowledged, takes over what other consumers of its group left pending longer than the
 visibility timeout, then reads new results. Delivery is at least once; the frame id is the
-idempotency key (webhook header ``X-Spotline-Frame``, field ``frame_id`` of every payload).
+idempotency key (webhook headers ``webhook-id`` and ``X-Spotline-Frame``, field ``frame_id`` of
+every payload). Webhooks are signed the Standard Webhooks way (``webhook-signature``), with the
+attempt's time in ``webhook-timestamp`` so a receiver can refuse replays (docs/results.md).
 
 A receiver that fails is retried with exponential backoff; after ``max_attempts`` failures (or
 at once for an answer that cannot succeed, such as HTTP 400) the result is moved to the
@@ -21,16 +23,20 @@ gauge shows how far behind a sink is.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import json
 import logging
+import os
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
@@ -46,8 +52,14 @@ from spotline.common.transport import Entry, Transport
 
 log = logging.getLogger(__name__)
 
-SIGNATURE_HEADER = "X-Spotline-Signature"  # "sha256=<hex HMAC-SHA256 of the body>"
 FRAME_HEADER = "X-Spotline-Frame"
+# Standard Webhooks (https://www.standardwebhooks.com): the message id (the frame id: the same
+# on every retry), the attempt's unix time in seconds, and "v1,<base64 HMAC-SHA256 of
+# '{id}.{timestamp}.{body}'>" per secret, space-separated (several while a secret rotates).
+ID_HEADER = "webhook-id"
+TIMESTAMP_HEADER = "webhook-timestamp"
+SIGNATURE_HEADER = "webhook-signature"
+SECRET_PREFIX = "whsec_"
 DEFAULT_TOPIC = "spotline/{source_id}/results"
 MAX_TOPIC_BYTES = 65535  # MQTT: a topic name is a UTF-8 string of at most this many bytes
 LAG_EVERY_S = 2.0
@@ -76,32 +88,99 @@ def result_payload(result: Result) -> bytes:
     return json.dumps(result.as_json(), separators=(",", ":"), allow_nan=False).encode()
 
 
-def sign(secret: bytes, body: bytes) -> str:
-    """The signature header's value: ``sha256=`` + hex HMAC-SHA256 of the body."""
-    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+def sign(keys: list[bytes], msg_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` value: ``v1,<base64 HMAC-SHA256>`` of ``{id}.{timestamp}.{body}``
+    under each key, space-separated."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    return " ".join("v1," + base64.b64encode(hmac.new(k, signed, hashlib.sha256).digest()).decode()
+                    for k in keys)
+
+
+def parse_secrets(text: str, where: str) -> list[bytes]:
+    """The keys of a secret file: one ``whsec_<base64>`` a line or space-separated (several
+    while rotating; ``#`` comments); SpotlineError naming the problem."""
+    keys = []
+    for token in " ".join(line.split("#", 1)[0] for line in text.splitlines()).split():
+        if not token.startswith(SECRET_PREFIX):
+            raise SpotlineError(f"{where}: a webhook secret is whsec_<base64> (Standard "
+                                f"Webhooks), got one starting {token[:6]!r}")
+        try:
+            key = base64.b64decode(token[len(SECRET_PREFIX):], validate=True)
+        except (binascii.Error, ValueError):
+            raise SpotlineError(f"{where}: the part after whsec_ is not base64") from None
+        if len(key) < 16:
+            raise SpotlineError(f"{where}: a webhook secret needs at least 16 bytes "
+                                f"(24 base64 characters), got {len(key)}")
+        keys.append(key)
+    if not keys:
+        raise SpotlineError(f"{where} holds no secret")
+    return keys
+
+
+class SecretFile:
+    """The signing keys of a secret file, read again whenever its modification time or size
+    changes (checked before each delivery): a secret rotates without a restart. A file that
+    becomes unreadable or invalid keeps the keys last read, and says so in the log."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._stamp: tuple[int, int] | None = None
+        self._keys = parse_secrets(self.path.read_text(), str(self.path))
+        self._stamp = self._stat()
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def keys(self) -> list[bytes]:
+        stamp = self._stat()
+        if stamp is not None and stamp != self._stamp:
+            try:
+                self._keys = parse_secrets(self.path.read_text(), str(self.path))
+                log.info("webhook secret file %s changed: signing with %d secret(s)",
+                         self.path, len(self._keys))
+            except (OSError, SpotlineError) as exc:
+                log.error("webhook secret file unusable (%s); still signing with the "
+                          "previous secret(s)", exc)
+            self._stamp = stamp
+        return self._keys
 
 
 # --- targets --------------------------------------------------------------------------------
 class WebhookTarget:
-    """JSON POST to a URL, signed with HMAC-SHA256 when a secret is given."""
+    """JSON POST to a URL, signed the Standard Webhooks way when secrets are given: a
+    ``SecretFile`` (re-read when it changes) or fixed ``whsec_`` keys."""
 
     kind = "webhook"
 
-    def __init__(self, url: str, secret: bytes | None = None, timeout_s: float = 10.0) -> None:
+    def __init__(self, url: str, secret: SecretFile | list[bytes] | None = None,
+                 timeout_s: float = 10.0, clock: Callable[[], float] = time.time) -> None:
         import httpx
 
         if urlsplit(url).scheme not in ("http", "https"):
             raise SpotlineError(f"webhook URL must be http:// or https://, got {url!r}")
         self.url = url
         self.secret = secret
+        self.clock = clock
         self._http = httpx.Client(timeout=timeout_s)
         self._httpx = httpx
+
+    def _keys(self) -> list[bytes]:
+        if isinstance(self.secret, SecretFile):
+            return self.secret.keys()
+        return list(self.secret or [])
 
     def send(self, result: Result, payload: bytes) -> None:
         headers = {"Content-Type": "application/json", FRAME_HEADER: result.frame_id,
                    "User-Agent": "spotline-sink"}
-        if self.secret:
-            headers[SIGNATURE_HEADER] = sign(self.secret, payload)
+        keys = self._keys()
+        if keys:
+            now = int(self.clock())
+            headers.update({ID_HEADER: result.frame_id, TIMESTAMP_HEADER: str(now),
+                            SIGNATURE_HEADER: sign(keys, result.frame_id, now, payload)})
         try:
             resp = self._http.post(self.url, content=payload, headers=headers)
         except self._httpx.HTTPError as exc:  # timeouts, refused, reset

@@ -47,17 +47,20 @@ def sink() -> None:
 @sink.command("webhook")
 @click.argument("url")
 @click.option("--secret-file", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="File holding the HMAC key: each POST carries X-Spotline-Signature: "
-              "sha256=<hex HMAC-SHA256 of the body>.")
+              help="File of Standard Webhooks secrets (whsec_<base64>, one a line): each POST "
+              "carries webhook-id, webhook-timestamp and webhook-signature (v1,<base64 "
+              "HMAC-SHA256>, one per secret). Re-read when it changes: put the new secret "
+              "beside the old, then remove the old (docs/results.md).")
 @_common
 @click.pass_obj
 def webhook(ctx: Any, url: str, secret_file: str | None, **opts: Any) -> None:
     """POST each result as JSON to URL (retries with backoff; 2xx means delivered)."""
-    from spotline.producer.sinks import WebhookTarget
+    from spotline.producer.sinks import SecretFile, WebhookTarget
 
-    secret = Path(secret_file).read_bytes().strip() if secret_file else None
-    if secret_file and not secret:
-        raise click.ClickException(f"{secret_file} is empty")
+    try:
+        secret = SecretFile(Path(secret_file)) if secret_file else None
+    except SpotlineError as exc:
+        raise click.ClickException(str(exc)) from None
     _run(ctx, "webhook", lambda: WebhookTarget(url, secret, opts["timeout"]), opts)
 
 

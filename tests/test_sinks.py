@@ -6,8 +6,10 @@ mid-stream and started again."""
 
 from __future__ import annotations
 
-import hmac
+import base64
 import json
+import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,17 +32,36 @@ from spotline.common.settings import Settings
 from spotline.common.transport import DATA_FIELD, FRAME_FIELD, Transport
 from spotline.producer.sinks import (
     FRAME_HEADER,
+    ID_HEADER,
     SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
     MqttTarget,
+    SecretFile,
     Sink,
     SinkOptions,
     WebhookTarget,
-    sign,
+    parse_secrets,
 )
 from tests.conftest import ROOT, child_env
 from tests.faultlib import wait_for
 
-SECRET = b"s3cret-key"
+SECRET = "whsec_" + base64.b64encode(b"spotline-test-secret-0123456789ab").decode()
+NEW_SECRET = "whsec_" + base64.b64encode(b"spotline-rotated-secret-abcdefgh").decode()
+KEYS = parse_secrets(SECRET, "test")
+
+
+def docs_verifier() -> Any:
+    """The receiver's verification function exactly as docs/results.md prints it (so the page
+    cannot drift from what the sink sends)."""
+    page = (ROOT / "docs" / "results.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, re.S)
+    code = next(b for b in blocks if "def verify_webhook(" in b)
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "docs/results.md", "exec"), namespace)  # noqa: S102 - our own page
+    return namespace["verify_webhook"]
+
+
+verify_webhook = docs_verifier()
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto"
                                           if Path("/usr/sbin/mosquitto").exists() else None)
 
@@ -70,6 +91,8 @@ class Receiver:
     accepted: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     requests: int = 0
     bad_signatures: int = 0
+    secret: str = SECRET  # what the receiver verifies with (docs/results.md's function)
+    raw: list[tuple[dict[str, str], bytes]] = field(default_factory=list)  # accepted requests
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def answer(self, body: bytes, headers: Any) -> int | str:
@@ -78,11 +101,13 @@ class Receiver:
             n = self.requests
         status = self.plan(n, json.loads(body)) if self.plan else 200
         if status == 200:
-            if not hmac.compare_digest(headers.get(SIGNATURE_HEADER, ""), sign(SECRET, body)):
+            if not verify_webhook(self.secret, dict(headers), body):
                 self.bad_signatures += 1
                 return 401
             doc = json.loads(body)
-            assert headers[FRAME_HEADER] == doc["frame_id"]
+            assert headers[FRAME_HEADER] == doc["frame_id"] == headers[ID_HEADER]
+            with self.lock:
+                self.raw.append((dict(headers), body))
             time.sleep(self.delay_s)
             with self.lock:
                 self.accepted.setdefault(doc["frame_id"], []).append(doc)
@@ -147,7 +172,7 @@ def test_webhook_delivers_every_result_signed_through_503s_and_a_timeout(
     rec, url = receiver
     # every third request fails with 503; request 5 answers after the sink's timeout
     rec.plan = lambda n, _doc: "slow" if n == 5 else (503 if n % 3 == 0 else 200)
-    sink = Sink(transport, WebhookTarget(url, SECRET, timeout_s=0.3),
+    sink = Sink(transport, WebhookTarget(url, KEYS, timeout_s=0.3),
                 SinkOptions(name="hook", backoff_s=0.01, max_attempts=5))
     th = run_in_thread(sink)
     results = [make_result(i) for i in range(24)]
@@ -175,7 +200,7 @@ def test_webhook_dead_letters_after_n_failures_at_once_on_400_and_on_bad_json(
         transport: Transport, receiver: tuple[Receiver, str]) -> None:
     rec, url = receiver
     rec.plan = lambda _n, doc: {"broken": 500, "bad": 400}.get(doc["source_id"], 200)
-    sink = Sink(transport, WebhookTarget(url, SECRET, timeout_s=2),
+    sink = Sink(transport, WebhookTarget(url, KEYS, timeout_s=2),
                 SinkOptions(name="dl", backoff_s=0.01, max_attempts=3))
     th = run_in_thread(sink)
     good = [make_result(i) for i in range(5)]
@@ -196,6 +221,98 @@ def test_webhook_dead_letters_after_n_failures_at_once_on_400_and_on_bad_json(
     assert pending(transport, "sink-dl") == 0
 
 
+def test_webhook_is_signed_the_standard_webhooks_way_and_an_old_timestamp_is_refused(
+        transport: Transport, receiver: tuple[Receiver, str]) -> None:
+    """The receiver verifies with docs/results.md's own function: real deliveries pass; the same
+    request 5 minutes later, a changed body or another secret fail; a delivery whose timestamp
+    is 400 s old (a replayed request) gets a 401 and is dead-lettered, never accepted."""
+    rec, url = receiver
+    sink = Sink(transport, WebhookTarget(url, KEYS, timeout_s=2),
+                SinkOptions(name="std", backoff_s=0.01, max_attempts=3))
+    th = run_in_thread(sink)
+    publish_results(transport, [make_result(i) for i in range(2)])
+    wait_for(lambda: len(rec.frames()) == 2, 20, "both results")
+    sink.stop()
+    th.join(10)
+    headers, body = rec.raw[0]
+    sig = headers[SIGNATURE_HEADER]
+    assert re.fullmatch(r"v1,[A-Za-z0-9+/]{43}=", sig), sig
+    ts = int(headers[TIMESTAMP_HEADER])
+    assert abs(time.time() - ts) < 60
+    assert headers[ID_HEADER] == json.loads(body)["frame_id"]
+    assert verify_webhook(SECRET, headers, body)
+    assert verify_webhook(SECRET, headers, body, now=ts + 299)
+    assert not verify_webhook(SECRET, headers, body, now=ts + 301)  # replayed 5 min later
+    assert not verify_webhook(SECRET, headers, body.replace(b"cam-a", b"cam-b"))
+    assert not verify_webhook(NEW_SECRET, headers, body)
+    assert not verify_webhook(SECRET, {**headers, TIMESTAMP_HEADER: str(ts + 1)}, body)
+
+    old = Sink(transport, WebhookTarget(url, KEYS, timeout_s=2, clock=lambda: time.time() - 400),
+               SinkOptions(name="old", start="all", backoff_s=0.01, max_attempts=3))
+    th = run_in_thread(old)
+    wait_for(lambda: old.counts.failed == 2, 20, "both refused")
+    old.stop()
+    th.join(10)
+    assert rec.bad_signatures == 2 and len(rec.raw) == 2  # nothing more was accepted
+    reasons = [f[b"reason"] for _i, f in transport.r.xrange(transport.keys.dead)]
+    assert len(reasons) == 2 and all(b"after 1 attempt(s): HTTP 401" in r for r in reasons)
+
+
+def test_webhook_secret_rotates_without_a_restart(
+        transport: Transport, receiver: tuple[Receiver, str], tmp_path: Path) -> None:
+    """The sink re-reads its secret file when it changes: old secret; old and new (two
+    signatures, either verifies); new only; an invalid file keeps the last good secrets."""
+    rec, url = receiver
+    path = tmp_path / "hook.secrets"
+    stamp = [1_700_000_000_000_000_000]
+
+    def write(text: str) -> None:
+        path.write_text(text)
+        stamp[0] += 1_000_000_000  # a distinct modification time per version, whatever the fs
+        os.utime(path, ns=(stamp[0], stamp[0]))
+
+    write(SECRET + "\n")
+    sink = Sink(transport, WebhookTarget(url, SecretFile(path), timeout_s=2),
+                SinkOptions(name="rot", backoff_s=0.01, max_attempts=2))
+    th = run_in_thread(sink)
+
+    def deliver(i: int) -> tuple[dict[str, str], bytes]:
+        publish_results(transport, [make_result(i)])
+        wait_for(lambda: f"frame{i:04d}" in rec.frames(), 20, f"result {i}")
+        return rec.raw[-1]
+
+    try:
+        headers, body = deliver(0)
+        assert len(headers[SIGNATURE_HEADER].split()) == 1
+        write(f"# rotating\n{SECRET}\n{NEW_SECRET}\n")
+        headers, body = deliver(1)
+        assert len(headers[SIGNATURE_HEADER].split()) == 2
+        assert verify_webhook(SECRET, headers, body) and verify_webhook(NEW_SECRET, headers, body)
+        rec.secret = NEW_SECRET  # the receiver moves to the new secret
+        write(NEW_SECRET + "\n")
+        headers, body = deliver(2)
+        assert verify_webhook(NEW_SECRET, headers, body)
+        assert not verify_webhook(SECRET, headers, body)
+        write("not-a-whsec-secret\n")  # a mistake: the sink keeps signing with the last good
+        headers, body = deliver(3)
+        assert verify_webhook(NEW_SECRET, headers, body)
+    finally:
+        sink.stop()
+        th.join(10)
+    assert rec.bad_signatures == 0 and sink.counts.failed == 0
+
+
+def test_webhook_secret_file_must_hold_whsec_secrets(tmp_path: Path) -> None:
+    from spotline.common.errors import SpotlineError
+
+    bad = tmp_path / "bad"
+    for text, problem in (("", "holds no secret"), ("s3cret", "whsec_<base64>"),
+                          ("whsec_%%%", "not base64"), ("whsec_c2hvcnQ=", "at least 16")):
+        bad.write_text(text)
+        with pytest.raises(SpotlineError, match=re.escape(problem)):
+            SecretFile(bad)
+
+
 def spawn_sink(settings: Settings, url: str, *args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "spotline", "sink", *args],
                             env=child_env(settings, url), cwd=ROOT)
@@ -212,7 +329,7 @@ def test_webhook_sink_killed_mid_stream_loses_nothing(
     rec, url = receiver
     rec.delay_s = 0.02  # ~50 results/s, so the kill lands mid-stream
     secret = tmp_path / "secret"
-    secret.write_bytes(SECRET + b"\n")
+    secret.write_text(SECRET + "\n")
     args = ["webhook", url, "--secret-file", str(secret), "--start", "all", "--backoff", "0.01"]
     results = [make_result(i, source=f"cam-{i % 3}") for i in range(80)]
     publish_results(transport, results)
