@@ -54,7 +54,7 @@ def route_scope(path: str) -> str | None:
         return None
     if path == "/identify":
         return "identify"
-    if path.startswith("/live/"):
+    if path.startswith("/live/") or path == "/results/events":
         return "read"
     return "admin"  # /sources, control routes, and any route added later: fail closed
 
