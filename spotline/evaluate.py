@@ -81,6 +81,8 @@ class EvalReport:
     per_caption: dict[str, dict[str, float]] = field(default_factory=dict)
     errors: list[dict[str, str]] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)  # seconds, one per image
+    # accuracy by frame size, object size, colour and background (``breakdown_lines``)
+    breakdown: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict."""
@@ -100,12 +102,84 @@ class EvalReport:
                 f"p95 {self.latency_p95 * 1000:.1f} ms, errors {len(self.errors)}")
 
 
+# --- the breakdown: accuracy by frame size, object size, colour and background ------------------
+FRAME_EDGES = (640, 960, 1280, 1600)  # long side in px
+OBJECT_EDGES = (16, 32, 64, 128)  # the true box's long side in px
+BREAKDOWN_KEYS = ("frame size", "object size", "colour", "background")
+UNKNOWN = "(not recorded)"
+
+
+def bucket(value: float, edges: Sequence[int]) -> str:
+    """The bucket of ``value`` among ``edges``: "<a", "a-b" (b excluded), ">=z"."""
+    if value < edges[0]:
+        return f"<{edges[0]}"
+    for lo, hi in zip(edges, edges[1:], strict=False):
+        if value < hi:
+            return f"{lo}-{hi - 1}"
+    return f">={edges[-1]}"
+
+
+def _bucket_order(key: str, name: str) -> tuple[float, str]:
+    """Size buckets in size order, others by name."""
+    digits = "".join(c if c.isdigit() else " " for c in name).split()
+    if key in ("frame size", "object size") and digits:
+        shift = -0.5 if name.startswith("<") else 0.5 if name.startswith(">=") else 0.0
+        return (float(digits[0]) + shift, name)
+    return (0.0, name)
+
+
+def colour_of(caption: str) -> str:
+    """The caption's first word when it is a colour of the synthetic vocabulary, else
+    "other"."""
+    from spotline.data.synth import COLOURS
+
+    words = caption.strip().lower().split()
+    return words[0] if words and words[0] in COLOURS else "other"
+
+
+_META: dict[Path, dict[str, dict[str, Any]]] = {}
+
+
+def image_meta(img: TilImage) -> dict[str, Any]:
+    """The extra fields of an image's dataset line (e.g. synth's "background"), read once per
+    vlm.jsonl; {} when there are none."""
+    for folder in (img.image_path.parent.parent, img.image_path.parent):
+        jsonl = folder / "vlm.jsonl"
+        if jsonl.is_file():
+            break
+    else:
+        return {}
+    if jsonl not in _META:
+        rows: dict[str, dict[str, Any]] = {}
+        for line in jsonl.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                rows[str(row["image"])] = {k: v for k, v in row.items()
+                                           if k not in ("image", "annotations")}
+            except (ValueError, KeyError, TypeError):
+                continue
+        _META[jsonl] = rows
+    return _META[jsonl].get(img.image_path.name, {})
+
+
+def frame_long_side(img: TilImage, data: bytes | None = None) -> int | None:
+    """The image's long side in pixels, from its header (None when unreadable)."""
+    from spotline.common.images import image_size
+
+    try:
+        width, height = image_size(data if data is not None else img.image_path.read_bytes())
+    except Exception:  # noqa: BLE001 - an unreadable image is scored, not bucketed
+        return None
+    return max(width, height)
+
+
 @dataclass
 class _Tally:
     hits: dict[str, int] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)
+    groups: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # [hits, n]
 
     def add(self, img: TilImage, boxes: Sequence[Any] | None, latency: float) -> None:
         """Score one image; None boxes (a failed call) score 0 like missing ones."""
@@ -114,9 +188,26 @@ class _Tally:
         if boxes is not None and len(preds) != len(img.annotations):
             self.error(img, f"expected {len(img.annotations)} boxes, got {len(preds)}")
         preds += [None] * (len(img.annotations) - len(preds))
+        long_side = frame_long_side(img)
+        frame = bucket(long_side, FRAME_EDGES) if long_side else UNKNOWN
+        background = str(image_meta(img).get("background", UNKNOWN))
         for (caption, gt), pred in zip(img.annotations, preds, strict=False):
             self.counts[caption] = self.counts.get(caption, 0) + 1
-            self.hits[caption] = self.hits.get(caption, 0) + hit(pred, gt)
+            scored = hit(pred, gt)
+            self.hits[caption] = self.hits.get(caption, 0) + scored
+            for key, name in (("frame size", frame),
+                              ("object size", bucket(max(gt[2], gt[3]), OBJECT_EDGES)),
+                              ("colour", colour_of(caption)), ("background", background)):
+                tally = self.groups.setdefault((key, name), [0, 0])
+                tally[0] += scored
+                tally[1] += 1
+
+    def breakdown(self) -> dict[str, dict[str, dict[str, float]]]:
+        out: dict[str, dict[str, dict[str, float]]] = {k: {} for k in BREAKDOWN_KEYS}
+        for (key, name), (hits, n) in self.groups.items():
+            out[key][name] = {"n": n, "hits": hits, "accuracy": hits / n}
+        return {k: dict(sorted(v.items(), key=lambda kv, k=k: _bucket_order(k, kv[0])))
+                for k, v in out.items()}
 
     def error(self, img: TilImage, message: str) -> None:
         self.errors.append({"image": str(img.image_path), "error": message})
@@ -132,7 +223,20 @@ class _Tally:
             speed_score=speed_score(total, t_max), total_seconds=total,
             n_images=len(self.latencies), n_captions=n, latency_p50=p50, latency_p95=p95,
             latency_p99=p99, latency_mean=float(lat.mean()) if lat.size else 0.0, t_max=t_max,
-            per_caption=per_caption, errors=self.errors, latencies=list(self.latencies))
+            per_caption=per_caption, errors=self.errors, latencies=list(self.latencies),
+            breakdown=self.breakdown())
+
+
+def breakdown_lines(report: EvalReport) -> list[str]:
+    """The breakdown as text: one line per grouping, ``bucket accuracy (hits/n)`` each."""
+    lines = []
+    for key, groups in report.breakdown.items():
+        if not groups:
+            continue
+        cells = [f"{name} {g['accuracy']:.3f} ({int(g['hits'])}/{int(g['n'])})"
+                 for name, g in groups.items()]
+        lines.append(f"  {key + ':':13s} " + ", ".join(cells))
+    return lines
 
 
 def _run_batch(batch: list[TilImage], identify_fn: IdentifyFn, tally: _Tally

@@ -215,6 +215,13 @@ def _show_report(report: Any, images: list[Any] | None = None) -> None:
                f"(per image)")
     if report.errors:
         click.echo(f"errors       {len(report.errors)} (first: {report.errors[0]['error']})")
+    if getattr(report, "breakdown", None):
+        from spotline.evaluate import breakdown_lines
+
+        click.echo("accuracy by frame size (long side, px), object size (true box's long side, "
+                   "px), colour and background:")
+        for line in breakdown_lines(report):
+            click.echo(line)
     if report.per_caption:
         width = min(40, max(len(c) for c in report.per_caption))
         click.echo("per caption:")
