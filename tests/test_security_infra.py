@@ -20,7 +20,8 @@ from rq import Callback, Queue
 from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
-from spotline.common.embedded import EmbeddedRedis, _version, find_redis_server
+from spotline.common.embedded import EmbeddedRedis, _version, find_redis_server, free_port
+from spotline.common.metrics import Metrics
 from spotline.common.settings import Settings, load_settings
 from spotline.common.transport import Transport
 from spotline.producer.client import Client
@@ -32,6 +33,7 @@ from spotline.producer.jobs import (
     list_jobs,
     rq_connection,
 )
+from spotline.producer.sinks import SinkMetrics
 from spotline.up import pipeline_stages
 from tests.conftest import ROOT, child_env
 from tests.faultlib import small_frame, wait_for
@@ -196,3 +198,21 @@ def test_jobs_carry_no_secrets_and_list_redacts_camera_urls(
     listing = run_jobs_cli(settings, redis_server.url, "list", "--queue", q).stdout
     assert "rtsp://cam:***@192.0.2.1" in listing and "camPass" not in listing
     job.cancel()
+
+
+# --- /metrics ----------------------------------------------------------------------------------
+def listening_ips(port: int) -> set[str]:
+    return {c.laddr.ip for c in psutil.Process().net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+
+
+def test_metrics_bind_loopback_unless_metrics_host_says_otherwise(settings: Settings) -> None:
+    """Workers, the gateway, publish and sinks serve /metrics on loopback by default; the
+    containers set metrics_host 0.0.0.0 (tests/test_deploy.py, tests/test_k8s.py)."""
+    assert settings.metrics_host == "127.0.0.1"
+    worker_port = Metrics().serve(free_port())
+    sink_port = SinkMetrics().serve(free_port())
+    assert listening_ips(worker_port) == {"127.0.0.1"}
+    assert listening_ips(sink_port) == {"127.0.0.1"}
+    wide = settings.replace(metrics_host="0.0.0.0")
+    assert listening_ips(Metrics().serve(free_port(), addr=wide.metrics_host)) == {"0.0.0.0"}
