@@ -170,6 +170,7 @@ def test_gateway_healthcheck_is_readiness() -> None:
     assert env_dict(gateway)["SPOTLINE_API_KEYS"].startswith("${SPOTLINE_API_KEYS:?")
     settings = load_settings(env=interpolated(env_dict(gateway)))
     assert settings.api_keys == "test-secret" and settings.http_host == "0.0.0.0"
+    assert settings.allowed_hosts == ""  # the Host allow-list: localhost unless set in .env
     assert settings.rate_limit == 0  # unless set in .env
 
 
