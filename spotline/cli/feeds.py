@@ -49,11 +49,15 @@ from .output import Sink, frame_path, jsonl, read_manifest
 @click.option("--metrics-port", type=int, default=None,
               help="Serve /metrics (frames published, dropped by reason) on this port.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--meta", "meta_text", default=None, metavar="JSON|@FILE",
+              help="A JSON object every frame carries and its result returns unchanged (drone "
+              "telemetry, camera pose: docs/results.md), inline or @file.json; at most "
+              "meta_max_bytes.")
 def publish(source: str, captions: tuple[str, ...], captions_file: str | None,
             source_id: str | None, fps: float | None, live: bool | None, policy: str | None,
             max_frames: int | None, wait: bool, timeout: float, jsonl_path: str | None,
             annotate_dir: str | None, manifest_path: str | None, metrics_port: int | None,
-            no_progress: bool) -> None:
+            no_progress: bool, meta_text: str | None) -> None:
     """Publish the frames of SOURCE into the running pipeline.
 
     SOURCE is an image, a folder of images, a video file, a TIL dataset (folder with vlm.jsonl,
@@ -69,11 +73,29 @@ def publish(source: str, captions: tuple[str, ...], captions_file: str | None,
     url = need_url(s)
     if live is False and classify(source) in ("stream", "camera"):
         raise click.UsageError("--recorded: cameras and stream URLs are always live")
+    meta = _meta(meta_text, s) if meta_text is not None else None
     caps = load_captions(captions, captions_file)
     src = open_source(source, caps, source_id=source_id, fps=fps, live=bool(live))
     _publish(s, url, src, _Opts(policy, max_frames, wait, timeout, jsonl_path,
                                 Path(annotate_dir) if annotate_dir else None,
-                                manifest_path, metrics_port, not no_progress))
+                                manifest_path, metrics_port, not no_progress, meta))
+
+
+def _meta(text: str, s: Settings) -> dict[str, Any]:
+    """--meta's JSON object, inline or from @FILE; a usage error says what is wrong."""
+    from spotline.common.errors import InputError
+    from spotline.common.meta import parse_meta
+
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.BadParameter(f"cannot read {text[1:]!r}: {exc}",
+                                     param_hint="--meta") from None
+    try:
+        return parse_meta(text, s.meta_max_bytes)
+    except InputError as exc:
+        raise click.BadParameter(str(exc), param_hint="--meta") from None
 
 
 @dataclass(frozen=True)
@@ -87,6 +109,7 @@ class _Opts:
     manifest_path: str | None
     metrics_port: int | None
     progress: bool
+    meta: dict[str, Any] | None = None
 
 
 def _publish(s: Settings, url: str, src: Any, o: _Opts) -> None:
@@ -119,7 +142,7 @@ def _publish(s: Settings, url: str, src: Any, o: _Opts) -> None:
     try:
         stats = publish_source(src, client, s, policy=policy, progress=o.progress,
                                metrics=metrics, max_frames=o.max_frames,
-                               on_published=published, keep_ids=o.wait)
+                               on_published=published, keep_ids=o.wait, meta=o.meta)
     except SourceFailed as exc:
         failed, stats = exc, exc.stats
     except KeyboardInterrupt:
