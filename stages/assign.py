@@ -2,12 +2,12 @@
 
 Each caption used to take its own argmax box, so two captions of one frame could take the same
 box. ``assign`` instead solves the assignment problem on the captions × boxes score matrix
-(Hungarian, ``scipy.optimize.linear_sum_assignment``, maximising the total score): one box per
-caption and one caption per box wherever there are at least as many boxes as captions. Where
-captions outnumber boxes, every box still goes to the caption that the optimal assignment gives
-it, and the captions left over take their own argmax (so several captions share a box only
-when there are not enough boxes). Captions that are the same text are grounded once and share
-the answer.
+(Hungarian, ``linear_sum_assignment``, scipy's in numpy: stages/lsap.py; maximising the total
+score): one box per caption and one caption per box wherever there are at least as many boxes
+as captions. Where captions outnumber boxes, every box still goes to the caption that the
+optimal assignment gives it, and the captions left over take their own argmax (so several
+captions share a box only when there are not enough boxes). Captions that are the same text
+are grounded once and share the answer.
 
 ``ground`` adds "not in view": with a calibration (stages/calibration.py) and a threshold, a
 caption whose calibrated probability of being in view is below the threshold gets no box
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
+
+from .lsap import linear_sum_assignment
 
 
 class Calibrator(Protocol):
