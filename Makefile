@@ -4,20 +4,50 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements
 
-.PHONY: setup tools demo up test fuzz lint bench clean
+.PHONY: setup lock tools demo up test fuzz lint bench clean
 
 setup: $(STAMP)
 
-# torch/torchvision first (pinned pair), then basicsr without build isolation: its sdist's
-# setup_requires names torch, and an isolated build would download a second torch every time.
-$(STAMP): pyproject.toml Makefile
+# Everything ([all]) from the lock file, every file checked against its hash (docs/install.md).
+# The build tools and the torch pair first: basicsr is an sdist whose setup.py imports torch,
+# so it builds without isolation (an isolated build would download a second torch), in a venv
+# that already holds them. Then the project itself, its dependencies already there.
+$(STAMP): pyproject.toml Makefile $(LOCK)/lock.txt $(LOCK)/build.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=68" wheel cython numpy
-	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q --no-build-isolation basicsr==1.4.2
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(LOCK)/build.txt
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(LOCK)/torch.txt
+	$(BIN)/python -m pip install -q --require-hashes --no-deps --no-build-isolation \
+	  -r $(LOCK)/lock.txt
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
+
+# Regenerate the lock files from pyproject.toml (uv, installed into .venv; PyPI, not the local
+# mirrors pip may be configured with, so the files hold no local paths). One resolution for
+# [all]; each role's file is resolved within it, so every role gets the same versions.
+# basicsr's metadata is built without isolation in .venv, which needs its build tools and torch.
+UV_COMPILE = $(BIN)/uv pip compile --quiet --generate-hashes --universal --python-version 3.11 \
+  --no-build-isolation-package basicsr --python $(BIN)/python --custom-compile-command "make lock"
+lock:
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "uv>=0.9" "setuptools>=68" wheel cython numpy
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q \
+	  torch==2.14.1 torchvision==0.29.1
+	$(UV_COMPILE) pyproject.toml --extra all -o $(LOCK)/lock.txt
+	$(UV_COMPILE) $(LOCK)/build.in -c $(LOCK)/lock.txt -o $(LOCK)/build.txt
+	$(UV_COMPILE) $(LOCK)/torch.in -c $(LOCK)/lock.txt -o $(LOCK)/torch.txt
+	$(UV_COMPILE) pyproject.toml -c $(LOCK)/lock.txt -o $(LOCK)/core.txt
+	$(UV_COMPILE) pyproject.toml --extra openvino -c $(LOCK)/lock.txt -o $(LOCK)/openvino.txt
+	$(UV_COMPILE) pyproject.toml --extra openvino --extra onnx -c $(LOCK)/lock.txt \
+	  -o $(LOCK)/edge.txt
+	$(UV_COMPILE) pyproject.toml --extra export --extra realesrgan --extra mqtt \
+	  -c $(LOCK)/lock.txt -o $(LOCK)/gpu.txt
+	$(UV_COMPILE) pyproject.toml --extra export --extra realesrgan --extra mqtt \
+	  -c $(LOCK)/lock.txt --excludes $(LOCK)/cuda.in --no-emit-package torch \
+	  --no-emit-package torchvision -o $(LOCK)/full.txt
 
 demo: setup
 	$(BIN)/spotline demo

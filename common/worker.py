@@ -20,6 +20,7 @@ from .codec import decode, encode
 from .deadletters import answer_for, dead_letter
 from .envelope import Envelope, Result, strip
 from .errors import DecodeError, TransportError
+from .extras import stage_missing_extra
 from .logs import StageLog, about
 from .metrics import Metrics
 from .runner import Observer, Pair, run_batch, traced
@@ -120,7 +121,10 @@ class Worker:
     def run(self) -> Counts:
         name = self.stage.name
         self.t.ensure_group(name)
-        self.stage.setup()
+        try:
+            self.stage.setup()
+        except ImportError as exc:  # a library of a role this install left out
+            raise stage_missing_extra(exc, name, self.settings) or exc from None
         self.metrics.model_loaded.labels(name, self.stage.model_name or name,
                                          self.stage.device_name).set(1)
         for choice in self.stage.precision_choices:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import click
 
 from spotline.common.errors import SpotlineError
+from spotline.common.extras import missing_extra
 from spotline.common.logs import setup_logging
 from spotline.common.settings import load_settings
 from spotline.train.demo import apply_demo_models
@@ -21,13 +22,19 @@ from .context import Ctx, need_url, pass_ctx
 
 class _Group(click.Group):
     """The main group: a SpotlineError (bad input, config, Redis, model) anywhere below is a
-    ClickException, "Error: <what went wrong>" and exit status 1, with no traceback."""
+    ClickException, "Error: <what went wrong>" and exit status 1, with no traceback; so is an
+    import of a library this install left out, with the extra that brings it."""
 
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except SpotlineError as exc:
             raise click.ClickException(str(exc)) from None
+        except ImportError as exc:  # a library of a role this install left out
+            error = missing_extra(exc, f"spotline {ctx.invoked_subcommand or ''}".strip())
+            if error is None:
+                raise
+            raise click.ClickException(str(error)) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
