@@ -245,7 +245,7 @@ def test_gpu_override() -> None:
         svc = MERGED["services"][stage]
         devices = svc["deploy"]["resources"]["reservations"]["devices"]
         assert {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]} in devices
-        assert svc["build"]["args"]["TORCH_VARIANT"] == "cuda"
+        assert svc["build"]["target"] == "gpu"
         assert svc["build"]["dockerfile"] == "deploy/Dockerfile"  # kept from the base file
         env = env_dict(svc)
         assert env["SPOTLINE_DEVICE"] == "cuda"
@@ -269,15 +269,25 @@ def test_dockerfile() -> None:
     assert re.search(r'^ENTRYPOINT \["spotline"\]$', text, re.M)
     user = re.findall(r"^USER (\S+)$", text, re.M)
     assert user and user[-1] not in ("root", "0")
-    assert re.search(r"^ARG TORCH_VARIANT=cpu$", text, re.M)
-    # Same install order and pins as the Makefile.
-    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
-    torch_pins = re.search(r"torch==\S+ torchvision==\S+", makefile)
-    basicsr_pin = re.search(r"--no-build-isolation basicsr==\S+", makefile)
-    assert torch_pins and basicsr_pin
-    positions = [text.find(torch_pins.group()), text.find(basicsr_pin.group()),
-                 text.find("pip install --no-deps .")]
-    assert -1 not in positions and positions == sorted(positions), positions
+    # One target per role (docs/install.md); the compose services name theirs.
+    targets = re.findall(r"^FROM \S+ AS (\S+)$", text, re.M)
+    assert {"core", "edge", "full", "gpu"} <= set(targets)
+    assert {svc["build"]["target"] for svc in SPOTLINE.values()} == {"core", "full"}
+    assert all(svc["build"]["target"] == "core" for name, svc in SPOTLINE.items()
+               if name not in STAGE_MODEL_ENV)
+    # Every role installs from its lock file, hash-checked; the torch roles in the Makefile's
+    # order: build tools, the pinned torch pair, the rest without build isolation, spotline.
+    for role, lock in (("core", "core.txt"), ("edge", "edge.txt"), ("full", "full.txt"),
+                       ("gpu", "gpu.txt")):
+        body = text.split(f" AS {role}\n", 1)[1].split("\nFROM ", 1)[0]
+        assert f"-r /opt/requirements/{lock}" in body and "--require-hashes" in body, role
+        assert (ROOT / "requirements" / lock).is_file(), lock
+        if role in ("full", "gpu"):
+            makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+            assert re.search(r"torch==2\.14\.1 torchvision==0\.29\.1", body + makefile)
+            positions = [body.find("build.txt"), body.find("torch"),
+                         body.find("--no-build-isolation"), body.find("/tmp/wheels/*.whl")]
+            assert -1 not in positions and positions == sorted(positions), (role, positions)
     ignored = (ROOT / ".dockerignore").read_text(encoding="utf-8").split()
     assert {".venv", ".git", ".spotline", "out", "models"} <= set(ignored)
 

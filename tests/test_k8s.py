@@ -127,14 +127,15 @@ def base_objects() -> list[dict[str, Any]]:
     """Every object `kubectl apply -k deploy/k8s` creates, with the kustomization's namespace
     and image applied as kustomize does."""
     kust = kustomization(K8S)
-    image = kust["images"][0]
+    images = {image["name"]: image for image in kust["images"]}
     objs = []
     for name in kust["resources"]:
         for doc in docs_of(K8S / name):
             if doc["kind"] != "Namespace":
                 doc["metadata"]["namespace"] = kust["namespace"]
             for c in containers(doc):
-                if c["image"] == image["name"]:
+                if c["image"] in images:
+                    image = images[c["image"]]
                     c["image"] = f"{image['newName']}:{image['newTag']}"
             objs.append(doc)
     return objs + generated_secrets(kust)
@@ -520,8 +521,8 @@ def test_gpu_overlay_requests_a_gpu_for_the_model_stages_only() -> None:
         if name in GPU_STAGES:
             assert gpus == 1 and c["image"].endswith(":cuda")
             assert {"name": "SPOTLINE_DEVICE", "value": "cuda"} in env_of(c)
-        else:
-            assert gpus is None and c["image"].endswith(":cpu")
+        else:  # collect, the gateway and the sources: the core image (no model framework)
+            assert gpus is None and c["image"].endswith(":core")
     base = by_kind(base_objects(), "Deployment")
     assert all("nvidia.com/gpu" not in str(d) for d in base.values())
 
