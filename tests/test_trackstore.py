@@ -3,13 +3,18 @@ TTL and cap, and a tracker continued by another "worker" from what Redis holds."
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
+from spotline.common.embedded import EmbeddedRedis
 from spotline.common.keys import Keys
 from spotline.common.trackstore import CachedEmbedding, EmbeddingCache, TrackStore
+from spotline.common.transport import Transport
 from spotline.stages.evidence import Evidence
 from spotline.stages.tracker import SourceTracker
+from tests.faultlib import wait_for
 from tests.test_tracker import scene
 
 
@@ -91,3 +96,33 @@ def test_embedding_cache_round_trip_ttl_and_cap(transport, client, settings):
     assert cache.get("cam", []) == {} and cache.put("cam", {}) == 0
     with pytest.raises(ValueError):
         EmbeddingCache(transport, max_tracks=0)
+
+
+def test_a_redis_restart_is_waited_out_not_raised(settings, tmp_path):
+    """The store's calls go through the Transport: each call below finds Redis killed (AOF on),
+    waits, and answers once it is back, with what was saved before the kill."""
+    box = np.array([1, 2, 30, 40], np.float32)
+    with EmbeddedRedis(tmp_path / "redis", persist=True) as server:
+        t = Transport(settings, url=server.url)
+        store, cache = TrackStore(t, ttl_s=60), EmbeddingCache(t, ttl_s=60)
+        assert store.save("cam", 1, {"v": 1}, answer=("f1", {"picks": [0]}))
+        calls = [
+            (lambda: store.load("cam"), (1, {"v": 1})),
+            (lambda: store.save("cam", 2, {"v": 2}, answer=("f2", {"picks": [1]})), True),
+            (lambda: cache.put("cam", {7: CachedEmbedding(2, box, np.ones(4, np.float32))}), 0),
+            (lambda: store.answer("cam", "f2"), {"picks": [1]}),
+            (lambda: cache.size("cam"), 1),
+        ]
+        for n, (call, expected) in enumerate(calls, start=1):
+            assert server.proc is not None
+            server.proc.kill()
+            server.proc.wait()
+            got = []
+            caller = threading.Thread(target=lambda call=call, got=got: got.append(call()))
+            caller.start()
+            wait_for(lambda n=n: t.outages == n, timeout=30, what="the call finding Redis down")
+            server.restart()
+            caller.join(timeout=30)
+            assert got == [expected], n
+        assert store.load("cam") == (2, {"v": 2})
+        t.close()
