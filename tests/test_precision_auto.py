@@ -97,6 +97,13 @@ def test_drift_measures() -> None:
     flipped = np.concatenate([boxes, scores[..., ::-1]], axis=1)
     assert precision.drift([ref], [flipped]) < 0.01  # the coordinates hide the scores...
     assert precision.detector_drift([ref], [flipped]) > 1.0  # ...compared apart, they do not
+    # SigLIP's similarities (crops x captions): one caption's order of the crops reversed
+    sims = np.stack([np.linspace(0.1, 0.3, 8) + 0.5 * j for j in range(6)], axis=1)
+    moved = sims.copy()
+    moved[:, 2] = moved[::-1, 2]
+    assert precision.drift([sims], [moved]) < 0.01  # hidden among the other captions
+    assert precision.scorer_drift([sims], [moved]) > 1.0
+    assert precision.scorer_drift([sims], [sims + 0.01]) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_candidates_follow_the_cpu_and_the_exports() -> None:
