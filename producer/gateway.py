@@ -7,6 +7,9 @@
     GET  /metrics  -> Prometheus text                      (open)
     POST /identify {"instances": [{"key": 0, "caption": "...", "b64": "<base64 JPEG>"}, ...]}
                    -> {"predictions": [[left, top, width, height], ...]}  (instance order)
+                   optional "meta": a JSON object every frame of the request carries and
+                   its result returns unchanged (docs/results.md; 400 when it is not one)
+    GET  /results/events -> every result as server-sent events (producer/results_http.py)
 
 Instances that share an image are published as one frame with several captions, at most
 ``identify_max_instances`` instances and ``identify_max_images`` distinct images a request
@@ -263,8 +266,12 @@ def create_app(settings: Settings, client: Client, metrics: Metrics | None = Non
                timeout_s: float = 120.0, host: str | None = None) -> FastAPI:
     """The gateway application over a pipeline reached through ``client``, to be served on
     ``host`` (default: http_host; an open gateway elsewhere than loopback is a ConfigError
-    unless insecure_open_gateway)."""
-    metrics = metrics or Metrics()
+    unless insecure_open_gateway). Frames the gateway publishes are counted (by the client) on
+    ``metrics``, the registry /metrics serves, as ``via="gateway"``."""
+    if metrics is not None:
+        client.metrics = metrics
+    metrics = client.metrics
+    client.via = "gateway"
     host = host or settings.http_host
     access = Access(settings, client.t)
     mode = exposure(settings, access.keys, host)
@@ -314,6 +321,8 @@ def create_app(settings: Settings, client: Client, metrics: Metrics | None = Non
     app.include_router(sources_router(settings, client))
     from .results_http import results_router  # GET /results/events (producer/results_http.py)
     app.include_router(results_router(settings, client))
+    from .ask_http import ask_router  # GET /ask, /sources/{id}/ask (producer/ask_http.py)
+    app.include_router(ask_router(settings))
     return app
 
 

@@ -168,6 +168,9 @@ def test_keys_scopes_and_tenants(redis_server: EmbeddedRedis, settings: Settings
                                                  "frame0005"]
         assert frames_seen(http, "k-op", 6) == [r.frame_id for r in results]
         assert frames_seen(http, "k-op", 2, f"&source={bob}") == ["frame0001", "frame0004"]
+        first_id = transport.entries(transport.keys.results)[0][0]  # resume by query too
+        assert frames_seen(http, "k-op", 2, f"&last_event_id={first_id}") == ["frame0001",
+                                                                              "frame0002"]
         # another tenant's source asked for by name: still nothing of it
         publish_results(transport, [make_result(6, "cam-op")])
         assert frames_seen(http, "k-alice", 1, f"&source={bob}&source=cam-op") == [
