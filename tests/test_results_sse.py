@@ -209,3 +209,40 @@ def test_a_browser_event_source_receives_results(redis_server: EmbeddedRedis,
     assert got[0]["result"]["frame_id"] == "frame0001"
     assert got[0]["result"]["meta"] == telemetry
     assert got[0]["id"] == transport.entries(transport.keys.results)[-1][0]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (make tools)")
+def test_a_browser_on_a_keyed_gateway_reads_with_fetch_and_the_key(
+        redis_server: EmbeddedRedis, settings: Settings, transport: Transport) -> None:
+    """With keys, a bare EventSource is refused (it cannot send the key); the page reads the
+    same stream with fetch() and X-API-Key, as the live view does (docs/results.md)."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_live import CHROMIUM_ARGS
+
+    publish_results(transport, [make_result(0, "cam-op")])
+    with serving(settings.replace(api_keys=KEYS), redis_server.url) as base, \
+            sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                     headless=True)
+        page = browser.new_page()
+        page.goto(f"{base}/live")
+        refused = page.evaluate("""() => new Promise((done) => {
+            const es = new EventSource("/results/events?start=all");
+            es.onerror = () => { done(es.readyState); es.close(); };
+            es.addEventListener("result", () => done("got a result"));
+        })""")
+        got = page.evaluate("""async () => {
+            const resp = await fetch("/results/events?start=all",
+                                     {headers: {"X-API-Key": "k-alice"}});
+            const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+            let text = "";
+            while (!text.includes("\\n\\n")) text += (await reader.read()).value;
+            await reader.cancel();
+            return {status: resp.status, text};
+        }""")
+        browser.close()
+    assert refused == 2  # CLOSED: the 401 ends it, no result leaks
+    assert got["status"] == 200
+    fields = dict(line.split(": ", 1) for line in got["text"].strip().splitlines())
+    assert fields["event"] == "result" and json.loads(fields["data"])["frame_id"] == "frame0000"
