@@ -169,4 +169,5 @@ class Collector(Worker):
         outcome = "error" if result.error else ("fallback" if result.fallback else "ok")
         self.metrics.results.labels(outcome).inc()
         if result.capture_time > 0:
-            self.metrics.e2e_seconds.labels(result.source_id).observe(result.latency)
+            self.metrics.e2e_seconds.labels(self.metrics.source(result.source_id)).observe(
+                result.latency)

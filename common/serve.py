@@ -27,12 +27,13 @@ def run_stage(stage: Stage, settings: Settings, url: str, burst: bool = False,
     """Entry point of `spotline worker STAGE`: connect, serve metrics, run until stopped."""
     metrics = Metrics()
     transport = Transport(settings, url=url)
-    poller = None
+    poller = refresh = None
     if metrics_port is not None:
         metrics.serve(metrics_port, addr=settings.metrics_host)
-        # Gauges read Redis on their own connection, never the worker's.
-        poller = Poller(5.0, gauge_refresher(Transport(settings, url=url), metrics,
-                                             transport)).start()
+        # Gauges read Redis on their own connection, never the worker's; the pipeline-wide ones
+        # only in the worker that holds the exporter lease (common/metrics.py).
+        refresh = gauge_refresher(Transport(settings, url=url), metrics, transport)
+        poller = Poller(5.0, refresh).start()
     worker = loop_for(stage)(stage, settings, transport, burst=burst, metrics=metrics)
     worker.install_signals()
     try:
@@ -43,3 +44,4 @@ def run_stage(stage: Stage, settings: Settings, url: str, burst: bool = False,
     finally:
         if poller:
             poller.stop()
+            refresh.exporter.release()  # type: ignore[union-attr]

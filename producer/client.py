@@ -19,6 +19,7 @@ from ..common.errors import DecodeError, SpotlineError
 from ..common.images import image_size as read_image_size
 from ..common.limits import check_frame
 from ..common.meta import check_meta
+from ..common.metrics import Metrics
 from ..common.settings import Settings, load_settings
 from ..common.topology import FRAMES
 from ..common.transport import DATA_FIELD, Transport
@@ -29,10 +30,18 @@ class ResultTimeout(SpotlineError):
 
 
 class Client:
-    """Publish frames into a pipeline's frames stream and read its results."""
+    """Publish frames into a pipeline's frames stream and read its results.
 
-    def __init__(self, transport: Transport) -> None:
+    Every frame published is counted in ``metrics`` (``spotline_frames_published_total``
+    {source, via}; serve it with ``client.metrics.serve(port)``): ``publish`` is the one
+    function the CLI, the gateway, the feeds and jobs all call. ``via`` says which of them this
+    client is (``client`` when used directly)."""
+
+    def __init__(self, transport: Transport, metrics: Metrics | None = None,
+                 via: str = "client") -> None:
         self.t = transport
+        self.metrics = metrics or Metrics()
+        self.via = via
         self.keys = transport.keys
         self.settings = transport.settings
         self._group_ready = False
@@ -41,8 +50,9 @@ class Client:
         self.previews = Previews(transport)  # sampled frame images for the live view
 
     @classmethod
-    def connect(cls, url: str, settings: Settings | None = None) -> Client:
-        return cls(Transport(settings or load_settings(), url=url))
+    def connect(cls, url: str, settings: Settings | None = None,
+                metrics: Metrics | None = None, via: str = "client") -> Client:
+        return cls(Transport(settings or load_settings(), url=url), metrics, via)
 
     def publish(self, image: bytes, captions: Sequence[str], source_id: str = "default",
                 capture_time: float | None = None, frame_id: str | None = None,
@@ -77,6 +87,7 @@ class Client:
                        captions=captions, image=bytes(image), image_size=image_size, seq=seq,
                        meta=meta)
         self.t.add(self.keys.inbox(FRAMES), env.frame_id, encode(env))
+        self.metrics.count_published(source_id, self.via)
         self.previews.offer(env.frame_id, source_id, env.image or b"")
         return env.frame_id
 

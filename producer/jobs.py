@@ -214,7 +214,7 @@ def ingest_job(spec: str, captions: list[str], settings_env_dict: dict[str, str]
     except InputError as exc:
         raise InputError(f"cannot ingest {redact_url(spec)}: {redact(str(exc))}") from None
     try:
-        client = Client.connect(settings.redis_url, settings)
+        client = Client.connect(settings.redis_url, settings, via="job")
         try:
             publish_source(source, client, settings, policy=BLOCK, progress=False, skip=done,
                            on_progress=progress, stats=stats, keep_ids=False)

@@ -147,7 +147,7 @@ class _Publisher:
             self.stats.rejected.append((frame.name, str(exc)))
             log.warning("%s: frame %s rejected: %s", self.sid, frame.name, exc)
             if self.metrics is not None:
-                self.metrics.frames_dropped.labels(self.sid, "rejected").inc()
+                self.metrics.frames_dropped.labels(self.metrics.source(self.sid), "rejected").inc()
             self.client.previews.count_drop(self.sid, "rejected")  # for the live view
             return None
 
@@ -158,8 +158,6 @@ class _Publisher:
         self.stats.published += 1
         if self.keep_ids:
             self.stats.frame_ids.append(fid)
-        if self.metrics is not None:
-            self.metrics.frames_published.labels(frame.source_id).inc()
         if self.on_published is not None:
             self.on_published(frame, fid)
 
@@ -196,7 +194,8 @@ class _Publisher:
     def drop(self, frame: SourceFrame) -> None:
         self.stats.dropped += 1
         if self.metrics is not None:
-            self.metrics.frames_dropped.labels(frame.source_id, "backpressure").inc()
+            self.metrics.frames_dropped.labels(self.metrics.source(frame.source_id),
+                                               "backpressure").inc()
         self.client.previews.count_drop(frame.source_id, "dropped")  # for the live view
         now = time.monotonic()
         if self.stats.dropped == 1 or now - self._last_report >= REPORT_EVERY_S:
@@ -254,7 +253,9 @@ def publish_source(source: Source, client: Client, settings: Settings,
         raise InputError(f"policy must be one of {BACKPRESSURE}, got {policy!r}")
     meta = check_meta(meta, settings.meta_max_bytes)
     stats = stats if stats is not None else PublishStats()
-    pub = _Publisher(source, client, settings, policy, metrics, stop, on_published, stats,
+    if metrics is not None:  # the client counts what it publishes (frames_published) there
+        client.metrics = metrics
+    pub = _Publisher(source, client, settings, policy, client.metrics, stop, on_published, stats,
                      keep_ids, meta)
     total = source.total
     stats.total = max(0, total - skip) if total is not None else None

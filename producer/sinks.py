@@ -48,6 +48,7 @@ from spotline.common.codec import decode
 from spotline.common.deadletters import dead_letter_shared
 from spotline.common.envelope import Result
 from spotline.common.errors import DecodeError, SpotlineError
+from spotline.common.metrics import add_process_series
 from spotline.common.transport import Entry, Transport
 
 log = logging.getLogger(__name__)
@@ -295,6 +296,7 @@ class SinkMetrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        add_process_series(r)  # process_* and spotline_build_info, as every process has
         self.delivered = Counter("spotline_sink_delivered", "Results a receiver took",
                                  ["sink"], registry=r)
         self.retried = Counter("spotline_sink_retried", "Delivery attempts that failed and were "

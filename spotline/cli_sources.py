@@ -103,15 +103,21 @@ def remove(ctx: Any, source_id: str) -> None:
               help="Longest wait between retries of a failing feed (it doubles up to this).")
 @click.option("--backoff", type=click.FloatRange(0.01), default=1.0, show_default=True,
               help="First wait between retries.")
+@click.option("--metrics-port", type=int, default=None,
+              help="Serve /metrics (frames published and dropped, by feed) on this port.")
 @click.pass_obj
-def run(ctx: Any, stall: float, max_backoff: float, backoff: float) -> None:
+def run(ctx: Any, stall: float, max_backoff: float, backoff: float,
+        metrics_port: int | None) -> None:
     """Supervise the registered feeds until SIGTERM/SIGINT (several supervisors share them:
     each feed runs in exactly one)."""
     from spotline.producer.client import Client
     from spotline.producer.control import Supervisor
 
     registry = _registry(ctx)
-    sup = Supervisor(ctx.settings, Client(registry.t), stall_s=stall, base_backoff_s=backoff,
+    client = Client(registry.t, via="feed")
+    if metrics_port is not None:
+        client.metrics.serve(metrics_port, addr=ctx.settings.metrics_host)
+    sup = Supervisor(ctx.settings, client, stall_s=stall, base_backoff_s=backoff,
                      max_backoff_s=max_backoff)
     signal.signal(signal.SIGTERM, sup.stop)
     signal.signal(signal.SIGINT, sup.stop)

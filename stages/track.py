@@ -33,6 +33,7 @@ import numpy as np
 from ..common.envelope import Envelope
 from ..common.errors import ConfigError
 from ..common.images import crop_boxes, swap_rb
+from ..common.metrics import TracksAlive
 from ..common.settings import Settings
 from ..common.topology import next_stage
 from ..common.trackstore import CachedEmbedding, EmbeddingCache, TrackStore, open_stores
@@ -41,6 +42,7 @@ from .base import Routed, Stage, check_crops
 from .detect import decode_frame
 from .evidence import Evidence, EvidenceConfig
 from .grounding import NO_TRACK, Grounded, ground_frame
+from .memory import remember
 from .templates import Template, exposure, make_template, match
 from .tracker import ReuseConfig, SourceTracker, TrackerConfig, crop_changed, stale
 
@@ -386,6 +388,7 @@ class Track(Stage):
         self.embedder = Embedder(settings)
         self.store: TrackStore | None = None
         self.cache: EmbeddingCache | None = None
+        self.alive: TracksAlive | None = None
         self.calibration: Any = None
         self.stats = TrackStats()
         self.detector: Any = None  # the detect stage's code, for frames it left to this one
@@ -400,6 +403,7 @@ class Track(Stage):
             raise ConfigError("the track stage keeps each source's state in Redis: set "
                               "redis_url (spotline up and the workers it starts do)")
         self.store, self.cache = open_stores(self.settings, ANSWERS_KEPT)
+        self.alive = TracksAlive(self.store.t)  # spotline_tracks_alive, one value per source
         self.embedder.setup()
         self.model_name = self.embedder.score.model_name
         self.device_name = self.embedder.score.device_name
@@ -439,12 +443,15 @@ class Track(Stage):
         state = SourceState.from_state(saved["source"] if saved else None, self.options)
         answer, fresh = self._track(env, state)
         self.cache.put(env.source_id, fresh)
+        remember(self, env, answer, fresh)  # its source's past, for `spotline ask`
         if not self.store.save(env.source_id, env.seq, {"source": state.to_state()},
                                answer=(env.frame_id, answer)):
             # another worker saved this frame (or a later one) first: its answer stands
             return self._replayed(env) or self._untracked(env)
         self.stats.alive[env.source_id] = state.alive()
-        self._count("tracked", env.source_id, state.alive(), answer["flips"])
+        if self.alive is not None:
+            self.alive.note(env.source_id, env.seq, state.alive())
+        self._count("tracked", env.source_id, answer["flips"])
         return _with_answer(env, answer)
 
     def _replayed(self, env: Envelope) -> Envelope | None:
@@ -457,16 +464,14 @@ class Track(Stage):
         self._count("replayed")
         return _with_answer(env, answer)
 
-    def _count(self, outcome: str, source: str = "", alive: int = 0, flips: int = 0) -> None:
+    def _count(self, outcome: str, source: str = "", flips: int = 0) -> None:
         """The stage's series (common/metrics.py), when a worker runs it."""
         m = self.metrics
         if m is None:
             return
         m.track_frames.labels(outcome).inc()
-        if outcome == "tracked":
-            m.tracks_alive.labels(source).set(alive)
-            if flips:
-                m.caption_flips.labels(source).inc(flips)
+        if outcome == "tracked" and flips:
+            m.caption_flips.labels(m.source(source)).inc(flips)
 
     def _wait_turn(self, env: Envelope) -> tuple[int, dict[str, Any] | None]:
         """The source's saved state once the frame before this one is in it, or once this

@@ -47,11 +47,14 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def scrape_refreshed(port: int, stage: str, timeout: float = 15.0) -> dict[
         tuple[str, tuple[tuple[str, str], ...]], float]:
     """Scrape once the worker's gauges have been refreshed since it was ready (its poller runs
-    every 5 s; a quick run can end before the first refresh)."""
+    every 5 s; a quick run can end before the first refresh): the exporter gauge is set at
+    every refresh, 1 in the one worker that exports the pipeline-wide gauges."""
     deadline = time.monotonic() + timeout
     while True:
         samples = scrape(port)
-        if total(samples, "spotline_workers_alive", stage=stage) >= 1 or \
+        if ("spotline_pipeline_exporter", ()) in samples and (
+                samples[("spotline_pipeline_exporter", ())] == 0 or
+                total(samples, "spotline_workers_alive", stage=stage) >= 1) or \
                 time.monotonic() > deadline:
             return samples
         time.sleep(0.2)
@@ -84,6 +87,15 @@ def test_each_worker_serves_metrics_that_move(redis_server: EmbeddedRedis,
         assert total(m, "spotline_stage_seconds_count", stage=stage, phase="queue_wait") > 0
         assert total(m, "spotline_stage_seconds_count", stage=stage, phase="redis") > 0 or \
             stage == "collect"
+    # The pipeline-wide gauges come from exactly one worker (the exporter lease's holder).
+    exporters = [st for st, m in scraped.items() if total(m, "spotline_pipeline_exporter") == 1]
+    assert len(exporters) == 1, exporters
+    for stage, m in scraped.items():
+        if stage != exporters[0]:
+            assert total(m, "spotline_workers_alive") == 0
+            assert not any(n == "spotline_stream_backlog" for n, _ in m)
+    m = scraped[exporters[0]]
+    for stage in stages:
         assert total(m, "spotline_workers_alive", stage=stage) >= 1
         assert ("spotline_stream_backlog", (("stream", stage),)) in m
         assert ("spotline_stream_pending", (("stream", stage),)) in m

@@ -112,7 +112,8 @@ def test_image_goes_into_the_detect_stream(tmp_path: Path, client: Client, setti
     assert env.image == path.read_bytes() and env.captions == CAPS
     assert env.source_id == "cam-a" and env.image_size == (48, 32)
     assert before <= env.capture_time <= time.time()
-    assert counter(metrics, "spotline_frames_published_total", source="cam-a") == 1
+    assert counter(metrics, "spotline_frames_published_total", source="cam-a",
+                   via="client") == 1
 
 
 def test_folder_rejects_bad_frames_by_name(tmp_path: Path, client: Client, settings: Settings,

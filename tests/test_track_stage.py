@@ -11,6 +11,7 @@ from spotline.common.codec import decode, encode
 from spotline.common.collector import Collector
 from spotline.common.envelope import Envelope, Result
 from spotline.common.errors import DecodeError
+from spotline.common.metrics import TracksAlive
 from spotline.common.transport import Transport
 from spotline.common.worker import Worker
 from spotline.producer.client import Client
@@ -113,7 +114,9 @@ def test_workers_track_a_source(redis_server, settings):
     assert metric("spotline_track_crops_total", {"outcome": "reused"}) == track.stats.reused
     assert metric("spotline_track_frames_total", {"outcome": "tracked"}) == 7
     assert metric("spotline_track_frames_total", {"outcome": "untracked"}) == 1
-    assert metric("spotline_tracks_alive", {"source": "cam"}) == track.stats.alive["cam"]
+    # tracks alive: kept in Redis (newest frame of a source wins) for the pipeline's exporter
+    assert TracksAlive(t).read() == {"cam": track.stats.alive["cam"],
+                                     "cam2": track.stats.alive["cam2"]}
     t.close()
 
 

@@ -117,7 +117,7 @@ def _publish(s: Settings, url: str, src: Any, o: _Opts) -> None:
     from spotline.producer.client import Client
     from spotline.producer.publisher import SourceFailed, default_policy, publish_source
 
-    client = Client.connect(url, s)
+    client = Client.connect(url, s, via="cli")
     names: dict[str, str] = {}
     sink = Sink(None, o.annotate)
     metrics = Metrics()
