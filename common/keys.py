@@ -74,6 +74,24 @@ class Keys:
         """Sorted set of the cached tracks of a source by the frame last scored (for the cap)."""
         return f"{self.tag}:embeds-order:{source_id}"
 
+    def memory(self, source_id: str) -> str:
+        """Hash of a source's past for `spotline ask`: frame seq -> the frame's tracks
+        (boxes, ids, some embeddings) as msgpack (common/trackmemory.py)."""
+        return f"{self.tag}:memory:{source_id}"
+
+    def memory_order(self, source_id: str) -> str:
+        """Sorted set of those frames' seqs by capture time (retention drops the oldest)."""
+        return f"{self.tag}:memory-order:{source_id}"
+
+    def memory_bytes(self, source_id: str) -> str:
+        """Counter of the bytes a source's memory holds (for the byte cap)."""
+        return f"{self.tag}:memory-bytes:{source_id}"
+
+    @property
+    def memory_sources(self) -> str:
+        """Set of the sources that have a memory (asking every source at once)."""
+        return f"{self.tag}:memory-sources"
+
     def heartbeat(self, stage: str) -> str:
         """Sorted set of live consumers of a stage, scored by last beat (unix seconds)."""
         return f"{self.tag}:workers:{stage}"

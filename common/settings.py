@@ -156,6 +156,17 @@ class Settings:
         "help": "life of a source's tracking state and cached embeddings in Redis"})
     track_cache_tracks: int = field(default=256, metadata={
         "help": "cached track embeddings per source at most"})
+    ask_memory: bool = field(default=True, metadata={
+        "help": "track mode: keep each source's tracks (embeddings, boxes) in Redis for "
+                "`spotline ask` (docs/ask.md)"})
+    ask_retention_min: float = field(default=30.0, metadata={
+        "help": "ask: minutes of a source's past kept (older frames dropped first)"})
+    ask_max_bytes_per_source: int = field(default=8 * 1024 * 1024, metadata={
+        "help": "ask: bytes of memory per source at most (oldest frames dropped first)"})
+    ask_precision: str = field(default="int8", metadata={
+        "help": "ask: stored embeddings as int8 (with a per-vector scale) or float16"})
+    ask_embed_every_s: float = field(default=1.0, metadata={
+        "help": "ask: keep a track's embedding at most this often (seconds; 0: every one)"})
     joint_assign: bool = field(default=True, metadata={
         "help": "track mode: one box per caption (Hungarian) when a frame has several"})
     not_in_view: str = field(default="auto", metadata={
@@ -284,6 +295,11 @@ def _validate_tracking(s: Settings) -> None:
     for key in ("track_margin", "track_max_size_change", "track_reorder_ms"):
         if getattr(s, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(s, key)!r}")
+    if s.ask_retention_min <= 0 or s.ask_max_bytes_per_source <= 0 or s.ask_embed_every_s < 0:
+        raise ConfigError("ask_retention_min and ask_max_bytes_per_source must be > 0 and "
+                          "ask_embed_every_s >= 0")
+    if s.ask_precision not in ("int8", "float16"):
+        raise ConfigError(f"ask_precision must be int8 or float16, got {s.ask_precision!r}")
 
 
 def _validate_choices(s: Settings) -> None:

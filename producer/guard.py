@@ -54,7 +54,8 @@ def route_scope(path: str) -> str | None:
         return None
     if path == "/identify":
         return "identify"
-    if path.startswith("/live/") or path == "/results/events":
+    if path.startswith("/live/") or path in ("/results/events", "/ask") or (
+            path.startswith("/sources/") and path.endswith("/ask") and path.count("/") == 3):
         return "read"
     return "admin"  # /sources, control routes, and any route added later: fail closed
 

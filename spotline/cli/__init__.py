@@ -73,6 +73,7 @@ __import__("spotline.cli_track", fromlist=["x"]).add_video_options(ops.bench)  #
 __import__("spotline.bench.probes", fromlist=["x"]).add_probe(ops.bench)  # last: every mode
 __import__("spotline.cli_track", fromlist=["x"]).add_grounding_options(ops.eval_cmd)  # eval
 cli.add_command(__import__("spotline.cli_track", fromlist=["x"]).calibrate)  # spotline calibrate
+cli.add_command(__import__("spotline.cli.ask_cmd", fromlist=["x"]).ask)  # spotline ask
 cli.add_command(__import__("spotline.train.commands", fromlist=["x"]).data)  # data synth|crops
 cli.add_command(__import__("spotline.train.commands", fromlist=["x"]).finetune)  # finetune
 ops.models.add_command(__import__("spotline.train.commands", fromlist=["x"]).models_demo)

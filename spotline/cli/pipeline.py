@@ -76,6 +76,8 @@ def serve(ctx: Ctx, host: str | None, port: int | None, metrics_port: int | None
         metrics.serve(metrics_port, addr=s.metrics_host)
     bind = host or s.http_host
     app = create_app(s, Client.connect(need_url(s), s), metrics, timeout_s=timeout, host=bind)
+    app.state.asker = __import__("spotline.ask", fromlist=["x"]).Asker(  # GET /ask
+        s.replace(redis_url=need_url(s)))
     uvicorn.run(app, host=bind, port=port or s.http_port,
                 log_level=s.log_level.lower(), timeout_graceful_shutdown=5)
 

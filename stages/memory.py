@@ -1,0 +1,274 @@
+"""Ask the past: what the track stage keeps of each source's tracks, and a caption asked now
+answered over it (docs/ask.md).
+
+The track stage already embeds each track's crop on keyframes. For every frame it tracked it
+hands ``Recorder.record`` the frame's boxes with their track ids and the embeddings it
+computed; the recorder keeps them in Redis (common/trackmemory.py) as one small record per
+frame: the boxes at half precision, and the fresh embeddings (at most one per track every
+``ask_embed_every_s``) as int8 with a per-vector scale, or float16 (``ask_precision``).
+
+``answer`` scores a caption's text embedding against every stored embedding of the window
+(one matrix product, the scorer's own formula), rates each track by the mean of its best
+``TOP_K`` scores, calibrates that with the scorer's calibration (stages/calibration.py) and
+keeps the tracks whose probability of being in view passes the "not in view" threshold, best
+first, each with its first and last time seen and its boxes over time. Nothing passing:
+"not seen".
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..common.codec import decode_state, encode_state
+from ..common.trackmemory import MemoryStore
+
+TOP_K = 3  # a track's score: the mean of its best TOP_K embeddings' scores
+MAX_POINTS = 300  # boxes per track in an answer at most (evenly thinned, the last kept)
+BOX_ROW = np.dtype([("tid", "<i4"), ("box", "<f2", (4,))])
+
+
+# --- precision ---------------------------------------------------------------------------------
+def quantize(vectors: np.ndarray, precision: str) -> tuple[bytes, bytes]:
+    """(raw values, per-vector scales) of N×D float embeddings: int8 with a float32 scale per
+    vector (max |v| / 127), or float16 with no scales."""
+    v = np.asarray(vectors, np.float32).reshape(len(vectors), -1)
+    if precision == "float16":
+        return v.astype("<f2").tobytes(), b""
+    if precision != "int8":
+        raise ValueError(f"precision must be int8 or float16, got {precision!r}")
+    scale = np.abs(v).max(axis=1) / 127.0
+    scale[scale == 0] = 1.0
+    q = np.clip(np.rint(v / scale[:, None]), -127, 127).astype(np.int8)
+    return q.tobytes(), scale.astype("<f4").tobytes()
+
+
+def dequantize(raw: bytes, scales: bytes, dim: int, precision: str) -> np.ndarray:
+    """N×D float32 unit vectors back from ``quantize``'s bytes."""
+    if precision == "float16":
+        v = np.frombuffer(raw, "<f2").reshape(-1, dim).astype(np.float32)
+    else:
+        v = np.frombuffer(raw, np.int8).reshape(-1, dim).astype(np.float32)
+        v *= np.frombuffer(scales, "<f4")[:, None]
+    norms = np.linalg.norm(v, axis=1, keepdims=True)
+    return v / np.where(norms > 0, norms, 1.0)
+
+
+# --- recording ---------------------------------------------------------------------------------
+def frame_record(seq: int, t: float, boxes: np.ndarray, track_ids: np.ndarray,
+                 embeds: Mapping[int, np.ndarray], precision: str) -> bytes:
+    """One frame's record: its tracked boxes and the embeddings kept of it (track id -> D)."""
+    ids = np.asarray(track_ids, np.int64).reshape(-1)
+    keep = ids >= 0
+    rows = np.zeros(int(keep.sum()), BOX_ROW)
+    rows["tid"] = ids[keep]
+    rows["box"] = np.asarray(boxes, np.float32).reshape(-1, 4)[keep]
+    rec: dict[str, Any] = {"s": int(seq), "t": float(t), "b": rows.tobytes()}
+    if embeds:
+        tids = sorted(embeds)
+        vecs = np.stack([np.asarray(embeds[k], np.float32).reshape(-1) for k in tids])
+        raw, scales = quantize(vecs, precision)
+        rec.update(e=np.asarray(tids, "<i4").tobytes(), q=raw, z=scales, d=vecs.shape[1],
+                   p=precision)
+    return encode_state(rec)
+
+
+class Recorder:
+    """The track stage's side of the memory: one record per tracked frame, with a track's
+    embedding kept at most every ``every_s`` seconds (its first always)."""
+
+    def __init__(self, store: MemoryStore, precision: str = "int8", every_s: float = 1.0,
+                 ) -> None:
+        self.store = store
+        self.precision = precision
+        self.every_s = every_s
+        self.kept: dict[tuple[str, int], float] = {}  # (source, track) -> time of the last kept
+
+    def record(self, source_id: str, seq: int, t: float, boxes: np.ndarray,
+               track_ids: np.ndarray, fresh: Mapping[int, Any]) -> None:
+        """Keep frame ``seq`` of a source: ``fresh`` maps track ids to what the frame embedded
+        (arrays, or the track cache's entries with an ``embedding``)."""
+        embeds = {}
+        for tid, entry in fresh.items():
+            last = self.kept.get((source_id, tid))
+            if last is None or not 0 <= t - last < self.every_s:
+                embeds[int(tid)] = getattr(entry, "embedding", entry)
+                self.kept[(source_id, int(tid))] = t
+        if len(self.kept) > 65536:  # forget tracks unseen for a retention's time
+            cutoff = t - self.store.retention_s
+            self.kept = {k: v for k, v in self.kept.items() if v >= cutoff}
+        self.store.add(source_id, seq, t,
+                       frame_record(seq, t, boxes, track_ids, embeds, self.precision))
+
+
+def remember(stage: Any, env: Any, answer: Mapping[str, Any], fresh: Mapping[int, Any]) -> None:
+    """The track stage's hook: keep a tracked frame in its source's memory (with
+    ``ask_memory`` on; the recorder is made on first use, on the stage's own connection)."""
+    recorder = getattr(stage, "_memory", None)
+    if recorder is None:
+        settings = stage.settings
+        if not settings.ask_memory:
+            return
+        recorder = Recorder(MemoryStore.for_settings(settings, stage.cache.t),
+                            settings.ask_precision, settings.ask_embed_every_s)
+        stage._memory = recorder
+    recorder.record(env.source_id, env.seq, env.capture_time, answer["boxes"],
+                    answer["track_ids"], fresh)
+
+
+# --- reading -----------------------------------------------------------------------------------
+@dataclass
+class Window:
+    """A source's memory over a window, as arrays: every tracked box, every kept embedding."""
+
+    source_id: str
+    box_seq: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    box_t: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    box_tid: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    emb_seq: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    emb_t: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    emb_tid: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    embeds: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    frames: int = 0
+
+
+def window(source_id: str, raws: Sequence[bytes]) -> Window:
+    """The arrays of a source's frame records (oldest first)."""
+    recs = [decode_state(r) for r in raws]
+    w = Window(source_id, frames=len(recs))
+    if not recs:
+        return w
+    counts = np.fromiter((len(r["b"]) // BOX_ROW.itemsize for r in recs), np.int64, len(recs))
+    rows = np.frombuffer(b"".join(r["b"] for r in recs), BOX_ROW)
+    seqs = np.fromiter((r["s"] for r in recs), np.int64, len(recs))
+    times = np.fromiter((r["t"] for r in recs), np.float64, len(recs))
+    w.box_seq, w.box_t = np.repeat(seqs, counts), np.repeat(times, counts)
+    w.box_tid, w.boxes = rows["tid"].astype(np.int64), rows["box"].astype(np.float32)
+    parts: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in recs:
+        if "e" in r:
+            parts.setdefault((r["p"], int(r["d"])), []).append(r)
+    vecs, tids, eseq, et = [], [], [], []
+    for (precision, dim), group in parts.items():
+        vecs.append(dequantize(b"".join(r["q"] for r in group),
+                               b"".join(r["z"] for r in group), dim, precision))
+        n = [len(r["e"]) // 4 for r in group]
+        tids.append(np.frombuffer(b"".join(r["e"] for r in group), "<i4").astype(np.int64))
+        eseq.append(np.repeat([r["s"] for r in group], n))
+        et.append(np.repeat([r["t"] for r in group], n))
+    if vecs and len({v.shape[1] for v in vecs}) == 1:  # one scorer's embeddings
+        w.embeds, w.emb_tid = np.concatenate(vecs), np.concatenate(tids)
+        w.emb_seq, w.emb_t = np.concatenate(eseq).astype(np.int64), np.concatenate(et)
+    elif vecs:  # the scorer changed within the window: the newest embeddings' size only
+        w.embeds, w.emb_tid, w.emb_seq, w.emb_t = vecs[-1], tids[-1], eseq[-1], et[-1]
+    return w
+
+
+# --- answering ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Match:
+    """A track that matches the caption."""
+
+    source_id: str
+    track_id: int
+    score: float  # the scorer's, mean of the track's best TOP_K embeddings
+    probability: float  # calibrated (nan without a calibration)
+    in_view: float  # probability of being the caption's object (the "not seen" test)
+    first_seen: float
+    last_seen: float
+    boxes: list[list[float]]  # [seq, time, x1, y1, x2, y2] over time
+
+    def as_json(self) -> dict[str, Any]:
+        def num(v: float) -> float | None:
+            return None if math.isnan(v) else round(v, 4)
+
+        return {"source_id": self.source_id, "track_id": self.track_id,
+                "score": round(self.score, 4), "probability": num(self.probability),
+                "in_view": num(self.in_view), "first_seen": self.first_seen,
+                "last_seen": self.last_seen, "boxes": self.boxes}
+
+
+@dataclass(frozen=True)
+class Answer:
+    caption: str
+    since: float
+    matches: list[Match]
+    searched: dict[str, dict[str, int]]  # source -> frames, tracks, embeddings searched
+    threshold: float | None
+    took_ms: float = 0.0
+
+    @property
+    def seen(self) -> bool:
+        return bool(self.matches)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"caption": self.caption, "since": self.since, "seen": self.seen,
+                "threshold": self.threshold, "matches": [m.as_json() for m in self.matches],
+                "searched": self.searched, "took_ms": round(self.took_ms, 2)}
+
+
+def track_scores(scores: np.ndarray, tids: np.ndarray) -> dict[int, float]:
+    """Each track's score: the mean of its best ``TOP_K`` embedding scores."""
+    out: dict[int, float] = {}
+    if len(tids) == 0:
+        return out
+    order = np.lexsort((-scores, tids))
+    s, t = scores[order], tids[order]
+    starts = np.flatnonzero(np.r_[True, t[1:] != t[:-1]])
+    ends = np.r_[starts[1:], len(t)]
+    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+        out[int(t[a])] = float(s[a:min(b, a + TOP_K)].mean())
+    return out
+
+
+def box_track(w: Window, tid: int, max_points: int = MAX_POINTS) -> list[list[float]]:
+    """A track's boxes over time, [seq, time, x1, y1, x2, y2], thinned to ``max_points``."""
+    idx = np.flatnonzero(w.box_tid == tid)
+    if len(idx) > max_points:
+        idx = idx[np.unique(np.r_[np.linspace(0, len(idx) - 1, max_points).round().astype(int),
+                                  len(idx) - 1])]
+    return [[int(w.box_seq[i]), round(float(w.box_t[i]), 3),
+             *[round(float(v), 1) for v in w.boxes[i]]] for i in idx]
+
+
+Scorer = Callable[[str, np.ndarray], np.ndarray]  # (caption, N×D embeddings) -> N scores
+
+
+def answer(caption: str, windows: Sequence[Window], scorer: Scorer, calibration: Any = None,
+           threshold: float | None = None, since: float = 0.0, limit: int = 5,
+           max_points: int = MAX_POINTS) -> Answer:
+    """The tracks of ``windows`` that match ``caption``, best first (see the module doc)."""
+    from .assign import in_view
+
+    started = time.perf_counter()
+    rated: list[tuple[float, Window, int]] = []
+    searched = {}
+    for w in windows:
+        scores = (np.asarray(scorer(caption, w.embeds), np.float64).reshape(-1)
+                  if len(w.embeds) else np.zeros(0))
+        per_track = track_scores(scores, w.emb_tid)
+        searched[w.source_id] = {"frames": w.frames, "tracks": len(per_track),
+                                 "embeddings": len(w.embeds)}
+        rated += [(s, w, tid) for tid, s in per_track.items()]
+    rated.sort(key=lambda r: -r[0])
+    matches = []
+    for s, w, tid in rated:
+        if len(matches) >= limit:
+            break
+        prob = math.nan if calibration is None else float(calibration.apply(np.array(s)))
+        present = (float(in_view(calibration, np.array([[s]]), [caption])[0])
+                   if calibration is not None else prob)
+        if threshold is not None and not present >= threshold:
+            break  # best first: nothing after passes either
+        seen = w.box_t[w.box_tid == tid]
+        first, last = (float(seen.min()), float(seen.max())) if len(seen) else (math.nan,) * 2
+        matches.append(Match(w.source_id, tid, s, prob, present, first, last,
+                             box_track(w, tid, max_points)))
+    return Answer(caption, since, matches, searched, threshold,
+                  (time.perf_counter() - started) * 1000)

@@ -1,0 +1,209 @@
+"""Ask the past: the memory's bounds (retention, byte cap), its reduced precision against
+float32, the answer against the track stage's own per-frame grounding on a scripted clip, the
+HTTP routes with and without a key, and a track worker killed mid-clip."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from spotline.ask import Asker, parse_since
+from spotline.common.errors import ConfigError
+from spotline.common.trackmemory import OVERHEAD, MemoryStore
+from spotline.common.transport import Transport
+from spotline.producer.client import Client
+from spotline.producer.gateway import create_app
+from spotline.stages import memory
+from spotline.train.demo import apply_demo_models
+
+LOCAL = "http://127.0.0.1"
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_retention_drops_the_oldest_frames(transport: Transport) -> None:
+    store = MemoryStore(transport, retention_s=10.0, max_bytes=1 << 20)
+    for seq in range(1, 31):  # 30 frames, one a second
+        store.add("cam", seq, 1000.0 + seq, memory.frame_record(
+            seq, 1000.0 + seq, np.array([[0, 0, 5, 5]]), np.array([1]), {}, "int8"))
+    stats = store.stats("cam")
+    assert stats["newest"] == 1030.0 and stats["oldest"] == 1020.0  # 10 s before the newest
+    assert [memory.decode_state(r)["s"] for r in store.since("cam", 0)] == list(range(20, 31))
+    assert store.sources() == ["cam"]
+    # the same frame again (a worker's retry, or a frame taken over): counted once
+    before = store.stats("cam")["bytes"]
+    store.add("cam", 30, 1030.0, memory.frame_record(30, 1030.0, np.zeros((0, 4)),
+                                                     np.zeros(0), {}, "int8"))
+    assert store.stats("cam")["bytes"] == before
+
+
+def test_byte_cap_keeps_the_newest(transport: Transport) -> None:
+    cap = 20_000
+    store = MemoryStore(transport, retention_s=3600.0, max_bytes=cap)
+    recorder = memory.Recorder(store, "int8", every_s=0.0)
+    vec = unit(np.ones((1, 512)))[0]
+    sizes = []
+    for seq in range(1, 101):
+        recorder.record("cam", seq, 2000.0 + seq, np.array([[0, 0, 5, 5], [5, 5, 9, 9]]),
+                        np.array([3, 4]), {3: vec})
+        sizes.append(store.stats("cam")["bytes"])
+    assert max(sizes) <= cap
+    kept = [memory.decode_state(r)["s"] for r in store.since("cam", 0)]
+    assert kept == list(range(kept[0], 101)) and kept[0] > 1  # oldest dropped first
+    raw = store.since("cam", 0)
+    assert store.stats("cam")["bytes"] == sum(len(r) + OVERHEAD for r in raw)
+
+
+@pytest.mark.parametrize("precision", ["int8", "float16"])
+def test_reduced_precision_keeps_the_ranking(precision: str) -> None:
+    """Embeddings kept at int8 (with a scale) or float16 score as float32 does: cosine to the
+    original above 0.999 and the same best track for every caption."""
+    rng = np.random.default_rng(7)
+    images = unit(rng.normal(size=(400, 768)))
+    texts = unit(images[rng.choice(400, 50, replace=False)] + 0.8 * unit(
+        rng.normal(size=(50, 768))))
+    raw, scales = memory.quantize(images, precision)
+    back = memory.dequantize(raw, scales, 768, precision)
+    cos = (back * images).sum(axis=1)
+    assert cos.min() > 0.999
+    full, reduced = texts @ images.T, texts @ back.T
+    assert (full.argmax(axis=1) == reduced.argmax(axis=1)).all()
+    top10 = [set(np.argsort(-r)[:10]) for r in full]
+    assert np.mean([len(a & set(np.argsort(-r)[:10])) / 10
+                    for a, r in zip(top10, reduced, strict=True)]) >= 0.95
+    assert len(raw) == 768 * (1 if precision == "int8" else 2) * 400
+
+
+def test_answer_ranks_tracks_and_abstains() -> None:
+    """Best track first, its boxes over time, first and last seen; nothing over the threshold:
+    not seen."""
+    dim = 8
+    red, blue = unit(np.eye(dim)[None, 0])[0], unit(np.eye(dim)[None, 1])[0]
+    raws = []
+    for seq in range(1, 21):
+        embeds = {5: red, 6: blue} if seq % 5 == 1 else {}
+        ids = np.array([5, 6]) if seq <= 15 else np.array([6])
+        boxes = np.array([[seq, 0, seq + 10, 10], [50, 50, 60, 60]])[:len(ids)]
+        raws.append(memory.frame_record(seq, 100.0 + seq, boxes, ids, embeds, "float16"))
+    w = memory.window("cam", raws)
+
+    def scorer(caption: str, e: np.ndarray) -> np.ndarray:
+        return e @ (red if caption == "red" else blue)
+
+    ans = memory.answer("red", [w], scorer)
+    assert [m.track_id for m in ans.matches] == [5, 6]
+    best = ans.matches[0]
+    assert (best.first_seen, best.last_seen) == (101.0, 115.0)
+    assert [b[0] for b in best.boxes] == list(range(1, 16))
+    assert best.boxes[3][2:] == [4.0, 0.0, 14.0, 10.0]
+    assert ans.searched == {"cam": {"frames": 20, "tracks": 2, "embeddings": 8}}
+    none = memory.answer("red", [w], lambda c, e: e @ red * 0.1, threshold=0.5)
+    assert not none.seen and none.as_json()["matches"] == []
+
+
+def test_since_parses_durations() -> None:
+    assert parse_since("90s") == 90 and parse_since("10m") == 600 and parse_since("1h") == 3600
+    assert parse_since("5") == 300 and parse_since(None) == 600
+    with pytest.raises(ConfigError):
+        parse_since("ten minutes")
+
+
+def clip_frames(tmp_path, seed: int = 29, frames: int = 24):
+    """A synthetic clip (spotline data synth --video), its frames and truth."""
+    from click.testing import CliRunner
+
+    from spotline.cli import cli
+    from spotline.videobench import find_clips, load_clip
+
+    out = tmp_path / "clips"
+    res = CliRunner().invoke(cli, ["data", "synth", str(out), "--video", "--seed", str(seed),
+                                   "--clips", "1", "--frames", str(frames)])
+    assert res.exit_code == 0, res.output
+    return load_clip(find_clips(out)[0])
+
+
+def track_clip(s, source: str, frames, start: float = 1000.0, fps: float = 10.0):
+    """The clip through detect and the track stage in this process (as the workers run
+    them), each frame's answer back; the track stage keeps the memory."""
+    from spotline.common.envelope import Envelope
+    from spotline.stages.detect import Detect
+    from spotline.stages.track import Track
+
+    detect, track = Detect(s), Track(s)
+    out = []
+    for k, f in enumerate(frames, start=1):
+        env = Envelope(frame_id=f"{source}-{k}", source_id=source, captions=f.captions,
+                       image=f.image, seq=k, capture_time=start + k / fps)
+        (_, det), = detect.process([env])
+        (_, done), = track.process([det])
+        out.append(done)
+    return out
+
+
+def test_answer_matches_per_frame_grounding(redis_server, settings, tmp_path) -> None:
+    """On a scripted clip, the track the answer puts first for a caption is the one the track
+    stage picked for it frame by frame, with the same boxes."""
+    s = apply_demo_models(settings).replace(redis_url=redis_server.url, tracking=True,
+                                            ask_embed_every_s=0.0)
+    frames = clip_frames(tmp_path)
+    answers = track_clip(s, "clip29", frames)
+    asker = Asker(s)
+    checked = 0
+    for c, caption in enumerate(frames[0].captions):
+        picked = [(env.seq, int(env.track_ids[env.picks[c]]), env.boxes[env.picks[c]])
+                  for env in answers if env.picks[c] >= 0 and env.track_ids[env.picks[c]] >= 0]
+        if len(picked) < len(frames) // 2:
+            continue  # "not in view" most of the clip: nothing to compare
+        tracks = [t for _, t, _ in picked]
+        usual = max(set(tracks), key=tracks.count)
+        ans = asker.ask(caption, ["clip29"], since_s=3600, now=1000.0 + len(frames))
+        assert ans.seen and ans.matches[0].track_id == usual, (caption, ans.as_json())
+        boxes = {b[0]: b[2:] for b in ans.matches[0].boxes}
+        for seq, tid, box in picked:
+            if tid == usual:
+                np.testing.assert_allclose(boxes[seq], box, atol=0.5)
+        checked += 1
+    assert checked >= 2
+    absent = asker.ask("purple cross", ["clip29"], since_s=3600, now=1000.0 + len(frames))
+    assert all(m.track_id not in {int(t) for env in answers for t in env.track_ids}
+               or m.in_view >= (asker.threshold or 0) for m in absent.matches)
+
+
+def test_routes_with_and_without_a_key(redis_server, settings) -> None:
+    s = settings.replace(redis_url=redis_server.url, api_keys="reader:read,feeder:identify")
+    t = Transport(s)
+    store = MemoryStore.for_settings(s, t)
+    vec = unit(np.ones((1, 16)))[0]
+    now = time.time()
+    for source in ("cam", "http-abc"):
+        memory.Recorder(store).record(source, 1, now, np.array([[1, 2, 3, 4]]), np.array([1]),
+                                      {1: vec})
+    asker = Asker(s, t, scorer=lambda caption, e: e @ vec, threshold=None)
+    app = create_app(s, Client(t), timeout_s=1)
+    app.state.asker = asker
+    with TestClient(app, base_url=LOCAL) as http:
+        assert http.get("/sources/cam/ask", params={"caption": "x"}).status_code == 401
+        assert http.get("/ask", params={"caption": "x"}).status_code == 401
+        wrong = {"X-API-Key": "feeder"}
+        assert http.get("/sources/cam/ask", params={"caption": "x"},
+                        headers=wrong).status_code == 403
+        key = {"X-API-Key": "reader"}
+        one = http.get("/sources/cam/ask", params={"caption": "x", "since": "5m"}, headers=key)
+        assert one.status_code == 200, one.text
+        body = one.json()
+        assert body["seen"] and body["matches"][0]["source_id"] == "cam"
+        assert body["matches"][0]["boxes"][0][2:] == [1.0, 2.0, 3.0, 4.0]
+        # another key's /identify source: not this key's to read
+        assert http.get("/sources/http-abc/ask", params={"caption": "x"},
+                        headers=key).status_code == 404
+        every = http.get("/ask", params={"caption": "x"}, headers=key).json()
+        assert set(every["searched"]) == {"cam"}
+        assert http.get("/ask", params={"caption": "x", "since": "soon"},
+                        headers=key).status_code == 400
+        assert http.get("/ask", headers=key).status_code == 422
+    t.close()
