@@ -32,6 +32,7 @@ import yaml
 from spotline.common.embedded import EmbeddedRedis, free_port
 from spotline.common.metrics import Metrics
 from spotline.common.settings import STAGES, load_settings
+from spotline.producer.sinks import SinkMetrics
 from spotline.stages import STAGE_CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -312,18 +313,25 @@ def test_prometheus_scrapes_every_replica() -> None:
 
 
 # --- (c) Grafana ----------------------------------------------------------------------------
+# Labels Prometheus adds to every series it scrapes (namespace: the PodMonitor's, in Kubernetes).
+TARGET_LABELS = {"namespace", "job", "instance", "pod", "service"}
+
+
 def exported_metrics() -> dict[str, set[str]]:
-    """Every series name spotline exposes, with the labels it carries."""
-    metrics = Metrics()
-    labels = {getattr(c, "_name", ""): set(getattr(c, "_labelnames", ()))
-              for c in vars(metrics).values()}
-    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
-                "gauge": ("",)}
+    """Every spotline series name a process exposes (workers, gateway, producers, sinks), with
+    the labels it carries (and the target labels Prometheus adds)."""
     names: dict[str, set[str]] = {}
-    for family in metrics.registry.collect():
-        base = labels.get(family.name, set())
-        for suffix in suffixes[family.type]:
-            names[family.name + suffix] = base | ({"le"} if suffix == "_bucket" else set())
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
+                "gauge": ("",), "info": ("_info",)}
+    for metrics in (Metrics(), SinkMetrics()):
+        labels = {getattr(c, "_name", ""): set(getattr(c, "_labelnames", ()))
+                  for c in vars(metrics).values()}
+        for family in metrics.registry.collect():
+            if not family.name.startswith("spotline_"):
+                continue  # process_* and python_info: prometheus_client's own
+            base = labels.get(family.name, set()) | TARGET_LABELS
+            for suffix in suffixes[family.type]:
+                names[family.name + suffix] = base | ({"le"} if suffix == "_bucket" else set())
     return names
 
 
@@ -334,6 +342,8 @@ def dashboard_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
         for target in panel.get("targets", []):
             out.append((f"panel {panel['title']!r} {target['refId']}", target["expr"]))
     for var in dashboard.get("templating", {}).get("list", []):
+        if var["type"] == "datasource":  # its query is a plugin id, not PromQL
+            continue
         query = var.get("query")
         out.append((f"variable {var['name']}", query["query"] if isinstance(query, dict)
                     else query))
@@ -343,7 +353,7 @@ def dashboard_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
 SELECTOR = re.compile(r"\b(spotline_[a-z0-9_]+)\s*(\{[^}]*\})?")
 MATCHER = re.compile(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)\s*\"")
 GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
-LABEL_VALUES = re.compile(r"label_values\(\s*(spotline_\w+)\s*,\s*(\w+)\s*\)")
+LABEL_VALUES = re.compile(r"label_values\(\s*(spotline_\w+)\s*(?:\{[^}]*\})?\s*,\s*(\w+)\s*\)")
 
 
 @pytest.fixture(scope="module")
@@ -359,14 +369,23 @@ def test_dashboard_is_a_grafana_dashboard(dashboard: dict[str, Any]) -> None:
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     graphs = [p for p in panels if p["type"] != "row"]
     assert sum(p["type"] == "timeseries" for p in graphs) >= 10
+    # The Prometheus is a variable (no hard-coded uid), and a namespace filter narrows every
+    # query to the pipelines picked (several can share a Prometheus).
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    assert variables["namespace"]["allValue"] == ".*"
     for panel in graphs:
-        assert panel["datasource"] == {"type": "prometheus", "uid": "prometheus"}, panel["title"]
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, \
+            panel["title"]
         assert panel["targets"], panel["title"]
         pos = panel["gridPos"]
         assert pos["x"] + pos["w"] <= 24 and pos["h"] > 0, panel["title"]
         for target in panel["targets"]:
-            assert target["datasource"]["uid"] == "prometheus", panel["title"]
+            assert target["datasource"]["uid"] == "${datasource}", panel["title"]
             assert target["expr"].strip(), panel["title"]
+            for name, matchers in SELECTOR.findall(target["expr"]):
+                assert 'namespace=~"$namespace"' in matchers, (panel["title"], name)
     refs = [(p["id"], t["refId"]) for p in graphs for t in p["targets"]]
     assert len(refs) == len(set(refs)), "refIds must be unique within a panel"
 
