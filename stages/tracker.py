@@ -1,4 +1,5 @@
-"""Tracks per source: Ultralytics' ByteTrack, with its whole state as plain arrays.
+"""Tracks per source: ByteTrack (stages/bytetrack.py, numpy: no torch, no Ultralytics), with
+its whole state as plain arrays.
 
 A source's frames may be handled by any worker of the track stage, one frame after another
 (docs/architecture.md, "Tracks"). So the tracker cannot live in a worker's memory: after each
@@ -8,7 +9,8 @@ worker rebuilds the tracker from it for the next frame (``SourceTracker.from_sta
 tracker rebuilt after every frame gives exactly the ids of one kept in memory (a test checks
 this bit for bit).
 
-The state of Ultralytics' ``BYTETracker`` (8.4) is: the tracked, lost and removed track pools
+The state of the ``BYTETracker`` (Ultralytics 8.4's, which stages/bytetrack.py runs the same
+way, ids and all) is: the tracked, lost and removed track pools
 (each track: its Kalman mean 8 and covariance 8×8, last box, id, state, activation, score,
 class, detection index, first and last frame, tracklet length), the frame counter, and the
 tracker's own id counter. The removed pool matters only by id (it is subtracted from the lost
@@ -77,8 +79,7 @@ class _Detections:
 
 
 def _byte_tracker() -> Any:
-    # Imported here: importing ultralytics is slow and patches PIL; only the track stage needs it.
-    from ultralytics.trackers.byte_tracker import BYTETracker, STrack
+    from .bytetrack import BYTETracker, STrack
 
     return BYTETracker, STrack
 
@@ -90,9 +91,6 @@ class SourceTracker:
         self.config = config or TrackerConfig()
         byte_tracker, _ = _byte_tracker()
         self.tracker = byte_tracker(self.config.args())
-        if not hasattr(self.tracker, "_ids"):
-            raise RuntimeError("this Ultralytics keeps track ids in a global counter; spotline "
-                               "needs one whose BYTETracker has its own (8.4 or later)")
 
     @property
     def frame_count(self) -> int:
