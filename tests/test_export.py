@@ -84,6 +84,26 @@ def test_detector_parity(tiny: dict[str, Path], tta: bool) -> None:
             assert np.abs(scores - ref_scores).max() <= 1e-3, engine
 
 
+@pytest.mark.parametrize("cap", [2048, 512], ids=["follow", "tiled"])
+def test_detector_parity_when_the_size_follows_the_frame(tiny: dict[str, Path],
+                                                         cap: int) -> None:
+    """imgsz 0 (each photo at its own long side, or in tiles above the cap, merged): the
+    exports give the torch path's boxes, to within 1 px."""
+    from spotline.stages.detect import detect_frames, load_detector
+
+    settings = _settings(tiny, imgsz_cap=cap, tta=False).replace(imgsz=0)
+    frames = [*PHOTOS, cv2.resize(PHOTOS[1], (900, 300))]  # and a wide, non-square one
+    reference = detect_frames(load_detector(tiny["detector"]), frames, settings)
+    assert sum(len(boxes) for boxes, _ in reference) > 0
+    for engine in ENGINES:
+        model = backends.load_detector(tiny["detector"], engine)
+        for (boxes, scores), (ref_boxes, ref_scores) in zip(
+                detect_frames(model, frames, settings), reference, strict=True):
+            assert boxes.shape == ref_boxes.shape, engine
+            assert np.abs(boxes - ref_boxes).max(initial=0) <= 1.0, engine
+            assert np.abs(scores - ref_scores).max(initial=0) <= 1e-3, engine
+
+
 def test_detector_preprocessing_is_ultralytics_own() -> None:
     """The exported detector's letterbox tensor and TTA inputs (made a channel at a time, to
     keep the detect worker's peak memory down) are Ultralytics' own: LetterBox + the
