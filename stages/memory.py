@@ -61,14 +61,15 @@ def dequantize(raw: bytes, scales: bytes, dim: int, precision: str) -> np.ndarra
 
 # --- recording ---------------------------------------------------------------------------------
 def frame_record(seq: int, t: float, boxes: np.ndarray, track_ids: np.ndarray,
-                 embeds: Mapping[int, np.ndarray], precision: str) -> bytes:
-    """One frame's record: its tracked boxes and the embeddings kept of it (track id -> D)."""
+                 embeds: Mapping[int, np.ndarray], precision: str, frame_id: str = "") -> bytes:
+    """One frame's record: its tracked boxes and the embeddings kept of it (track id -> D),
+    and its frame id (the live view finds the frame's stored preview by it)."""
     ids = np.asarray(track_ids, np.int64).reshape(-1)
     keep = ids >= 0
     rows = np.zeros(int(keep.sum()), BOX_ROW)
     rows["tid"] = ids[keep]
     rows["box"] = np.asarray(boxes, np.float32).reshape(-1, 4)[keep]
-    rec: dict[str, Any] = {"s": int(seq), "t": float(t), "b": rows.tobytes()}
+    rec: dict[str, Any] = {"s": int(seq), "t": float(t), "b": rows.tobytes(), "f": frame_id}
     if embeds:
         tids = sorted(embeds)
         vecs = np.stack([np.asarray(embeds[k], np.float32).reshape(-1) for k in tids])
@@ -90,7 +91,7 @@ class Recorder:
         self.kept: dict[tuple[str, int], float] = {}  # (source, track) -> time of the last kept
 
     def record(self, source_id: str, seq: int, t: float, boxes: np.ndarray,
-               track_ids: np.ndarray, fresh: Mapping[int, Any]) -> None:
+               track_ids: np.ndarray, fresh: Mapping[int, Any], frame_id: str = "") -> None:
         """Keep frame ``seq`` of a source: ``fresh`` maps track ids to what the frame embedded
         (arrays, or the track cache's entries with an ``embedding``)."""
         embeds = {}
@@ -103,7 +104,8 @@ class Recorder:
             cutoff = t - self.store.retention_s
             self.kept = {k: v for k, v in self.kept.items() if v >= cutoff}
         self.store.add(source_id, seq, t,
-                       frame_record(seq, t, boxes, track_ids, embeds, self.precision))
+                       frame_record(seq, t, boxes, track_ids, embeds, self.precision,
+                                    frame_id))
 
 
 def remember(stage: Any, env: Any, answer: Mapping[str, Any], fresh: Mapping[int, Any]) -> None:
@@ -118,7 +120,7 @@ def remember(stage: Any, env: Any, answer: Mapping[str, Any], fresh: Mapping[int
                             settings.ask_precision, settings.ask_embed_every_s)
         stage._memory = recorder
     recorder.record(env.source_id, env.seq, env.capture_time, answer["boxes"],
-                    answer["track_ids"], fresh)
+                    answer["track_ids"], fresh, env.frame_id)
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -131,6 +133,7 @@ class Window:
     box_t: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
     box_tid: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    box_frame: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
     emb_seq: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     emb_t: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
     emb_tid: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -150,6 +153,7 @@ def window(source_id: str, raws: Sequence[bytes]) -> Window:
     times = np.fromiter((r["t"] for r in recs), np.float64, len(recs))
     w.box_seq, w.box_t = np.repeat(seqs, counts), np.repeat(times, counts)
     w.box_tid, w.boxes = rows["tid"].astype(np.int64), rows["box"].astype(np.float32)
+    w.box_frame = np.repeat(np.array([r.get("f", "") for r in recs], object), counts)
     parts: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in recs:
         if "e" in r:
@@ -183,6 +187,7 @@ class Match:
     first_seen: float
     last_seen: float
     boxes: list[list[float]]  # [seq, time, x1, y1, x2, y2] over time
+    frame_ids: list[str] = field(default_factory=list)  # each box's frame
 
     def as_json(self) -> dict[str, Any]:
         def num(v: float) -> float | None:
@@ -191,7 +196,7 @@ class Match:
         return {"source_id": self.source_id, "track_id": self.track_id,
                 "score": round(self.score, 4), "probability": num(self.probability),
                 "in_view": num(self.in_view), "first_seen": self.first_seen,
-                "last_seen": self.last_seen, "boxes": self.boxes}
+                "last_seen": self.last_seen, "boxes": self.boxes, "frame_ids": self.frame_ids}
 
 
 @dataclass(frozen=True)
@@ -227,14 +232,17 @@ def track_scores(scores: np.ndarray, tids: np.ndarray) -> dict[int, float]:
     return out
 
 
-def box_track(w: Window, tid: int, max_points: int = MAX_POINTS) -> list[list[float]]:
-    """A track's boxes over time, [seq, time, x1, y1, x2, y2], thinned to ``max_points``."""
+def box_track(w: Window, tid: int, max_points: int = MAX_POINTS
+              ) -> tuple[list[list[float]], list[str]]:
+    """A track's boxes over time, [seq, time, x1, y1, x2, y2], thinned to ``max_points``, and
+    their frames' ids."""
     idx = np.flatnonzero(w.box_tid == tid)
     if len(idx) > max_points:
         idx = idx[np.unique(np.r_[np.linspace(0, len(idx) - 1, max_points).round().astype(int),
                                   len(idx) - 1])]
-    return [[int(w.box_seq[i]), round(float(w.box_t[i]), 3),
-             *[round(float(v), 1) for v in w.boxes[i]]] for i in idx]
+    return ([[int(w.box_seq[i]), round(float(w.box_t[i]), 3),
+              *[round(float(v), 1) for v in w.boxes[i]]] for i in idx],
+            [str(w.box_frame[i]) for i in idx])
 
 
 Scorer = Callable[[str, np.ndarray], np.ndarray]  # (caption, N×D embeddings) -> N scores
@@ -268,7 +276,8 @@ def answer(caption: str, windows: Sequence[Window], scorer: Scorer, calibration:
             break  # best first: nothing after passes either
         seen = w.box_t[w.box_tid == tid]
         first, last = (float(seen.min()), float(seen.max())) if len(seen) else (math.nan,) * 2
-        matches.append(Match(w.source_id, tid, s, prob, present, first, last,
-                             box_track(w, tid, max_points)))
+        boxes, frame_ids = box_track(w, tid, max_points)
+        matches.append(Match(w.source_id, tid, s, prob, present, first, last, boxes,
+                             frame_ids))
     return Answer(caption, since, matches, searched, threshold,
                   (time.perf_counter() - started) * 1000)

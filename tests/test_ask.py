@@ -182,7 +182,7 @@ def test_routes_with_and_without_a_key(redis_server, settings) -> None:
     now = time.time()
     for source in ("cam", "http-abc"):
         memory.Recorder(store).record(source, 1, now, np.array([[1, 2, 3, 4]]), np.array([1]),
-                                      {1: vec})
+                                      {1: vec}, frame_id="f1")
     asker = Asker(s, t, scorer=lambda caption, e: e @ vec, threshold=None)
     app = create_app(s, Client(t), timeout_s=1)
     app.state.asker = asker
@@ -198,6 +198,7 @@ def test_routes_with_and_without_a_key(redis_server, settings) -> None:
         body = one.json()
         assert body["seen"] and body["matches"][0]["source_id"] == "cam"
         assert body["matches"][0]["boxes"][0][2:] == [1.0, 2.0, 3.0, 4.0]
+        assert body["matches"][0]["frame_ids"] == ["f1"]  # the live view's preview
         # another key's /identify source: not this key's to read
         assert http.get("/sources/http-abc/ask", params={"caption": "x"},
                         headers=key).status_code == 404
@@ -207,3 +208,16 @@ def test_routes_with_and_without_a_key(redis_server, settings) -> None:
                         headers=key).status_code == 400
         assert http.get("/ask", headers=key).status_code == 422
     t.close()
+
+
+def test_bench_at_small_size(redis_server, settings) -> None:
+    """The bench's speed run (python -m spotline.bench.ask) on a minute of memory: int8 holds
+    less than float16, and both answer over every kept embedding."""
+    from spotline.bench.ask import speed
+
+    s = settings.replace(redis_url=redis_server.url)
+    small = speed(s, dim=256, minutes=0.5, tracks=2, repeats=2, precision="int8")
+    half = speed(s, dim=256, minutes=0.5, tracks=2, repeats=2, precision="float16")
+    assert small["frames"] == half["frames"] == 300
+    assert small["embeddings"] == half["embeddings"] == 2 * 30  # one a second per track
+    assert small["bytes"] < half["bytes"] and small["answer_ms_median"] > 0

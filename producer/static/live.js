@@ -42,6 +42,7 @@ function draw(c, s) {
   const r = s.result;
   c.view.querySelectorAll(".box").forEach((b) => b.remove());
   c.root.dataset.frame = s.frame_id;
+  c.size = r.image_size;  // the source's frame size: ask's boxes are in its pixels
   const [w, h] = r.image_size;
   let missing = 0;
   for (const item of r.results) {
@@ -153,6 +154,83 @@ async function connect() {
     delay = Math.min(delay * 2, 5000);
   }
 }
+
+// Ask the past (docs/ask.md): a caption over the shown sources' last minutes; each matching
+// track drawn on a stored preview of one of its frames where one is still kept.
+function headers() { return key ? {"X-API-Key": key} : {}; }
+
+function dataUrl(blob) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = reject;
+    reader.readAsDataURL(blob);  // data: URLs only: the page's CSP allows no blob: images
+  });
+}
+
+async function preview(m) {
+  // the newest of the track's frames whose preview is kept (a few tries, newest first)
+  for (let i = m.frame_ids.length - 1, tries = 0; i >= 0 && tries < 8; i--) {
+    const fid = m.frame_ids[i];
+    if (!fid) continue;
+    tries++;
+    const url = "/live/frames/" + encodeURIComponent(m.source_id) + "/" +
+                encodeURIComponent(fid) + ".jpg";
+    const resp = await fetch(url, {headers: headers(), cache: "no-store"});
+    if (resp.ok) return {src: await dataUrl(await resp.blob()), box: m.boxes[i]};
+  }
+  return null;
+}
+
+function when(t) { return new Date(t * 1000).toLocaleTimeString(); }
+
+async function showMatch(m) {
+  const root = el("section", {class: "card", "data-track": m.source_id + "#" + m.track_id});
+  const prob = m.probability == null ? "" : " p=" + m.probability.toFixed(2);
+  root.append(el("h2", {}, m.source_id + " track #" + m.track_id + prob),
+              el("p", {}, "seen " + when(m.first_seen) + " – " + when(m.last_seen)));
+  document.getElementById("answers").append(root);
+  const shown = await preview(m);
+  if (!shown) { root.append(el("p", {}, "no stored preview of its frames")); return; }
+  const view = el("div", {class: "view"});
+  const img = el("img", {alt: "track " + m.track_id + " of " + m.source_id});
+  view.append(img);
+  root.append(view);
+  img.addEventListener("load", () => {
+    const c = cards.get(m.source_id);
+    const [w, h] = c && c.size ? c.size : [img.naturalWidth, img.naturalHeight];
+    const [, , x1, y1, x2, y2] = shown.box;
+    const box = el("div", {class: "box"});
+    Object.assign(box.style, {left: (100 * x1 / w) + "%", top: (100 * y1 / h) + "%",
+                              width: (100 * (x2 - x1) / w) + "%", height: (100 * (y2 - y1) / h) + "%"});
+    box.append(el("span", {}, "#" + m.track_id));
+    view.append(box);
+  });
+  img.src = shown.src;
+}
+
+async function ask(caption, since) {
+  const msg = document.getElementById("askmsg");
+  const answers = document.getElementById("answers");
+  answers.replaceChildren();
+  const params = new URLSearchParams({caption, since});
+  for (const source of cards.keys()) params.append("source", source);
+  msg.textContent = "asking…";
+  const resp = await fetch("/ask?" + params, {headers: headers(), cache: "no-store"});
+  const body = await resp.json().catch(() => ({}));
+  if (!resp.ok) { msg.textContent = body.error || body.detail || "HTTP " + resp.status; return; }
+  msg.textContent = body.seen ? body.matches.length + " track(s), best first"
+                              : "not seen in the last " + since;
+  for (const m of body.matches) await showMatch(m);
+}
+
+document.getElementById("askform").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const caption = document.getElementById("caption").value.trim();
+  if (caption) ask(caption, document.getElementById("since").value).catch((err) => {
+    document.getElementById("askmsg").textContent = "ask failed: " + err;
+  });
+});
 
 document.getElementById("keyform").addEventListener("submit", (e) => {
   e.preventDefault();
