@@ -2,8 +2,8 @@
 core + [openvino] with no torch in them, running `spotline up` on the demo models exported (by
 this, the full, install) to OpenVINO, answering the demo scenes as the full install does, no
 process mapping torch, the venv and every worker within their targets; then the edge role
-(+ ONNX Runtime). Also: numpy's Hungarian picks what scipy's does, and a missing library is
-one line naming the extra to add.
+(+ ONNX Runtime). Also: the lock files agree with each other and with pyproject.toml, numpy's
+Hungarian picks what scipy's does, and a missing library is one line naming the extra to add.
 
 The venvs install with pip's cache (a few minutes the first time, mostly downloads); the
 figures are printed (pytest -s) for docs/install.md."""
@@ -335,3 +335,53 @@ def test_every_optional_library_names_its_extra() -> None:
     line = str(stage_missing_extra(ModuleNotFoundError(name="ultralytics"), "detect", settings))
     assert line.startswith("the detect stage on yolo.pt needs ultralytics")
     assert "pip install 'spotline[torch]'" in line and "\n" not in line
+
+
+def _pins(path: Path) -> dict[str, set[str]]:
+    """name -> the versions a lock file pins it at (one per environment marker), and checks
+    that every pin carries hashes and no local path."""
+    import re
+
+    pins: dict[str, set[str]] = {}
+    text = path.read_text()
+    assert "file:" not in text and "/opt/" not in text and "/work/" not in text, path
+    for entry in re.split(r"\n(?=\S)", text):
+        line = entry.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r"([A-Za-z0-9_.-]+)==(\S+)", line)
+        assert match, (path.name, line[:80])
+        assert "--hash=sha256:" in entry, (path.name, match.group(1))
+        pins.setdefault(match.group(1).lower(), set()).add(match.group(2))
+    return pins
+
+
+def test_lock_files_agree_with_each_other_and_pyproject() -> None:
+    """Every role's lock pins what lock.txt ([all]) pins, with hashes and no local path; every
+    dependency pyproject.toml declares is in lock.txt; the core and light roles hold no model
+    framework, and full.txt no torch or CUDA library (its image adds torch's CPU build).
+    Fails when pyproject.toml changed and `make lock` was not run."""
+    import re
+    import tomllib
+
+    whole = _pins(LOCK / "lock.txt")
+    for name in ("build", "torch", "core", "openvino", "edge", "gpu", "full"):
+        role = _pins(LOCK / f"{name}.txt")
+        for package, versions in role.items():
+            if name == "build" and package not in whole:
+                continue  # cython: basicsr's build needs it, nothing at run time
+            assert versions <= whole.get(package, set()), (name, package, versions)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = list(project["dependencies"]) + [
+        dep for deps in project["optional-dependencies"].values() for dep in deps]
+    for dep in declared:
+        package = re.match(r"[A-Za-z0-9_.-]+", dep).group().lower()  # type: ignore[union-attr]
+        if package != "spotline":
+            assert package in whole, f"{package} is not in requirements/lock.txt: make lock"
+    frameworks = {"torch", "torchvision", "ultralytics", "transformers", "scipy"}
+    for name in ("core", "openvino", "edge"):
+        assert not frameworks & set(_pins(LOCK / f"{name}.txt")), name
+    full = set(_pins(LOCK / "full.txt"))
+    assert not {"torch", "torchvision", "triton"} & full
+    assert not [p for p in full if p.startswith("nvidia-cu") or p.startswith("cuda-")]
+    assert {"ultralytics", "transformers", "openvino", "onnxruntime", "basicsr"} <= full
