@@ -41,7 +41,7 @@ from gen_k8s_dashboard import DASHBOARD, render  # noqa: E402
 
 # The manifests use nothing newer than 1.30 (the oldest release still widely run in 2026).
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
-GPU_STAGES = ("detect", "upscale", "score")
+GPU_STAGES = ("detect", "upscale", "score", "track")
 METRICS_PORT = 9100
 KEDA_KINDS = ("ScaledObject", "TriggerAuthentication")
 
@@ -295,15 +295,20 @@ def env_of(container: dict[str, Any]) -> list[dict[str, Any]]:
 def test_every_stage_and_the_gateway_run_the_cli_with_probes_and_scrape_annotations() -> None:
     objs = base_objects()
     deployments = by_kind(objs, "Deployment")
-    assert set(deployments) == {*STAGES, "gateway", "sources"}
+    assert set(deployments) == {*STAGES, "track", "gateway", "sources", "sink-webhook"}
+    assert deployments["track"]["spec"]["replicas"] == 0  # track mode only (track.yaml)
     for name, dep in deployments.items():
         pod = dep["spec"]["template"]
         (c,) = pod["spec"]["containers"]
-        if name == "sources":  # the feed supervisor: no port, no probes (see sources.yaml)
-            assert c["args"] == ["sources", "run"]
-            continue
         args = c["args"]
-        assert args[:2] == (["worker", name] if name in STAGES else ["serve", "--port"])
+        if name in ("sources", "sink-webhook"):  # no HTTP API: /metrics is their liveness
+            assert args[:2] == (["sources", "run"] if name == "sources" else
+                                ["sink", "webhook"])
+            assert c["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+        else:
+            assert args[:2] == (["worker", name] if name in (*STAGES, "track") else
+                                ["serve", "--port"])
+            assert "livenessProbe" in c and "readinessProbe" in c
         metrics_port = int(args[args.index("--metrics-port") + 1])
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert ports["metrics"] == metrics_port == METRICS_PORT
@@ -311,7 +316,6 @@ def test_every_stage_and_the_gateway_run_the_cli_with_probes_and_scrape_annotati
         assert ann["prometheus.io/scrape"] == "true"
         assert int(ann["prometheus.io/port"]) == metrics_port
         assert ann["prometheus.io/path"] == "/metrics"
-        assert "livenessProbe" in c and "readinessProbe" in c
         # SPOTLINE_REDIS_URL expands $(REDIS_PASSWORD): Kubernetes expands only variables
         # defined earlier in the list.
         names = [e["name"] for e in env_of(c)]
@@ -478,9 +482,10 @@ def test_network_policies_deny_by_default_and_allow_only_the_pipeline() -> None:
         redis_from[6379])
     assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}} in (
         redis_from[6379])  # KEDA reads the consumer groups' lag
-    for stage in STAGES:
-        assert set(ingress_ports(stage)) == {METRICS_PORT}, stage
-    assert ingress_ports("sources") == {}
+    monitoring = [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "monitoring"}}}]
+    for name in (*STAGES, "track", "sources", "sink-webhook"):
+        assert ingress_ports(name) == {METRICS_PORT: monitoring}, name
     # every spotline pod may reach Redis; only the feed supervisor reaches beyond the cluster,
     # never link-local (the metadata service)
     to_redis = policies["spotline-to-redis"]["spec"]
@@ -495,7 +500,12 @@ def test_network_policies_deny_by_default_and_allow_only_the_pipeline() -> None:
         for rule in p["spec"].get("egress", []):
             for target in rule["to"]:
                 if "ipBlock" in target:
-                    assert p["metadata"]["name"] == "sources-to-feeds"
+                    assert p["metadata"]["name"] in ("sources-to-feeds", "sinks-to-receivers")
+    receivers = policies["sinks-to-receivers"]["spec"]
+    assert [n for n, labels in pods.items() if selects(receivers["podSelector"], labels)] == [
+        "sink-webhook"]
+    assert {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]} in [
+        t["ipBlock"] for rule in receivers["egress"] for t in rule["to"]]
     # the ports in the policies are the ones the containers listen on
     gw = by_kind(objs, "Deployment")["gateway"]["spec"]["template"]["spec"]["containers"][0]
     assert {p["containerPort"] for p in gw["ports"]} == {5004, METRICS_PORT}
@@ -553,3 +563,88 @@ def test_worker_readiness_probe_reads_model_loaded_from_real_metrics() -> None:
     assert probe() == 1
     metrics.model_loaded.labels("score", "siglip", "cpu").set(1)
     assert probe() == 0
+
+
+# --- monitoring (the Prometheus Operator's PodMonitor and PrometheusRule) -----------------------
+MONITORING = K8S / "overlays" / "monitoring"
+# monitoring.coreos.com/v1 PodMonitor, the fields used here (prometheus-operator's CRD).
+PODMONITOR_SPEC = {
+    "type": "object", "required": ["selector", "podMetricsEndpoints"],
+    "properties": {
+        "selector": {"type": "object", "additionalProperties": False, "properties": {
+            "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}}},
+        "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "additionalProperties": False, "properties": {
+                "port": {"type": "string"}, "path": {"type": "string"},
+                "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                "relabelings": {"type": "array", "items": {
+                    "type": "object", "additionalProperties": False, "properties": {
+                        "sourceLabels": {"type": "array", "items": {"type": "string"}},
+                        "targetLabel": {"type": "string"}}}}}}}}}
+
+
+def test_the_monitoring_overlay_scrapes_every_pod_that_serves_metrics() -> None:
+    kust = kustomization(MONITORING)
+    assert kust["resources"] == ["../..", "podmonitor.yaml", "alerts.yaml"]
+    assert kust["namespace"] == kustomization(K8S)["namespace"]
+    (pm,) = docs_of(MONITORING / "podmonitor.yaml")
+    assert (pm["apiVersion"], pm["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+    assert pm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    jsonschema.validate(pm["spec"], PODMONITOR_SPEC)
+    (endpoint,) = pm["spec"]["podMetricsEndpoints"]
+    objs = base_objects()
+    for name, dep in by_kind(objs, "Deployment").items():
+        pod = dep["spec"]["template"]
+        assert selects(pm["spec"]["selector"], pod["metadata"]["labels"]), name
+        (c,) = pod["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports[endpoint["port"]] == METRICS_PORT, name
+        assert endpoint["path"] == pod["metadata"]["annotations"]["prometheus.io/path"]
+    (rule,) = docs_of(MONITORING / "alerts.yaml")
+    assert rule["kind"] == "PrometheusRule"  # its rules: tests/test_alerts.py
+
+
+# --- the new services' commands, run for real outside Kubernetes ---------------------------------
+@pytest.mark.parametrize("name,marker", [("track", "spotline_model_loaded{"),
+                                         ("sources", "spotline_build_info{"),
+                                         ("sink-webhook", "spotline_sink_lag{")])
+def test_service_command_runs_outside_kubernetes(name: str, marker: str, redis_server: Any,
+                                                 data_dir: Path, tmp_path: Path) -> None:
+    """The Deployment's args, as its container runs them (here against a real Redis, tiny
+    models standing in for /models): /metrics on the port the PodMonitor scrapes, showing
+    ``marker``, then exit 0 on SIGTERM as Kubernetes sends it."""
+    import os
+    import uuid
+
+    from tests.test_deploy import await_metrics, stop_cleanly
+
+    objs = base_objects()
+    (c,) = by_kind(objs, "Deployment")[name]["spec"]["template"]["spec"]["containers"]
+    settings_env = by_kind(objs, "ConfigMap")["spotline-settings"]["data"]
+    port = str(free_port())
+    secrets = tmp_path / "webhook-secrets"
+    secrets.write_text("whsec_" + base64.b64encode(b"k" * 32).decode() + "\n")
+    local = {"9100": port, "$(WEBHOOK_URL)": "http://127.0.0.1:9/hook",
+             "/etc/spotline/webhook/secrets": str(secrets)}
+    args = [local.get(a, a) for a in c["args"]]
+    assert port in args
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPOTLINE_")}
+    env.update({k: v for k, v in settings_env.items() if not k.endswith(("_WEIGHTS", "_DIR"))})
+    env.update(SPOTLINE_REDIS_URL=redis_server.url, SPOTLINE_DATA_DIR=str(data_dir),
+               SPOTLINE_NAMESPACE=f"k8s{uuid.uuid4().hex[:8]}", SPOTLINE_METRICS_HOST="127.0.0.1",
+               SPOTLINE_IMGSZ="320", SPOTLINE_WARMUP="0",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if name == "track":
+        env["SPOTLINE_TRACKING"] = "true"  # what track.yaml asks the ConfigMap to say
+    log = tmp_path / f"{name}.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "spotline", *args], env=env,
+                                cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        body = await_metrics(proc, f"http://127.0.0.1:{port}/metrics", marker, log)
+        assert "spotline_build_info{" in body and "process_resident_memory_bytes" in body
+        stop_cleanly(proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
