@@ -60,7 +60,7 @@ up: setup
 tools:
 	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus \
-	  >/dev/null) ; } || echo "promtool not installed: its test will be skipped"
+	  >/dev/null) ; } || echo "prometheus not installed: alert and dashboard tests fail"
 	@# mosquitto (the MQTT sink's tests) and chromium (the live view's browser test), the same way
 	@{ command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; } && command -v chromium \
 	  >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && (apt-get update -qq \
