@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..common.codec import decode_state, encode_state
+from ..common.errors import ConfigError
 from ..common.trackmemory import MemoryStore
 
 TOP_K = 3  # a track's score: the mean of its best TOP_K embeddings' scores
@@ -258,8 +259,13 @@ def answer(caption: str, windows: Sequence[Window], scorer: Scorer, calibration:
     rated: list[tuple[float, Window, int]] = []
     searched = {}
     for w in windows:
-        scores = (np.asarray(scorer(caption, w.embeds), np.float64).reshape(-1)
-                  if len(w.embeds) else np.zeros(0))
+        try:
+            scores = (np.asarray(scorer(caption, w.embeds), np.float64).reshape(-1)
+                      if len(w.embeds) else np.zeros(0))
+        except (ValueError, RuntimeError) as exc:  # e.g. a scorer of another embedding size
+            raise ConfigError(f"source {w.source_id}: its kept {w.embeds.shape[1]}-d embeddings"
+                              f" do not fit this scorer ({exc}): ask with the scorer its "
+                              "track stage ran") from None
         per_track = track_scores(scores, w.emb_tid)
         searched[w.source_id] = {"frames": w.frames, "tracks": len(per_track),
                                  "embeddings": len(w.embeds)}

@@ -221,3 +221,43 @@ def test_bench_at_small_size(redis_server, settings) -> None:
     assert small["frames"] == half["frames"] == 300
     assert small["embeddings"] == half["embeddings"] == 2 * 30  # one a second per track
     assert small["bytes"] < half["bytes"] and small["answer_ms_median"] > 0
+
+
+def test_ask_command(redis_server, settings) -> None:
+    """`spotline ask SOURCE CAPTION` over a memory kept by the recorder, in words and JSON,
+    one source or every one; an unreadable --since is an error line."""
+    import json
+
+    from click.testing import CliRunner
+
+    from spotline.cli import cli
+
+    s = apply_demo_models(settings).replace(redis_url=redis_server.url)
+    t = Transport(s)
+    from spotline.common.settings import settings_env
+    from spotline.stages.score import Score
+
+    # the demo scorer: the track's kept embedding is the text embedding of the caption asked
+    score = Score(s.replace(tracking=False))
+    score.setup()
+    red = score.text_embeds(("red star",))
+    red = np.asarray(red if isinstance(red, np.ndarray) else red.cpu().numpy())[0]
+    now = time.time()
+    recorder = memory.Recorder(MemoryStore.for_settings(s, t))
+    for seq in range(1, 11):
+        recorder.record("cam", seq, now - 60 + seq, np.array([[10, 10, 30, 30]]),
+                        np.array([7]), {7: red}, frame_id=f"f{seq}")
+    env = settings_env(s)
+    runner = CliRunner()
+    out = runner.invoke(cli, ["ask", "cam", "red star", "--json"], env=env)
+    assert out.exit_code == 0, out.output
+    body = json.loads(out.stdout)
+    assert body["seen"] and body["matches"][0]["track_id"] == 7
+    assert body["matches"][0]["first_seen"] == pytest.approx(now - 59, abs=1e-3)
+    words = runner.invoke(cli, ["ask", "-", "red star", "--since", "5m"], env=env)
+    assert words.exit_code == 0 and "cam track 7" in words.stdout, words.output
+    old = runner.invoke(cli, ["ask", "cam", "red star", "--since", "30s", "--json"], env=env)
+    assert json.loads(old.stdout)["searched"]["cam"]["frames"] == 0
+    bad = runner.invoke(cli, ["ask", "cam", "red star", "--since", "soon"], env=env)
+    assert bad.exit_code == 1 and "since" in bad.output
+    t.close()
