@@ -36,7 +36,7 @@ class Upscale(Stage):
     def setup(self) -> None:
         """Load the Real-ESRGAN weights (architecture inferred from the state dict), or their
         export (settings ``backend``: no torch then)."""
-        paths = runtime.resolve_weights(self.settings)
+        paths = runtime.resolve_weights(self.settings, ("upscaler",))
         backend, choice = backends.precision.choose(
             "upscaler", self.settings, paths.upscaler,
             runtime.export_threads(self.settings, self.name))
