@@ -30,6 +30,11 @@ from ..common.errors import ConfigError
 from ..common.trackmemory import MemoryStore
 
 TOP_K = 3  # a track's score: the mean of its best TOP_K embeddings' scores
+# A track that starts at most STITCH_GAP_S after another ended, near where it ended (centres
+# within STITCH_REACH of the larger box's larger side), continues it when both match: the
+# tracker lost the object for a moment and took it up again under a new id.
+STITCH_GAP_S = 1.0
+STITCH_REACH = 1.5
 MAX_POINTS = 300  # boxes per track in an answer at most (evenly thinned, the last kept)
 BOX_ROW = np.dtype([("tid", "<i4"), ("box", "<f2", (4,))])
 
@@ -189,6 +194,7 @@ class Match:
     last_seen: float
     boxes: list[list[float]]  # [seq, time, x1, y1, x2, y2] over time
     frame_ids: list[str] = field(default_factory=list)  # each box's frame
+    track_ids: list[int] = field(default_factory=list)  # it and the tracks continuing it
 
     def as_json(self) -> dict[str, Any]:
         def num(v: float) -> float | None:
@@ -197,7 +203,8 @@ class Match:
         return {"source_id": self.source_id, "track_id": self.track_id,
                 "score": round(self.score, 4), "probability": num(self.probability),
                 "in_view": num(self.in_view), "first_seen": self.first_seen,
-                "last_seen": self.last_seen, "boxes": self.boxes, "frame_ids": self.frame_ids}
+                "last_seen": self.last_seen, "boxes": self.boxes, "frame_ids": self.frame_ids,
+                "track_ids": self.track_ids or [self.track_id]}
 
 
 @dataclass(frozen=True)
@@ -233,11 +240,11 @@ def track_scores(scores: np.ndarray, tids: np.ndarray) -> dict[int, float]:
     return out
 
 
-def box_track(w: Window, tid: int, max_points: int = MAX_POINTS
+def box_track(w: Window, tids: Sequence[int], max_points: int = MAX_POINTS
               ) -> tuple[list[list[float]], list[str]]:
-    """A track's boxes over time, [seq, time, x1, y1, x2, y2], thinned to ``max_points``, and
-    their frames' ids."""
-    idx = np.flatnonzero(w.box_tid == tid)
+    """The boxes over time of a track (or of the tracks that continue one another), [seq,
+    time, x1, y1, x2, y2], thinned to ``max_points``, and their frames' ids."""
+    idx = np.flatnonzero(np.isin(w.box_tid, list(tids)))
     if len(idx) > max_points:
         idx = idx[np.unique(np.r_[np.linspace(0, len(idx) - 1, max_points).round().astype(int),
                                   len(idx) - 1])]
@@ -249,15 +256,63 @@ def box_track(w: Window, tid: int, max_points: int = MAX_POINTS
 Scorer = Callable[[str, np.ndarray], np.ndarray]  # (caption, N×D embeddings) -> N scores
 
 
+def continuations(w: Window) -> dict[int, int]:
+    """Track id -> the track that continues it (see ``STITCH_GAP_S``): for each track, in the
+    order they start, the nearest track that ended just before, near its first box."""
+    if len(w.box_tid) == 0:
+        return {}
+    order = np.argsort(w.box_tid, kind="stable")  # a track's boxes stay in time order
+    tids = w.box_tid[order]
+    starts = np.flatnonzero(np.r_[True, tids[1:] != tids[:-1]])
+    ends = np.r_[starts[1:], len(tids)] - 1
+    first, last = order[starts], order[ends]
+    ids = tids[starts]
+
+    def centre(i: np.ndarray) -> np.ndarray:
+        b = w.boxes[i]
+        return np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], axis=1)
+
+    side = np.maximum(w.boxes[:, 2] - w.boxes[:, 0], w.boxes[:, 3] - w.boxes[:, 1])
+    c_first, c_last = centre(first), centre(last)
+    t_first, t_last = w.box_t[first], w.box_t[last]
+    out: dict[int, int] = {}
+    taken: set[int] = set()
+    for b in np.argsort(t_first, kind="stable").tolist():
+        gap = t_first[b] - t_last
+        reach = STITCH_REACH * np.maximum(side[last], side[first[b]])
+        near = np.linalg.norm(c_last - c_first[b], axis=1) <= reach
+        ok = np.flatnonzero((gap > 0) & (gap <= STITCH_GAP_S) & near)
+        ok = [a for a in ok.tolist() if a != b and int(ids[a]) not in taken]
+        if ok:
+            a = min(ok, key=lambda k: float(np.linalg.norm(c_last[k] - c_first[b])))
+            out[int(ids[a])] = int(ids[b])
+            taken.add(int(ids[a]))
+    return out
+
+
+def chain(tid: int, after: Mapping[int, int], matches: Callable[[int], bool]) -> list[int]:
+    """``tid`` and the tracks before and after it that continue one another and match."""
+    before = {b: a for a, b in after.items()}
+    out = [tid]
+    while before.get(out[0]) is not None and matches(before[out[0]]) \
+            and before[out[0]] not in out:
+        out.insert(0, before[out[0]])
+    while after.get(out[-1]) is not None and matches(after[out[-1]]) and after[out[-1]] not in out:
+        out.append(after[out[-1]])
+    return out
+
+
 def answer(caption: str, windows: Sequence[Window], scorer: Scorer, calibration: Any = None,
            threshold: float | None = None, since: float = 0.0, limit: int = 5,
-           max_points: int = MAX_POINTS) -> Answer:
-    """The tracks of ``windows`` that match ``caption``, best first (see the module doc)."""
+           max_points: int = MAX_POINTS, stitch: bool = True) -> Answer:
+    """The tracks of ``windows`` that match ``caption``, best first (see the module doc);
+    with ``stitch``, a track and those continuing it are one match."""
     from .assign import in_view
 
     started = time.perf_counter()
     rated: list[tuple[float, Window, int]] = []
     searched = {}
+    per_source: dict[str, dict[int, float]] = {}
     for w in windows:
         try:
             scores = (np.asarray(scorer(caption, w.embeds), np.float64).reshape(-1)
@@ -266,24 +321,43 @@ def answer(caption: str, windows: Sequence[Window], scorer: Scorer, calibration:
             raise ConfigError(f"source {w.source_id}: its kept {w.embeds.shape[1]}-d embeddings"
                               f" do not fit this scorer ({exc}): ask with the scorer its "
                               "track stage ran") from None
-        per_track = track_scores(scores, w.emb_tid)
+        per_track = per_source[w.source_id] = track_scores(scores, w.emb_tid)
         searched[w.source_id] = {"frames": w.frames, "tracks": len(per_track),
                                  "embeddings": len(w.embeds)}
         rated += [(s, w, tid) for tid, s in per_track.items()]
     rated.sort(key=lambda r: -r[0])
-    matches = []
+
+    def presence(s: float) -> tuple[float, float]:
+        prob = math.nan if calibration is None else float(calibration.apply(np.array(s)))
+        return prob, (float(in_view(calibration, np.array([[s]]), [caption])[0])
+                      if calibration is not None else prob)
+
+    matches: list[Match] = []
+    used: set[tuple[str, int]] = set()
+    links: dict[str, dict[int, int]] = {}
     for s, w, tid in rated:
         if len(matches) >= limit:
             break
-        prob = math.nan if calibration is None else float(calibration.apply(np.array(s)))
-        present = (float(in_view(calibration, np.array([[s]]), [caption])[0])
-                   if calibration is not None else prob)
+        if (w.source_id, tid) in used:
+            continue  # part of a better track's match
+        prob, present = presence(s)
         if threshold is not None and not present >= threshold:
             break  # best first: nothing after passes either
-        seen = w.box_t[w.box_tid == tid]
+        tids = [tid]
+        if stitch:
+            if w.source_id not in links:
+                links[w.source_id] = continuations(w)
+            def matching(other: int, scores_of: dict[int, float] = per_source[w.source_id],
+                         source: str = w.source_id) -> bool:
+                return other in scores_of and (source, other) not in used and (
+                    threshold is None or presence(scores_of[other])[1] >= threshold)
+
+            tids = chain(tid, links[w.source_id], matching)
+        used.update((w.source_id, t) for t in tids)
+        seen = w.box_t[np.isin(w.box_tid, tids)]
         first, last = (float(seen.min()), float(seen.max())) if len(seen) else (math.nan,) * 2
-        boxes, frame_ids = box_track(w, tid, max_points)
+        boxes, frame_ids = box_track(w, tids, max_points)
         matches.append(Match(w.source_id, tid, s, prob, present, first, last, boxes,
-                             frame_ids))
+                             frame_ids, tids))
     return Answer(caption, since, matches, searched, threshold,
                   (time.perf_counter() - started) * 1000)

@@ -106,6 +106,27 @@ def test_answer_ranks_tracks_and_abstains() -> None:
     assert not none.seen and none.as_json()["matches"] == []
 
 
+def test_a_track_taken_up_again_is_one_match() -> None:
+    """The tracker lost the object after frame 10 and took it up at frame 12 as track 8, near
+    where track 5 ended: one match, both ids, every box; track 9, far away, stays apart."""
+    red = np.eye(4, dtype=np.float32)[0]
+    raws = []
+    for seq in range(1, 21):
+        ids = [5] if seq <= 10 else [] if seq == 11 else [8]
+        ids.append(9)
+        boxes = [[2 * seq, 0, 2 * seq + 10, 10] for _ in ids[:-1]] + [[200, 200, 210, 210]]
+        raws.append(memory.frame_record(seq, 100.0 + seq / 10, np.array(boxes), np.array(ids),
+                                        {t: red for t in ids}, "int8"))
+    w = memory.window("cam", raws)
+    assert memory.continuations(w) == {5: 8}
+    ans = memory.answer("red", [w], lambda c, e: e @ red)
+    best = ans.matches[0]
+    assert sorted(best.track_ids) == [5, 8] and len(best.boxes) == 19
+    assert [m.track_ids for m in ans.matches[1:]] == [[9]]
+    apart = memory.answer("red", [w], lambda c, e: e @ red, stitch=False)
+    assert len(apart.matches) == 3
+
+
 def test_since_parses_durations() -> None:
     assert parse_since("90s") == 90 and parse_since("10m") == 600 and parse_since("1h") == 3600
     assert parse_since("5") == 300 and parse_since(None) == 600
