@@ -133,6 +133,10 @@ class Metrics:
         self.feeds = Gauge(
             "spotline_feeds", "Registered feeds by their last reported state (pending: not "
             "yet picked up by a supervisor)", ["state"], registry=r)
+        self.objective = Gauge(
+            "spotline_end_to_end_objective_seconds", "Pipeline-wide: the end-to-end objective "
+            "(slo_end_to_end_s) at a quantile, which alert SpotlineEndToEndSlow compares the "
+            "capture-to-result quantile with", ["quantile"], registry=r)
         self.exporter = Gauge(
             "spotline_pipeline_exporter", "1 in the one process that exports the pipeline-wide "
             "gauges (it holds the exporter lease in Redis)", registry=r)
@@ -336,6 +340,7 @@ class PipelineExporter:
         m.backlog.labels("dead").set(t.length(t.keys.dead))
         _set_all(m.tracks_alive, {(s,): v for s, v in self.tracks.read().items()})
         _set_all(m.feeds, {(state,): n for state, n in self._feeds().items()})
+        m.objective.labels("0.95").set(t.settings.slo_end_to_end_s)
 
     def _feeds(self) -> dict[str, int]:
         """Registered feeds by the state their supervisor last reported (pending if none)."""
@@ -353,7 +358,7 @@ class PipelineExporter:
 
     def _clear(self) -> None:
         for gauge in (self.m.backlog, self.m.pending, self.m.workers_alive,
-                      self.m.tracks_alive, self.m.feeds):
+                      self.m.tracks_alive, self.m.feeds, self.m.objective):
             gauge.clear()
 
     def release(self) -> None:

@@ -230,6 +230,10 @@ class Settings:
     metrics_host: str = field(default="127.0.0.1", metadata={
         "help": "/metrics bind address (workers, gateway, sinks): loopback unless set; "
                 "containers set 0.0.0.0 for Prometheus (docs/security.md)"})
+    slo_end_to_end_s: float = field(default=5.0, metadata={
+        "help": "end-to-end objective: alert SpotlineEndToEndSlow fires when capture-to-result "
+                "p95 stays above it (exported as spotline_end_to_end_objective_seconds; "
+                "docs/metrics.md)"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
     # --- gateway access (producer/access.py)
     api_keys: str = field(default="", metadata={
@@ -341,7 +345,7 @@ def _validate(s: Settings) -> None:
                 "block_ms", "dead_maxlen", "high_water", "max_frame_bytes", "max_pixels",
                 "max_captions", "max_caption_chars", "meta_max_bytes", "rate_burst", "max_feeds",
                 "feed_max_spec_chars", "max_request_bytes",
-                "identify_max_instances", "identify_max_images",
+                "identify_max_instances", "identify_max_images", "slo_end_to_end_s",
                 *(f"batch_{st}" for st in STAGES))
     for key in positive:
         if getattr(s, key) <= 0:

@@ -128,6 +128,19 @@ def test_tracks_alive_is_one_value_per_source(redis_server: EmbeddedRedis,
     t.close()
 
 
+def test_the_end_to_end_objective_comes_from_the_settings(redis_server: EmbeddedRedis,
+                                                          settings: Settings) -> None:
+    """SpotlineEndToEndSlow compares p95 with slo_end_to_end_s, as the exporter publishes it."""
+    t = Transport(settings.replace(slo_end_to_end_s=12.5), url=redis_server.url)
+    m = Metrics()
+    exporter = PipelineExporter(t, m)
+    assert exporter.refresh()
+    assert value(m, "spotline_end_to_end_objective_seconds", quantile="0.95") == 12.5
+    exporter.release()
+    assert value(m, "spotline_end_to_end_objective_seconds", quantile="0.95") is None
+    t.close()
+
+
 def test_feeds_are_exported_by_state(redis_server: EmbeddedRedis, settings: Settings) -> None:
     t = Transport(settings, url=redis_server.url)
     Registry(t).add(FeedSpec(source_id="cam9", spec="rtsp://camera.invalid/stream"))
