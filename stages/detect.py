@@ -19,6 +19,7 @@ from ..common.settings import Settings
 from ..common.topology import COLLECT, TRACK, next_stage
 from . import backends, runtime
 from .backends import tiling
+from .backends.detector import rescale_ultralytics
 from .base import Routed, Stage
 from .libs import offline_env, undo_ultralytics_pil_patch
 
@@ -154,6 +155,7 @@ def _predict(model: Any, images: list[np.ndarray], sizes: list[int], settings: S
                               settings.tta) for image, size in zip(images, sizes, strict=True)]
     found: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros((0, 4), np.float32),
                                                    np.zeros(0, np.float32))] * len(images)
+    stride = _stride(model)
     for indices in predict_groups(images, device, sizes):
         with _keep_threads():
             results = model.predict([images[i] for i in indices], imgsz=sizes[indices[0]],
@@ -162,9 +164,24 @@ def _predict(model: Any, images: list[np.ndarray], sizes: list[int], settings: S
                                     device=device, verbose=False, **_precision(half))
         for i, result in zip(indices, results, strict=True):
             boxes = result.boxes
-            found[i] = (boxes.xyxy.float().cpu().numpy().astype(np.float32).reshape(-1, 4),
+            xyxy = boxes.xyxy.float().cpu().numpy().astype(np.float32).reshape(-1, 4)
+            found[i] = (rescale_ultralytics(xyxy, *images[i].shape[:2],
+                                            _checked_size(sizes[i], stride), stride),
                         boxes.conf.float().cpu().numpy().astype(np.float32).reshape(-1))
     return found
+
+
+def _stride(model: Any) -> int:
+    """The torch YOLO's largest stride (32 unless the model says otherwise)."""
+    try:
+        return int(model.model.stride.max())
+    except (AttributeError, TypeError, ValueError):
+        return 32
+
+
+def _checked_size(imgsz: int, stride: int) -> int:
+    """The size Ultralytics' check_imgsz makes of ``imgsz``: a multiple of the stride."""
+    return max(math.ceil(imgsz / stride) * stride, stride)
 
 
 @contextlib.contextmanager

@@ -58,6 +58,38 @@ def letterbox(image: np.ndarray, imgsz: int, stride: int = 32, auto: bool = True
     return Letterboxed(tensor, (new_w / w, new_h / h), (left, top), (h, w))
 
 
+def letterbox_geometry(h: int, w: int, imgsz: int, stride: int = 32
+                       ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """What ``letterbox`` (auto) does to an h × w image: (new_w, new_h) resized, (left, top)
+    pad, (padded height, padded width)."""
+    r = min(imgsz / h, imgsz / w)
+    new_w, new_h = max(round(w * r), 1), max(round(h * r), 1)
+    dw, dh = (imgsz - new_w) % stride, (imgsz - new_h) % stride
+    return (new_w, new_h), (round(dw / 2 - 0.1), round(dh / 2 - 0.1)), (new_h + dh, new_w + dw)
+
+
+def rescale_ultralytics(boxes: np.ndarray, h: int, w: int, imgsz: int,
+                        stride: int = 32) -> np.ndarray:
+    """Ultralytics' torch boxes (xyxy, frame pixels) mapped back with the letterbox that was
+    really applied. Its scale_boxes infers the resize from the padded input (gain = min over
+    padded / original sides); when the shorter side needed no padding and rounded down, that
+    min picks the wrong side, the longer side comes out a pixel short, and boxes drift by up
+    to ~0.2 % of the frame (4 px on a 1,762-px frame at imgsz 448). Unchanged (the same array)
+    where its guess is right; the exported path's ``scale_boxes`` is exact throughout."""
+    (new_w, new_h), (left, top), (ph, pw) = letterbox_geometry(h, w, imgsz, stride)
+    gain = min(ph / h, pw / w)
+    uw, uh = max(round(w * gain), 1), max(round(h * gain), 1)
+    if (uw, uh) == (new_w, new_h) or not len(boxes):
+        return boxes
+    upx, upy = round((pw - uw) / 2 - 0.1), round((ph - uh) / 2 - 0.1)
+    out = boxes.astype(np.float32, copy=True)
+    out[:, [0, 2]] = ((out[:, [0, 2]] * (uw / w) + upx) - left) / (new_w / w)
+    out[:, [1, 3]] = ((out[:, [1, 3]] * (uh / h) + upy) - top) / (new_h / h)
+    out[:, [0, 2]] = out[:, [0, 2]].clip(0, w)
+    out[:, [1, 3]] = out[:, [1, 3]].clip(0, h)
+    return out
+
+
 def scale_boxes(boxes: np.ndarray, box: Letterboxed) -> np.ndarray:
     """xyxy boxes from letterbox pixels to the original image's, clipped to it."""
     out = boxes.astype(np.float32, copy=True)
