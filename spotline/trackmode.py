@@ -1,40 +1,36 @@
 """Video in one process, per-frame mode and track mode, with the pipeline's stage code.
 
 Per-frame mode is the seed's method on every frame: every crop through the upscaler and the
-image tower, each caption its argmax box. Track mode (stages/track.py) follows the boxes per
-source with ByteTrack, embeds a track's crop only when it changed or on keyframes, weighs
-evidence over frames and assigns one box per caption. Both use the same Detect, Upscale and
-Score objects, so ``spotline bench --video`` compares the methods, not two implementations.
+image tower, each caption its argmax box. Track mode is the track stage itself
+(``stages.track.Track``: it follows the boxes per source with ByteTrack, embeds a track's crop
+only when it changed or on keyframes, weighs evidence over frames and assigns one box per
+caption), run here on frames given one by one. Both use the same Detect, Upscale and Score
+objects, so the in-process figures of ``spotline bench --video`` compare the methods, not two
+implementations; its headline figures come from the streaming pipeline (spotline/videobench.py).
 
-A source's tracking state can live in memory or in Redis (``store``): with Redis, each frame
-loads the state, tracks, and saves it back, as a worker of the streaming track stage would.
+A source's tracking state lives in this process (``LocalTrackStore``, ``LocalEmbeddingCache``:
+the Redis stores' methods on dicts) or, given ``store`` and ``cache``, in Redis.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .common.codec import decode_state, encode_state
 from .common.envelope import Envelope
 from .common.settings import Settings
 from .common.trackstore import CachedEmbedding, EmbeddingCache, TrackStore
 from .stages import runtime
 from .stages.assign import assign
-from .stages.collect import ltwh
+from .stages.collect import frame_result, ltwh
 from .stages.detect import Detect
 from .stages.grounding import NO_TRACK
-from .stages.track import (
-    Embedder,
-    Plan,
-    SourceState,
-    TrackOptions,
-    combine,
-    fresh_embeddings,
-)
+from .stages.track import ANSWERS_KEPT, Embedder, Track, TrackOptions, TrackStats
 
 BoxLTWH = tuple[float, float, float, float]
 
@@ -49,7 +45,6 @@ class FrameAnswer:
     track_ids: tuple[int, ...]
     crops_embedded: int
     boxes_found: int
-    switched: tuple[bool, ...] = ()
     detected: bool = True  # False: the boxes are the tracks' Kalman predictions
 
 
@@ -84,18 +79,6 @@ class FrameModels:
         return Detected(np.concatenate([p.boxes for p in with_boxes]),  # type: ignore[misc]
                         np.concatenate([p.det_scores for p in with_boxes]),  # type: ignore[misc]
                         [c for p in with_boxes for c in p.crops])
-
-    def decode(self, frame_id: str, image: bytes) -> np.ndarray:
-        """The frame as detect decodes it (BGR), for frames the detector skips."""
-        from .stages.detect import decode_frame
-
-        return decode_frame(Envelope(frame_id=frame_id, image=image), self.settings)
-
-    def crops(self, bgr: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
-        """The boxes' crops, cut as detect cuts them."""
-        from .common.images import crop_boxes, swap_rb
-
-        return crop_boxes(swap_rb(bgr), boxes, self.detect.crop_cap)
 
     def embed(self, frame_id: str, crops: list[np.ndarray]) -> np.ndarray:
         """Image embeddings (N×D float32) of plain crops, upscaled first when upscale is on."""
@@ -132,106 +115,95 @@ class PerFrame:
         return answer, scores, det.boxes
 
 
-@dataclass
-class TrackCounters:
-    """What track mode did, summed over frames."""
+class LocalTrackStore:
+    """TrackStore's methods on a dict in this process: each source's state and its answers,
+    kept as the codec's bytes (as Redis keeps them), with the same compare-and-set."""
 
-    frames: int = 0
-    detected: int = 0  # frames the detector ran on (the others: Kalman predictions)
-    boxes: int = 0
-    embedded: int = 0
-    reused: int = 0
-    flips: int = 0
-    state_s: float = 0.0  # time spent loading and saving state (Redis)
-    extra: dict[str, Any] = field(default_factory=dict)
+    def __init__(self, answers_kept: int = ANSWERS_KEPT) -> None:
+        self.states: dict[str, tuple[int, bytes]] = {}
+        self.answers: dict[str, dict[str, bytes]] = {}
+        self.answers_kept = answers_kept
 
-    @property
-    def reuse_ratio(self) -> float:
-        """Share of tracked crops answered from the embedding cache."""
-        total = self.embedded + self.reused
-        return self.reused / total if total else 0.0
+    def load(self, source_id: str) -> tuple[int, dict[str, Any] | None]:
+        seq, raw = self.states.get(source_id, (-1, b""))
+        return (seq, decode_state(raw)) if raw else (-1, None)
+
+    def save(self, source_id: str, seq: int, state: dict[str, Any],
+             answer: tuple[str, dict[str, Any]] | None = None) -> bool:
+        if self.states.get(source_id, (-1, b""))[0] >= seq:
+            return False
+        self.states[source_id] = (seq, encode_state(state))
+        if answer is not None:
+            kept = self.answers.setdefault(source_id, {})
+            kept[answer[0]] = encode_state(answer[1])
+            while len(kept) > self.answers_kept:
+                del kept[next(iter(kept))]
+        return True
+
+    def answer(self, source_id: str, frame_id: str) -> dict[str, Any] | None:
+        raw = self.answers.get(source_id, {}).get(frame_id)
+        return None if raw is None else decode_state(raw)
+
+
+class LocalEmbeddingCache:
+    """EmbeddingCache's methods on a dict in this process (no TTL, no cap)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, dict[int, bytes]] = {}
+
+    def get(self, source_id: str, track_ids: Iterable[int]) -> dict[int, CachedEmbedding]:
+        kept = self.entries.get(source_id, {})
+        return {int(t): CachedEmbedding.from_bytes(kept[int(t)]) for t in track_ids
+                if int(t) in kept}
+
+    def put(self, source_id: str, entries: Mapping[int, CachedEmbedding]) -> int:
+        self.entries.setdefault(source_id, {}).update(
+            {int(t): e.to_bytes() for t, e in entries.items()})
+        return 0
+
+    def size(self, source_id: str) -> int:
+        return len(self.entries.get(source_id, {}))
 
 
 class Tracked:
-    """Track mode for any number of sources; state in memory, or in Redis with ``store``."""
+    """Track mode in this process: the track stage's own step (``stages.track.Track.frame``:
+    sequence, propagate-or-detect, cache, embed, ground, save) on the frames given, with the
+    models of ``models``, its state and cache in this process or, with ``store`` and
+    ``cache``, in Redis as the stage keeps them. Frames of a source must come in order."""
 
     def __init__(self, models: FrameModels, options: TrackOptions | None = None,
                  store: TrackStore | None = None, cache: EmbeddingCache | None = None,
                  calibration: Any = None) -> None:
-        self.models = models
-        self.options = options or TrackOptions()
-        self.store, self.cache = store, cache
-        self.calibration = calibration
-        self.states: dict[str, SourceState] = {}
-        self.caches: dict[str, dict[int, CachedEmbedding]] = {}
-        self.counters = TrackCounters()
+        # abstaining is what ``options`` and ``calibration`` say, not the settings' auto
+        settings = models.settings.replace(tracking=True, not_in_view="false",
+                                           ask_memory=False)
+        stores = (store or LocalTrackStore(), cache or LocalEmbeddingCache())
+        self.stage = Track(settings, stores=stores, embedder=models.embedder,
+                           detector=models.detect)
+        self.stage.setup()
+        self.stage.options = options or TrackOptions()
+        self.stage.calibration = calibration
+        self.settings = settings
 
-    def _load(self, source: str) -> SourceState:
-        if self.store is None:
-            return self.states.setdefault(source, SourceState(self.options))
-        started = time.perf_counter()
-        _seq, state = self.store.load(source)
-        out = SourceState.from_state(state, self.options)
-        self.counters.state_s += time.perf_counter() - started
-        return out
-
-    def _cached(self, source: str, track_ids: Sequence[int]) -> dict[int, CachedEmbedding]:
-        if self.cache is None:
-            return self.caches.setdefault(source, {})
-        return self.cache.get(source, [t for t in track_ids if t >= 0])
-
-    def _save(self, source: str, state: SourceState, fresh: dict[int, CachedEmbedding]) -> None:
-        if self.store is None:
-            self.caches.setdefault(source, {}).update(fresh)
-            return
-        started = time.perf_counter()
-        self.store.save(source, state.seq, state.to_state())
-        if self.cache is not None:
-            self.cache.put(source, fresh)
-        self.counters.state_s += time.perf_counter() - started
+    @property
+    def stats(self) -> TrackStats:
+        """What the stage did, summed over frames."""
+        return self.stage.stats
 
     def frame(self, source: str, seq: int, frame_id: str, image: bytes,
               captions: Sequence[str]) -> FrameAnswer:
-        state = self._load(source)
-        det, plan = self._observe(state, seq, frame_id, image, captions)
-        cached = self._cached(source, plan.track_ids.tolist())
-        plan = state.with_cache(plan, det.boxes, cached, captions)
-        embeds = self._embeddings(frame_id, det, plan, cached)
-        scores = self.models.scores(captions, embeds)
-        picks = state.ground(plan, captions, scores, self.calibration)
-        self._save(source, state, fresh_embeddings(plan, det.boxes, embeds))
-        self._count(plan, picks)
+        """Frame ``seq`` (0, 1, ...) of ``source``, as the track stage answers it (from the
+        encoded image: the stage runs the detector itself, as on frames detect leaves it)."""
+        before = dataclasses.replace(self.stats)
+        env = Envelope(frame_id=frame_id, source_id=source, captions=tuple(captions),
+                       image=image, seq=seq + 1)  # producers number a source's frames from 1
+        out = self.stage.frame(env)
+        result = frame_result(out, self.settings)
+        now = self.stats
+        absent = result.absent or (False,) * len(result.boxes)
         return FrameAnswer(
-            tuple(None if p.box is None else ltwh(det.boxes[p.box]) for p in picks),
-            tuple(p.score for p in picks), tuple(p.track_id for p in picks),
-            int(plan.embed.sum()), len(det.boxes), tuple(p.switched for p in picks),
-            plan.detected)
-
-    def _observe(self, state: SourceState, seq: int, frame_id: str, image: bytes,
-                 captions: Sequence[str]) -> tuple[Detected, Plan]:
-        """The frame's boxes, from the detector, or from the tracks' Kalman prediction when
-        the source's state says they will do (``SourceState.needs_detection``)."""
-        bgr = self.models.decode(frame_id, image)
-        if not state.needs_detection(seq):
-            propagated = state.propagate(seq, (bgr.shape[1], bgr.shape[0]), bgr)
-            if propagated is not None:  # else a track was not found: detect the frame
-                plan, boxes, scores = propagated
-                return Detected(boxes, scores, self.models.crops(bgr, boxes)), plan
-        boxes, det_scores, crops = self.models.detect.find(bgr)
-        return (Detected(boxes, det_scores, crops),
-                state.plan(seq, boxes, det_scores, image=bgr))
-
-    def _embeddings(self, frame_id: str, det: Detected, plan: Plan,
-                    cached: dict[int, CachedEmbedding]) -> np.ndarray:
-        todo = [int(i) for i in np.flatnonzero(plan.embed)]
-        return combine(plan, self.models.embed(frame_id, [det.crops[i] for i in todo]), cached)
-
-    def _count(self, plan: Plan, picks: Sequence[Any]) -> None:
-        c = self.counters
-        c.frames += 1
-        c.detected += int(plan.detected)
-        c.boxes += len(plan.embed)
-        c.embedded += int((plan.embed & (plan.track_ids >= 0)).sum())
-        c.reused += int((~plan.embed).sum())
-        c.flips += sum(1 for p in picks if p.switched)
-
+            tuple(None if gone else box for box, gone in zip(result.boxes, absent, strict=True)),
+            result.scores, result.track_ids or tuple(NO_TRACK for _ in captions),
+            now.embedded - before.embedded,
+            0 if out.boxes is None else len(out.boxes),
+            detected=now.predicted == before.predicted)

@@ -382,29 +382,39 @@ class Track(Stage):
 
     name = "track"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, stores: tuple[Any, Any] | None = None,
+                 embedder: Embedder | None = None, detector: Any = None) -> None:
+        """``stores`` (a state store and an embedding cache with TrackStore's and
+        EmbeddingCache's methods), ``embedder`` and ``detector`` (set up already) are for a
+        caller that runs this stage's step in its own process (spotline/trackmode.py); a
+        worker leaves them out: the stage opens its stores on Redis and loads its models."""
         super().__init__(settings)
         self.options = options_from(settings)
-        self.embedder = Embedder(settings)
-        self.store: TrackStore | None = None
-        self.cache: EmbeddingCache | None = None
+        self._own_models = embedder is None
+        self.embedder = embedder or Embedder(settings)
+        self.store: TrackStore | None = stores[0] if stores else None
+        self.cache: EmbeddingCache | None = stores[1] if stores else None
         self.alive: TracksAlive | None = None
         self.calibration: Any = None
         self.stats = TrackStats()
-        self.detector: Any = None  # the detect stage's code, for frames it left to this one
+        self.detector: Any = detector  # the detect stage's code, for frames it left to this one
         self.crop_cap: int | None = None
+        self._ready = False
 
     def setup(self) -> None:
         """Connect to the state's Redis, load the upscaler and scorer, and the calibration
         when "not in view" is on."""
         from . import calibration, runtime
 
-        if not self.settings.redis_url:
-            raise ConfigError("the track stage keeps each source's state in Redis: set "
-                              "redis_url (spotline up and the workers it starts do)")
-        self.store, self.cache = open_stores(self.settings, ANSWERS_KEPT)
-        self.alive = TracksAlive(self.store.t)  # spotline_tracks_alive, one value per source
-        self.embedder.setup()
+        self._ready = True
+        if self.store is None or self.cache is None:
+            if not self.settings.redis_url:
+                raise ConfigError("the track stage keeps each source's state in Redis: set "
+                                  "redis_url (spotline up and the workers it starts do)")
+            self.store, self.cache = open_stores(self.settings, ANSWERS_KEPT)
+            self.alive = TracksAlive(self.store.t)  # spotline_tracks_alive, one per source
+        if self._own_models:
+            self.embedder.setup()
         self.model_name = self.embedder.score.model_name
         self.device_name = self.embedder.score.device_name
         if calibration.not_in_view_mode(self.settings.not_in_view) != "false":
@@ -421,7 +431,7 @@ class Track(Stage):
     def process(self, batch: list[Envelope]) -> list[Routed]:
         """Each source's frames of the batch in sequence order; one whole frame each to
         collect, with its track ids, picks and scores."""
-        if self.store is None:
+        if not self._ready:
             self.setup()
         for env in batch:
             check_crops(env)
@@ -431,7 +441,7 @@ class Track(Stage):
 
     def frame(self, env: Envelope) -> Envelope:
         """One frame of a source, tracked when it is the next one (see the module doc)."""
-        if self.store is None or self.cache is None:
+        if not self._ready:
             self.setup()
         assert self.store is not None and self.cache is not None
         self.stats.frames += 1
