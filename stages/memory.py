@@ -248,9 +248,10 @@ def box_track(w: Window, tids: Sequence[int], max_points: int = MAX_POINTS
     if len(idx) > max_points:
         idx = idx[np.unique(np.r_[np.linspace(0, len(idx) - 1, max_points).round().astype(int),
                                   len(idx) - 1])]
-    return ([[int(w.box_seq[i]), round(float(w.box_t[i]), 3),
-              *[round(float(v), 1) for v in w.boxes[i]]] for i in idx],
-            [str(w.box_frame[i]) for i in idx])
+    rows = np.column_stack([w.box_t[idx].round(3),
+                            w.boxes[idx].astype(np.float64).round(1)]).tolist()
+    return ([[seq, *row] for seq, row in zip(w.box_seq[idx].tolist(), rows, strict=True)],
+            w.box_frame[idx].astype(str).tolist())
 
 
 Scorer = Callable[[str, np.ndarray], np.ndarray]  # (caption, N×D embeddings) -> N scores
