@@ -19,7 +19,7 @@ from spotline.evaluate import (
     speed_score,
     write_report,
 )
-from spotline.producer.dataset import TilImage, load_til
+from spotline.producer.dataset import TilImage, load_til, read_dataset
 
 # --- IoU and accuracy ----------------------------------------------------------------------
 
@@ -109,11 +109,24 @@ def test_load_til(til: Path) -> None:
     '{"image": "image_0.jpg", "annotations": [{"caption": "x", "bbox": [1, 2, 3]}]}',
     '{"image": "image_0.jpg", "annotations": [{"caption": "x", "bbox": [1, 2, -3, 4]}]}',
     '{"image": "missing.jpg", "annotations": []}',
+    # the checks training makes: eval and publish read with the same reader
+    '{"image": "image_0.jpg", "annotations": [{"caption": "x", "bbox": [1, 2, 0, 4]}]}',
+    '{"image": "image_0.jpg", "annotations": [{"caption": " ", "bbox": [1, 2, 3, 4]}]}',
+    '{"image": "image_0.jpg", "annotations": [{"caption": "x", "bbox": [1, 2, 3, 4]}, '
+    '{"caption": "x", "bbox": [5, 6, 3, 4]}]}',
 ])
 def test_load_til_bad_lines(til: Path, line: str) -> None:
     (til / "vlm.jsonl").write_text(json.dumps(ROWS[0]) + "\n" + line + "\n")
     with pytest.raises(InputError, match="vlm.jsonl:2"):
         load_til(til)
+
+
+def test_load_til_is_the_training_reader_without_image_headers(til: Path) -> None:
+    assert load_til(til) == read_dataset(til, check_images=False).records
+    checked = read_dataset(til).records
+    assert [i.annotations for i in checked] == [i.annotations for i in load_til(til)]
+    assert all(i.width > 0 and i.height > 0 for i in checked)
+    assert [i.line for i in checked] == [1, 2, 3]
 
 
 def test_load_til_missing(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 from spotline.common.errors import InputError, ModelError
 from spotline.common.settings import Settings, load_settings
 from spotline.data import synth
-from spotline.data.dataset import BadRecord, read_dataset
+from spotline.producer.dataset import BadRecord, read_dataset
 from spotline.train import augment
 from spotline.train.loss import caption_labels, sigmoid_loss
 

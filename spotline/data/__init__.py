@@ -1,2 +1,2 @@
-"""Synthetic datasets and dataset checks for training (application layer: nothing in the
-pipeline imports this package)."""
+"""Synthetic datasets and training crops (application layer: nothing in the pipeline imports
+this package). The TIL reader is producer/dataset.py."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from spotline.common.images import cap_crop, crop_boxes
 from spotline.common.settings import Settings
-from spotline.data.dataset import Box, Record, read_dataset
+from spotline.producer.dataset import Box, TilImage, read_dataset
 
 CROPS_FILE = "crops.jsonl"
 
@@ -65,8 +65,8 @@ class CropMaker:
         return cap_crop(up, self.cap)
 
 
-def iter_crops(records: list[Record], maker: CropMaker
-               ) -> Iterator[tuple[Record, str, Box, np.ndarray]]:
+def iter_crops(records: list[TilImage], maker: CropMaker
+               ) -> Iterator[tuple[TilImage, str, Box, np.ndarray]]:
     """(record, caption, box, RGB crop) for every ground-truth box."""
     for record in records:
         rgb = load_rgb(record.image_path)

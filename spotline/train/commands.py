@@ -167,7 +167,7 @@ def _default_cap(settings: Any) -> int:
 @click.option("--skip-bad", is_flag=True, help="Count bad records instead of stopping.")
 def check_cmd(dataset: str, skip_bad: bool) -> None:
     """Check a TIL dataset: every bad record is an error naming the file and line."""
-    from spotline.data.dataset import read_dataset
+    from spotline.producer.dataset import read_dataset
 
     try:
         report = read_dataset(dataset, skip_bad=skip_bad)

@@ -149,7 +149,7 @@ def chance_of(images: list[Any]) -> float:
 
 def chance_accuracy(dataset: str | Path) -> float:
     """chance_of the records of a dataset."""
-    from spotline.data.dataset import read_dataset
+    from spotline.producer.dataset import read_dataset
 
     return chance_of(read_dataset(dataset).records)
 

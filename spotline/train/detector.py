@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from spotline.common.errors import InputError, ModelError
-from spotline.data.dataset import Record, read_dataset
 from spotline.data.synth import refuse_heldout
+from spotline.producer.dataset import TilImage, read_dataset
 from spotline.train import augment
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def parse_schedule(text: str | None) -> list[tuple[int, int]]:
 
 
 # --- the Ultralytics dataset -------------------------------------------------------------------
-def yolo_labels(record: Record) -> str:
+def yolo_labels(record: TilImage) -> str:
     """One label file's text: ``0 cx cy w h`` normalised, one line per box."""
     lines = []
     for _caption, (left, top, w, h) in record.annotations:
@@ -107,7 +107,7 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def write_yolo_dataset(train: list[Record], val: list[Record], root: Path) -> Path:
+def write_yolo_dataset(train: list[TilImage], val: list[TilImage], root: Path) -> Path:
     """images/{train,val} (hard links or copies), labels/{train,val}, data.yaml; returns it."""
     import yaml
 
@@ -128,7 +128,7 @@ def write_yolo_dataset(train: list[Record], val: list[Record], root: Path) -> Pa
     return path
 
 
-def split_records(run: DetectorRun) -> tuple[list[Record], list[Record]]:
+def split_records(run: DetectorRun) -> tuple[list[TilImage], list[TilImage]]:
     """(train, val) records; errors before any work on an empty split."""
     for path in (run.train, run.val):
         if path:

@@ -36,8 +36,8 @@ import numpy as np
 from spotline.common.errors import InputError, ModelError
 from spotline.common.settings import Settings
 from spotline.data.crops import CropMaker, load_rgb
-from spotline.data.dataset import Box, Record, read_dataset
 from spotline.data.synth import refuse_heldout
+from spotline.producer.dataset import Box, TilImage, read_dataset
 from spotline.train import augment
 from spotline.train.loss import caption_labels, sigmoid_loss
 from spotline.train.siglip import crop_side, load_for_training, save_scorer, write_scratch_scorer
@@ -106,7 +106,7 @@ class ScorerResult:
 class CropSampler:
     """Batches of (crop, caption or None) from a dataset's images held in memory."""
 
-    def __init__(self, records: list[Record], maker: CropMaker, run: ScorerRun,
+    def __init__(self, records: list[TilImage], maker: CropMaker, run: ScorerRun,
                  rng: np.random.Generator) -> None:
         self.records = records
         self.images = [load_rgb(r.image_path) for r in records]
@@ -147,7 +147,7 @@ class CropSampler:
         crop = self.maker(self.images[i], box)
         return augment.apply(self.aug, crop) if self.run.augment >= 0 else crop
 
-    def _jitter(self, box: Box, record: Record) -> Box:
+    def _jitter(self, box: Box, record: TilImage) -> Box:
         left, top, w, h = box
         j = self.run.jitter
         dl, dt, dr, db = self.rng.uniform(-j, j, 4) * np.array([w, h, w, h])
@@ -157,7 +157,7 @@ class CropSampler:
         y2 = max(min(float(record.height), top + h + db), y1 + 1)
         return (x1, y1, x2 - x1, y2 - y1)
 
-    def _background_box(self, record: Record) -> Box | None:
+    def _background_box(self, record: TilImage) -> Box | None:
         """A box of object size that overlaps no object much (a false detection)."""
         from spotline.evaluate import iou_ltwh
 
@@ -188,7 +188,7 @@ def check_run(run: ScorerRun) -> None:
         raise InputError(f"background share must be in [0, 0.9), got {run.background}")
 
 
-def _records(path: str, skip_bad: bool, what: str) -> list[Record]:
+def _records(path: str, skip_bad: bool, what: str) -> list[TilImage]:
     refuse_heldout(path)  # the held-out family is for evaluation only
     report = read_dataset(path, skip_bad=skip_bad)
     if report.skipped:
@@ -377,7 +377,7 @@ class Trainer:
         return final
 
 
-def retrieval_accuracy(model: Any, processor: Any, records: list[Record], maker: CropMaker,
+def retrieval_accuracy(model: Any, processor: Any, records: list[TilImage], maker: CropMaker,
                        prompt: str, max_length: int, device: str) -> float:
     """Mean over captions of [its own crop scores highest among its image's crops]."""
     import torch
