@@ -14,8 +14,9 @@ from spotline.common.settings import Settings
 
 
 def video_bench(settings: Settings, clips: str, max_clips: int, frames: int, absent: int,
-                json_path: str | None) -> dict[str, Any]:
-    """`spotline bench --video`: both modes on the same clips; prints the table."""
+                json_path: str | None, in_process: bool = False) -> dict[str, Any]:
+    """`spotline bench --video`: both modes on the same clips through the streaming pipeline
+    (and in this process with ``in_process``); prints the table."""
     from spotline import videobench
     from spotline.data.synth import all_captions
 
@@ -23,7 +24,7 @@ def video_bench(settings: Settings, clips: str, max_clips: int, frames: int, abs
         report = videobench.video_bench(settings, clips, max_clips=max_clips,
                                         max_frames=frames, absent=absent,
                                         abstain_below=settings.not_in_view_threshold or None,
-                                        vocabulary=all_captions())
+                                        vocabulary=all_captions(), in_process=in_process)
     except SpotlineError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(videobench.table(report))
@@ -107,25 +108,32 @@ def add_video_options(command: Any) -> Any:
         click.Option(["--video"], type=click.Path(exists=True, file_okay=False),
                      default=None, metavar="CLIPS",
                      help="Instead: per-frame mode against track mode on the clips under CLIPS "
-                     "(`spotline data synth --video`): frames/s, crops embedded per frame, "
-                     "accuracy (IoU > 0.5), caption flips per 100 frames, joint assignment, "
-                     "and held-out \"not in view\" with --video-absent."),
+                     "(`spotline data synth --video`), through the streaming pipeline "
+                     "(workers as `spotline up` starts them, frames published by the client): "
+                     "frames/s, crops embedded per frame, accuracy (IoU > 0.5), caption flips "
+                     "per 100 frames, \"not in view\" precision and recall with "
+                     "--video-absent."),
         click.Option(["--video-clips"], type=click.IntRange(1), default=4, show_default=True,
                      help="Clips to use."),
         click.Option(["--video-frames"], type=click.IntRange(1), default=60,
                      show_default=True, help="Frames per clip."),
         click.Option(["--video-absent"], type=click.IntRange(0), default=1, show_default=True,
                      help="Captions per frame that name nothing in the clip."),
+        click.Option(["--video-in-process"], is_flag=True,
+                     help="Also both modes in this process (the same stage code, no Redis "
+                     "hops; joint assignment; \"not in view\" with and without), labelled "
+                     "in-process."),
     ]
     original = command.callback
 
     @functools.wraps(original)
     def callback(*args: Any, video: str | None = None, video_clips: int = 4,
-                 video_frames: int = 60, video_absent: int = 1, **kwargs: Any) -> Any:
+                 video_frames: int = 60, video_absent: int = 1, video_in_process: bool = False,
+                 **kwargs: Any) -> Any:
         if video is None:
             return original(*args, **kwargs)
         video_bench(_root_settings(), video, video_clips, video_frames, video_absent,
-                    kwargs.get("json_path"))
+                    kwargs.get("json_path"), video_in_process)
         return None
 
     command.callback = callback

@@ -2,20 +2,25 @@
 
 Clips are folders with ``clip.mp4`` and a per-frame ``vlm.jsonl`` (``{"frame": k, "image":
 "clip.mp4", "annotations": [{"caption", "bbox": [l, t, w, h]}]}``), as ``spotline data synth
---video`` writes them. Each frame is JPEG-encoded (as a producer publishes it) and answered by
-both modes with the same stage objects; each clip is a source.
+--video`` writes them. Each frame is JPEG-encoded (as a producer publishes it); each clip is a
+source.
+
+The headline figures come from the streaming pipeline (``pipeline_mode``): for each mode in
+turn, Redis and one worker process per stage as `spotline up` starts them, the frames
+published by the client, the results read back; track mode is ``tracking=true`` with the
+settings as given ("not in view" auto: abstaining with the scorer's calibration). Optionally
+(``in_process``) both modes also run in this process on the same stage objects, alternating
+frame by frame: those figures are labelled "in-process".
 
 Figures per mode: frames/s, crops through the image tower per frame, per-frame accuracy (the
 caption's box against the truth at IoU > 0.5), and caption flips per 100 frames (a caption's
 box changing from one annotated object to another, or to or from a box that is none of them,
-between consecutive frames; summed over captions). Per-frame mode also reports joint
-assignment ("one box per caption") on the same scores. With ``absent`` > 0, every frame also
-asks for captions that name objects not in the clip, and track mode with "not in view" is
-judged with the scorer's own calibration (calibration.json beside it, fitted on stills of a
-validation split, with its threshold) on every clip; a scorer without one gets a calibration
-(with presence model and threshold) fitted on the first half of the clips' per-frame scores,
-judged on the second half. Reported: precision and recall of the abstentions, and accuracy on
-the captions in view with and without.
+between consecutive frames; summed over captions). With ``absent`` > 0, every frame also asks
+for captions that name objects not in the clip: precision and recall of the "no box"
+answers. In process, per-frame mode also reports joint assignment ("one box per caption") on
+the same scores, and "not in view" is judged with the scorer's own calibration
+(calibration.json beside it, with its threshold) on every clip; a scorer without one gets a
+calibration fitted on the first half of the clips' per-frame scores, judged on the second half.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import math
 import os
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +52,7 @@ from .trackmode import FrameAnswer, FrameModels, PerFrame, Tracked
 BoxLTWH = tuple[float, float, float, float]
 IOU_HIT = 0.5
 JPEG_QUALITY = 90
-# Targets of issue 13 (figures, never a test failure).
+# Targets of track mode (figures, never a test failure).
 TARGET_CROPS_RATIO = 3.0
 TARGET_FPS_RATIO = 2.0
 
@@ -274,38 +280,65 @@ def fit_on_clips(models: FrameModels,
 
 def video_bench(settings: Settings, clips_dir: str | Path, max_clips: int = 4,
                 max_frames: int = 60, options: TrackOptions | None = None, absent: int = 0,
-                abstain_below: float | None = None, vocabulary: Sequence[str] = ()
-                ) -> dict[str, Any]:
-    """Both modes on the same clips; a JSON-friendly report."""
-    # The settings' track mode (keyframes, IoU, evidence, joint), without abstaining: "not in
-    # view" is measured on its own below.
-    options = options or dataclasses.replace(options_from(settings), abstain_below=None)
+                abstain_below: float | None = None, vocabulary: Sequence[str] = (),
+                pipeline: bool = True, in_process: bool = False) -> dict[str, Any]:
+    """Both modes on the same clips; a JSON-friendly report. ``pipeline``: through the
+    streaming pipeline (``pipeline_mode``, per-frame mode then track mode with the settings'
+    track options and "not in view"); ``in_process``: also both modes in this process
+    (``in_process_bench``), under ``in_process``."""
     folders = find_clips(clips_dir)[:max_clips]
     clips = [(f.name, with_absent(load_clip(f, max_frames), vocabulary, absent, seed=i))
              for i, f in enumerate(folders)]
+    report: dict[str, Any] = {
+        "clips": [name for name, _ in clips], "frames": sum(len(f) for _, f in clips),
+        "settings": {"imgsz": settings.imgsz, "tta": settings.tta, "upscale": settings.upscale,
+                     "detector": settings.detector_weights, "scorer": settings.scorer_dir,
+                     "not_in_view": settings.not_in_view,
+                     "detect_every": settings.track_detect_every,
+                     "keyframe_every": settings.track_keyframe_every},
+        "cpus": os.cpu_count(), "absent_per_frame": absent}
+    load_before = os.getloadavg()
+    if pipeline:
+        per_frame = pipeline_mode(settings, clips, tracking=False)
+        track = pipeline_mode(settings, clips, tracking=True)
+        report["pipeline"] = {"per_frame": per_frame, "track": track,
+                              "crops_ratio": _div(per_frame["crops_per_frame"],
+                                                  track["crops_per_frame"]),
+                              "fps_ratio": _div(track["frames_per_s"],
+                                                per_frame["frames_per_s"])}
+    if in_process:
+        report["in_process"] = in_process_bench(settings, clips, options, absent,
+                                                abstain_below)
+    load_after = os.getloadavg()
+    # the machine's load averages (1, 5, 15 min) before and after: others' work slows a run
+    report["loadavg"] = [[round(v, 2) for v in load_before], [round(v, 2) for v in load_after]]
+    return report
+
+
+def in_process_bench(settings: Settings, clips: list[tuple[str, list[VideoFrame]]],
+                     options: TrackOptions | None = None, absent: int = 0,
+                     abstain_below: float | None = None) -> dict[str, Any]:
+    """Both modes in this process with the same stage objects (track mode: the track stage's
+    own step, spotline/trackmode.py), alternating frame by frame so that the machine's load
+    weighs on both alike; "not in view" measured on its own."""
+    # The settings' track mode (keyframes, IoU, evidence, joint), without abstaining: "not in
+    # view" is measured on its own below.
+    options = options or dataclasses.replace(options_from(settings), abstain_below=None)
     models = FrameModels(settings)
     # Warm both paths once (lazy inits, caches) so neither mode pays for them in its time.
     PerFrame(models).frame("warm", clips[0][1][0].image, clips[0][1][0].captions)
-    load_before = os.getloadavg()
     tallies = run_modes(clips, {"per-frame": PerFrame(models),
                                 "track": Tracked(models, options)})
-    load_after = os.getloadavg()
-    per_frame, joint, tracked = (tallies["per-frame"], tallies["per-frame+joint"],
-                                 tallies["track"])
-    report: dict[str, Any] = {
-        "clips": [name for name, _ in clips], "frames": per_frame.frames,
-        "settings": {"imgsz": settings.imgsz, "tta": settings.tta, "upscale": settings.upscale,
-                     "detector": settings.detector_weights, "scorer": settings.scorer_dir,
-                     "keyframe_every": options.reuse.keyframe_every,
-                     "detect_every": options.detect_every, "settle": options.settle,
-                     "redetect_motion": options.motion,
-                     "min_iou": options.reuse.min_iou, "decay": options.evidence.decay,
-                     "switch_frames": options.evidence.switch_frames},
-        "per_frame": per_frame.report(), "per_frame_joint": joint.report(),
-        "track": tracked.report(),
-        # the machine's 1-minute load average before and after the modes ran (others' work
-        # slows both modes alike: they alternate frame by frame)
-        "loadavg": [round(load_before[0], 2), round(load_after[0], 2)], "cpus": os.cpu_count()}
+    report: dict[str, Any] = {"per_frame": tallies["per-frame"].report(),
+                              "per_frame_joint": tallies["per-frame+joint"].report(),
+                              "track": tallies["track"].report(),
+                              "options": {"keyframe_every": options.reuse.keyframe_every,
+                                          "detect_every": options.detect_every,
+                                          "settle": options.settle,
+                                          "redetect_motion": options.motion,
+                                          "min_iou": options.reuse.min_iou,
+                                          "decay": options.evidence.decay,
+                                          "switch_frames": options.evidence.switch_frames}}
     pf, tr = report["per_frame"], report["track"]
     report["crops_ratio"] = _div(pf["crops_per_frame"], tr["crops_per_frame"])
     report["fps_ratio"] = _div(tr["frames_per_s"], pf["frames_per_s"])
@@ -347,35 +380,153 @@ def _not_in_view(models: FrameModels, clips: list[tuple[str, list[VideoFrame]]],
             "with": with_cal.report(), "without": without.report()}
 
 
+# --- through the streaming pipeline ----------------------------------------------------------
+PIPELINE_TIMEOUT_S = 900.0
+# the workers' series the bench reads besides the stage phases (crops through the image tower)
+_SERIES = {"spotline_crops_per_frame": (), "spotline_track_crops": ("outcome",),
+           "spotline_track_boxes": ("by",), "spotline_track_frames": ("outcome",)}
+
+
+def pipeline_mode(settings: Settings, clips: list[tuple[str, list[VideoFrame]]],
+                  tracking: bool, timeout_s: float = PIPELINE_TIMEOUT_S) -> dict[str, Any]:
+    """One mode through the streaming pipeline, as users run it: Redis (embedded unless the
+    settings give a URL) and one worker process per stage started by ``LocalPipeline`` (the
+    supervisor `spotline up` uses), every clip's frames published by the client (``Client
+    .publish``, each clip a source, the clips' frames interleaved as concurrent feeds send
+    them), every result read back. Frames/s: first publish to last result. Crops per frame
+    and detector runs from the workers' /metrics."""
+    from .bench.probes import delta, free_port_block, scrape, stage_phases
+    from .producer.client import Client
+    from .up import LocalPipeline, pipeline_stages
+
+    level = settings.log_level if settings.log_level.upper() == "DEBUG" else "ERROR"
+    s = settings.replace(tracking=tracking, namespace=f"video{uuid.uuid4().hex[:8]}",
+                         log_level=level)
+    stages = pipeline_stages(s)
+    s = s.replace(metrics_port=free_port_block(len(stages)))
+    pipe = LocalPipeline(s, metrics=True, ready_timeout=timeout_s)
+    with pipe as url:
+        assert pipe.supervisor is not None
+        ports = [c.metrics_port for c in pipe.supervisor.children if c.metrics_port]
+        client = Client.connect(url, s)
+        try:
+            # every worker warmed (lazy inits) on a source of its own, outside the timing
+            first = clips[0][1][0]
+            client.await_result(client.publish(first.image, first.captions, source_id="warm"),
+                                timeout=timeout_s)
+            before = _series(ports) | scrape(ports)
+            load_before = os.getloadavg()
+            started = time.time()
+            ids: dict[str, tuple[int, int]] = {}
+            for k in range(max(len(frames) for _, frames in clips)):
+                for c, (name, frames) in enumerate(clips):
+                    if k < len(frames):
+                        ids[client.publish(frames[k].image, frames[k].captions,
+                                           source_id=name)] = (c, k)
+            got = client.await_results(list(ids), timeout=timeout_s)
+            load_after = os.getloadavg()
+            during = delta(_series(ports) | scrape(ports), before)
+        finally:
+            client.close()
+    tally = Tally(seconds=max(r.finished_time for r in got.values()) - started)
+    by_frame = {ids[f]: r for f, r in got.items()}
+    for c, (_, frames) in enumerate(clips):
+        prev = None
+        for k, frame in enumerate(frames):
+            r = by_frame[(c, k)]
+            absent = r.absent or (False,) * len(r.boxes)
+            tally.frames += 1
+            prev = tally.add(frame, [None if gone else box
+                                     for box, gone in zip(r.boxes, absent, strict=True)], prev)
+    if tracking:
+        tally.crops = int(during.get("track_crops_total|embedded", 0.0))
+        tally.boxes = tally.crops + int(during.get("track_crops_total|reused", 0.0))
+        tally.detections = tally.frames - int(during.get("track_boxes_total|look", 0.0))
+    else:
+        tally.crops = tally.boxes = int(during.get("crops_per_frame_sum", 0.0))
+        tally.detections = tally.frames
+    return {**tally.report(), "errors": sum(r.error is not None for r in got.values()),
+            "stages": stage_phases(during, stages), "workers": len(ports),
+            "loadavg": [round(load_before[0], 2), round(load_after[0], 2)]}
+
+
+def _series(ports: Sequence[int]) -> dict[str, float]:
+    """The ``_SERIES`` summed over the workers' /metrics, keyed ``name|label``."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: dict[str, float] = {}
+    for port in ports:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        for family in text_string_to_metric_families(text):
+            labels = _SERIES.get(family.name)
+            if labels is None:
+                continue
+            for sample in family.samples:
+                if sample.name.endswith(("_bucket", "_created")):
+                    continue
+                key = "|".join([sample.name.removeprefix("spotline_"),
+                                *[sample.labels.get(k, "") for k in labels]])
+                totals[key] = totals.get(key, 0.0) + float(sample.value)
+    return totals
+
+
 def table(report: dict[str, Any]) -> str:
-    """The report as a few readable lines."""
-    rows = [("per-frame", report["per_frame"]), ("per-frame + joint", report["per_frame_joint"]),
-            ("track", report["track"])]
-    lines = [f"video bench: {len(report['clips'])} clips, {report['frames']} frames each mode",
-             f"{'mode':<20}{'frames/s':>10}{'crops/frame':>13}{'accuracy':>10}{'flips/100':>11}"
-             f"{'detector runs/frame':>21}"]
-    for name, r in rows:
-        if not r:
-            continue
-        fps = f"{r['frames_per_s']:.2f}" if "frames_per_s" in r and r["frames_per_s"] else "—"
-        lines.append(f"{name:<20}{fps:>10}{r['crops_per_frame']:>13.2f}"
-                     f"{r['accuracy']:>10.3f}{r['flips_per_100_frames']:>11.1f}"
-                     f"{r.get('detections_per_frame', 1.0):>21.2f}")
-    lines.append(f"track mode: {report['crops_ratio']:.2f}x fewer crops per frame (target "
-                 f"{TARGET_CROPS_RATIO:.0f}x), {report['fps_ratio']:.2f}x the frames/s (target "
-                 f"{TARGET_FPS_RATIO:.0f}x)")
+    """The report as a few readable lines: the pipeline's figures first, then the in-process
+    ones (labelled so)."""
+    lines = [f"video bench: {len(report['clips'])} clips, {report['frames']} frames per mode"]
+    header = (f"{'mode':<28}{'frames/s':>10}{'crops/frame':>13}{'accuracy':>10}"
+              f"{'flips/100':>11}{'detector runs/frame':>21}{'abstain P/R':>14}")
+    pipe = report.get("pipeline")
+    if pipe:
+        lines += ["through the streaming pipeline (spotline up's workers, frames published by "
+                  "the client):", header]
+        lines += [_row(f"per-frame{_load(pipe['per_frame'])}", pipe["per_frame"]),
+                  _row(f"track{_load(pipe['track'])}", pipe["track"]),
+                  _ratios("track mode", pipe)]
+    local = report.get("in_process")
+    if local:
+        lines += ["in-process (one process, the same stage code, modes alternating frame by "
+                  "frame):", header]
+        lines += [_row("per-frame", local["per_frame"]),
+                  _row("per-frame + joint", local["per_frame_joint"]),
+                  _row("track", local["track"]), _ratios("in-process track mode", local)]
+        lines += _not_in_view_lines(local.get("not_in_view"))
     if "loadavg" in report:
-        lines.append(f"load average {report['loadavg'][0]} before, {report['loadavg'][1]} after "
+        before, after = report["loadavg"]
+        lines.append(f"load average (1/5/15 min) {before} before, {after} after "
                      f"({report['cpus']} cpus)")
-    niv = report.get("not_in_view")
-    if niv and "error" in niv:
-        lines.append(f"not in view: {niv['error']}")
-    if niv and "with" in niv:
-        w = niv["with"]
-        where = ("every clip, the scorer's calibration" if isinstance(niv["fitted_on_clips"], str)
-                 else "held-out clips")
-        lines.append(f"not in view (threshold {niv['threshold']:.3f}, {where}): abstain "
-                     f"precision {w.get('abstain_precision', math.nan):.3f}, recall "
-                     f"{w.get('abstain_recall', math.nan):.3f}; accuracy on visible captions "
-                     f"{w['accuracy']:.3f} (without: {niv['without']['accuracy']:.3f})")
     return "\n".join(lines)
+
+
+def _load(r: dict[str, Any]) -> str:
+    return f" (load {r['loadavg'][0]}-{r['loadavg'][1]})" if "loadavg" in r else ""
+
+
+def _row(name: str, r: dict[str, Any]) -> str:
+    fps = f"{r['frames_per_s']:.2f}" if r.get("frames_per_s") else "—"
+    nv = (f"{r['abstain_precision']:.2f}/{r['abstain_recall']:.2f}"
+          if "abstain_recall" in r else "—")
+    return (f"{name:<28}{fps:>10}{r['crops_per_frame']:>13.2f}{r['accuracy']:>10.3f}"
+            f"{r['flips_per_100_frames']:>11.1f}{r.get('detections_per_frame', 1.0):>21.2f}"
+            f"{nv:>14}")
+
+
+def _ratios(what: str, r: dict[str, Any]) -> str:
+    return (f"{what}: {r['crops_ratio']:.2f}x fewer crops per frame (target "
+            f"{TARGET_CROPS_RATIO:.0f}x), {r['fps_ratio']:.2f}x the frames/s (target "
+            f"{TARGET_FPS_RATIO:.0f}x)")
+
+
+def _not_in_view_lines(niv: dict[str, Any] | None) -> list[str]:
+    if niv and "error" in niv:
+        return [f"in-process not in view: {niv['error']}"]
+    if not niv or "with" not in niv:
+        return []
+    w = niv["with"]
+    where = ("every clip, the scorer's calibration" if isinstance(niv["fitted_on_clips"], str)
+             else "held-out clips")
+    return [f"in-process not in view (threshold {niv['threshold']:.3f}, {where}): abstain "
+            f"precision {w.get('abstain_precision', math.nan):.3f}, recall "
+            f"{w.get('abstain_recall', math.nan):.3f}; accuracy on visible captions "
+            f"{w['accuracy']:.3f} (without: {niv['without']['accuracy']:.3f})"]

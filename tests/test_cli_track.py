@@ -66,7 +66,7 @@ def test_calibrate_writes_beside_the_scorer(tmp_path, data_dir, redis_server):
     assert bad.exit_code != 0
 
 
-def test_bench_video_and_eval_grounding_options(tmp_path, data_dir):
+def test_bench_video_and_eval_grounding_options(tmp_path, data_dir, redis_server):
     """The options the CLI adds to `bench` and `eval` (on stand-in commands of the same
     parameters: the wrappers touch nothing else)."""
     from spotline.cli_track import add_grounding_options, add_video_options
@@ -88,7 +88,8 @@ def test_bench_video_and_eval_grounding_options(tmp_path, data_dir):
     add_video_options(bench)
     add_grounding_options(eval_cmd)
     env = {"SPOTLINE_DATA_DIR": str(data_dir), "SPOTLINE_IMGSZ": "256", "SPOTLINE_WARMUP": "0",
-           "SPOTLINE_MAX_DET": "3", "SPOTLINE_TTA": "false", "SPOTLINE_UPSCALE": "false"}
+           "SPOTLINE_MAX_DET": "3", "SPOTLINE_TTA": "false", "SPOTLINE_UPSCALE": "false",
+           "SPOTLINE_REDIS_URL": redis_server.url}  # bench --video's pipelines use it
     runner = CliRunner()
     assert runner.invoke(bench, [], env=env).exit_code == 0 and called == ["bench"]
     for k in range(2):
@@ -96,8 +97,10 @@ def test_bench_video_and_eval_grounding_options(tmp_path, data_dir):
     out = runner.invoke(bench, ["--video", str(tmp_path / "clips"), "--video-frames", "2",
                                 "--json", str(tmp_path / "v.json")], env=env)
     assert out.exit_code == 0, out.output
-    assert "track mode:" in out.output and called == ["bench"]
-    assert json.loads((tmp_path / "v.json").read_text())["frames"] == 4
+    assert "through the streaming pipeline" in out.output and "track mode:" in out.output
+    assert "in-process" not in out.output and called == ["bench"]  # unless --video-in-process
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert report["frames"] == 4 and report["pipeline"]["track"]["frames"] == 4
     dataset = tmp_path / "ds"
     (dataset / "images").mkdir(parents=True)
     ok, buf = cv2.imencode(".jpg", np.full((96, 128, 3), 90, np.uint8))

@@ -69,21 +69,40 @@ def test_identity_of_a_box():
     assert identity(None, frame) == -2
 
 
-def test_video_bench_runs_both_modes(tmp_path, data_dir):
+def test_video_bench_runs_both_modes(tmp_path, data_dir, redis_server):
+    """Through the streaming pipeline (workers started as `spotline up` starts them, frames
+    published by the client) and in process, on the same two clips."""
     for k in range(2):
         write_clip(tmp_path / f"clip_{k:03d}", k, frames=3)
     settings = Settings(data_dir=str(data_dir), imgsz=256, warmup=0, max_det=4, tta=False,
-                        upscale=False)
+                        upscale=False, redis_url=redis_server.url)
     report = video_bench(settings, tmp_path, max_clips=2, max_frames=3, absent=1,
-                         vocabulary=["green star", "pink ring", "black cross"])
-    pf, tr, joint = report["per_frame"], report["track"], report["per_frame_joint"]
-    assert pf["frames"] == tr["frames"] == joint["frames"] == 6
-    assert pf["crops_per_frame"] == pf["boxes_per_frame"] == tr["boxes_per_frame"]
-    assert tr["crops_per_frame"] <= pf["crops_per_frame"]
-    for r in (pf, tr, joint):
-        assert 0.0 <= r["accuracy"] <= 1.0 and r["flips_per_100_frames"] >= 0
-    niv = report["not_in_view"]
+                         vocabulary=["green star", "pink ring", "black cross"],
+                         in_process=True)
+    assert report["frames"] == 6
+    pipe = report["pipeline"]
+    pf, tr = pipe["per_frame"], pipe["track"]
+    assert pf["frames"] == tr["frames"] == 6 and pf["errors"] == tr["errors"] == 0
+    # every box of every frame scored in per-frame mode; track mode embeds at most as many
+    # (the tiny random detector's boxes, read from the workers' /metrics)
+    assert pf["crops_per_frame"] == pf["boxes_per_frame"] > 0
+    assert tr["boxes_per_frame"] > 0 and tr["crops_per_frame"] <= tr["boxes_per_frame"]
+    assert pf["workers"] == 3 and tr["workers"] == 3  # detect, score, collect; detect, track,
+    # collect
+    assert set(tr["stages"]) == {"detect", "track", "collect"}
+    assert tr["stages"]["track"]["entries"] == 6
+    for r in (pf, tr):
+        assert r["frames_per_s"] > 0 and 0.0 <= r["accuracy"] <= 1.0
+        assert r["flips_per_100_frames"] >= 0 and "abstain_recall" in r
+    assert pf["abstain_recall"] == 0.0  # per-frame mode answers every caption with a box
+    local = report["in_process"]
+    lpf, ltr, joint = local["per_frame"], local["track"], local["per_frame_joint"]
+    assert lpf["frames"] == ltr["frames"] == joint["frames"] == 6
+    assert lpf["crops_per_frame"] == lpf["boxes_per_frame"] == ltr["boxes_per_frame"]
+    assert ltr["crops_per_frame"] <= lpf["crops_per_frame"]
+    niv = local["not_in_view"]
     assert niv["fitted_on_clips"] == ["clip_000"] and niv["held_out_clips"] == ["clip_001"]
     assert "with" in niv or "error" in niv
     text = table(report)
-    assert "per-frame" in text and "track" in text and "fewer crops" in text
+    assert text.index("through the streaming pipeline") < text.index("in-process")
+    assert "track mode:" in text and "in-process track mode:" in text
