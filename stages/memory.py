@@ -116,13 +116,18 @@ class Recorder:
 
 def remember(stage: Any, env: Any, answer: Mapping[str, Any], fresh: Mapping[int, Any]) -> None:
     """The track stage's hook: keep a tracked frame in its source's memory (with
-    ``ask_memory`` on; the recorder is made on first use, on the stage's own connection)."""
+    ``ask_memory`` on; the recorder is made on first use, on the stage's own connection). A
+    stage whose stores live in this process (spotline/trackmode.py's Tracked) keeps none."""
     recorder = getattr(stage, "_memory", None)
+    if recorder is False:
+        return
     if recorder is None:
         settings = stage.settings
-        if not settings.ask_memory:
+        transport = getattr(stage.cache, "t", None)  # None: stores in this process, no Redis
+        if not settings.ask_memory or transport is None:
+            stage._memory = False
             return
-        recorder = Recorder(MemoryStore.for_settings(settings, stage.cache.t),
+        recorder = Recorder(MemoryStore.for_settings(settings, transport),
                             settings.ask_precision, settings.ask_embed_every_s)
         stage._memory = recorder
     recorder.record(env.source_id, env.seq, env.capture_time, answer["boxes"],
