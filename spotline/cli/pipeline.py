@@ -23,7 +23,7 @@ from .context import Ctx, need_url, pass_ctx
 def worker(ctx: Ctx, stage: str, burst: bool, metrics_port: int | None,
            stage_class: str | None) -> None:
     """Run one worker of STAGE (a consumer in the stage's group) until SIGTERM/SIGINT."""
-    from spotline.common.serve import run_stage
+    from spotline.common.worker_main import run_stage
     from spotline.stages import load_stage
 
     url = need_url(ctx.settings)
