@@ -190,7 +190,11 @@ def test_each_stage_chooses_and_keeps_its_precision(exported: dict[str, Path],
         assert again.precision_choices[0].precision == choice.precision
 
 
-def test_a_set_precision_and_torch_are_said_too(exported: dict[str, Path]) -> None:
+def test_a_set_precision_and_torch_are_said_too(exported: dict[str, Path],
+                                                tmp_path: Path) -> None:
+    import shutil
+
+    from spotline.export import export_model
     from spotline.stages.upscale import Upscale
 
     stage = Upscale(_settings(exported, export_precision_upscaler="int8"))
@@ -199,6 +203,14 @@ def test_a_set_precision_and_torch_are_said_too(exported: dict[str, Path]) -> No
     stage = Upscale(_settings(exported, backend="torch"))
     stage.setup()
     assert [(c.precision, c.reason) for c in stage.precision_choices] == [("fp32", "torch")]
+    # an engine with no fp32 export: its one precision runs, unchecked, and says so
+    source = tmp_path / "upscaler.pth"
+    shutil.copyfile(exported["upscaler"], source)
+    export_model("upscaler", source, ("onnx",), ("int8",))
+    stage = Upscale(_settings(exported, backend="onnx").replace(upscaler_weights=str(source)))
+    stage.setup()
+    assert [(c.precision, c.reason) for c in stage.precision_choices] == [("int8", "set")]
+    assert "no fp32 to check it against" in stage.precision_choices[0].detail
 
 
 def test_the_choice_is_a_metric_label(exported: dict[str, Path], transport: Transport,
@@ -209,7 +221,8 @@ def test_the_choice_is_a_metric_label(exported: dict[str, Path], transport: Tran
     from spotline.common.worker import Worker
     from spotline.stages.upscale import Upscale
 
-    s = settings.replace(upscaler_weights=str(exported["upscaler"]), warmup=0)
+    s = settings.replace(upscaler_weights=str(exported["upscaler"]),
+                         scorer_dir=str(exported["scorer"]), warmup=0)
     metrics = Metrics()
     stage = Upscale(s)
     Worker(stage, s, transport, burst=True, metrics=metrics).run()

@@ -359,7 +359,7 @@ def choose(model: str, settings: Any, source: Path | str, threads: int) -> tuple
 
 
 def _choose(model: str, settings: Any, source: Path, threads: int) -> tuple[str, Choice]:
-    from . import choose_backend
+    from . import choose_backend, onnx_has_cuda
     from .manifest import PRECISIONS, verified_manifest
 
     requested = settings.precision_for(model)
@@ -375,7 +375,14 @@ def _choose(model: str, settings: Any, source: Path, threads: int) -> tuple[str,
                               if settings.backend == "auto" else "backend torch")
     directory, manifest = verified_manifest(source, model)
     exported = [p for p in PRECISIONS if manifest.has(engine, p)]
-    precisions, why = candidates(engine, device, exported)
+    if "fp32" not in exported:  # nothing to check a lower precision against: take what is
+        log.warning("%s: no %s fp32 export to measure against; running %s unchecked", model,
+                    engine, exported[0] if exported else "fp32")
+        return engine, Choice(model, exported[0] if exported else "fp32", "set",
+                              f"the only {engine} export (no fp32 to check it against)")
+    cuda = device.startswith("cuda") or (device == "auto" and engine == "onnx"
+                                         and onnx_has_cuda())
+    precisions, why = candidates(engine, "cuda" if cuda else "cpu", exported)
     if precisions == ["fp32"]:
         return engine, Choice(model, "fp32", "only-fp32", f"{engine}: {why}")
     trial = TRIALS[model](source, engine, manifest.meta, device, threads, _imgsz(settings))
