@@ -4,7 +4,6 @@ the crops and fan them out in parts of at most ``crops_per_part``."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -22,8 +21,6 @@ from .backends import tiling
 from .backends.detector import rescale_ultralytics
 from .base import Routed, Stage
 from .libs import offline_env, undo_ultralytics_pil_patch
-
-log = logging.getLogger(__name__)
 
 # The seed warmed up on a blank frame of the competition's size.
 WARMUP_SIZE = (1520, 870)  # width, height

@@ -3,7 +3,6 @@ every envelope in a batch go through the image tower together."""
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,6 @@ from ..common.topology import next_stage
 from . import backends, runtime
 from .base import Routed, Stage, check_crops
 from .libs import offline_env
-
-log = logging.getLogger(__name__)
 
 # Crops per image-tower call with score_chunk 0 (auto). On the CPU a larger call is no faster
 # per crop for a large input (SigLIP-large-384 int8 on OpenVINO, 2 threads, 16 crops: 9.3-10.0 s

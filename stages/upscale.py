@@ -3,7 +3,6 @@ crop at the scorer's input size so entries stay bounded."""
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 from pathlib import Path
@@ -19,8 +18,6 @@ from ..common.topology import next_stage
 from . import backends, runtime
 from .base import Routed, Stage, check_crops
 from .libs import torchvision_shim
-
-log = logging.getLogger(__name__)
 
 
 class Upscale(Stage):
