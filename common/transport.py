@@ -342,9 +342,10 @@ class Transport:
                    for o in outputs]
         self.write(stage, records, done, "commit")
 
-    def trim(self, stream: str, maxlen: int) -> None:
-        """Cap a stream at about ``maxlen`` entries (MAXLEN ~)."""
-        self.call(lambda: self.r.xtrim(stream, maxlen=maxlen, approximate=True), "trim")
+    def trim(self, stream: str, maxlen: int, *, exact: bool = False) -> None:
+        """Cap a stream at about ``maxlen`` entries (MAXLEN ~), or at exactly ``maxlen`` with
+        ``exact`` (MAXLEN =, slower)."""
+        self.call(lambda: self.r.xtrim(stream, maxlen=maxlen, approximate=not exact), "trim")
 
     def length(self, stream: str) -> int:
         """XLEN (0 for a stream that does not exist)."""
@@ -382,6 +383,72 @@ class Transport:
         """HGETALL a hash, field names as text ({} when the key does not exist)."""
         raw = self.call(lambda: self.r.hgetall(key), "hash")
         return {_s(k): v for k, v in raw.items()}  # type: ignore[union-attr]
+
+    # --- plain keys and hashes (the producer's sequence numbers, previews, feed registry) ----
+    def increment(self, key: str) -> int:
+        """INCR a counter key; its new value."""
+        return int(self.call(lambda: self.r.incr(key), "increment"))  # type: ignore[arg-type]
+
+    def set_value(self, key: str, value: bytes | str, *, ttl_s: int | None = None,
+                  ttl_ms: int | None = None, only_new: bool = False) -> bool:
+        """SET a plain key, expiring after ``ttl_s`` seconds or ``ttl_ms`` milliseconds;
+        ``only_new`` (NX): only when the key does not exist. True when it was set."""
+        return bool(self.call(lambda: self.r.set(key, value, ex=ttl_s, px=ttl_ms,
+                                                 nx=only_new), "set"))
+
+    def delete_keys(self, *keys: str) -> int:
+        """DEL keys of any type (a stream too); how many existed."""
+        if not keys:
+            return 0
+        return int(self.call(lambda: self.r.delete(*keys), "delete"))  # type: ignore[arg-type]
+
+    def set_field(self, key: str, name: str, value: bytes | str, *,
+                  only_new: bool = False) -> bool:
+        """HSET one field of a hash; ``only_new`` (HSETNX): only when the field does not
+        exist, and True only then."""
+        if only_new:
+            return bool(self.call(lambda: self.r.hsetnx(key, name, value), "set field"))
+        self.call(lambda: self.r.hset(key, name, value), "set field")
+        return True
+
+    def set_field_within(self, key: str, name: str, value: bytes | str, limit: int) -> int:
+        """HSETNX only while the hash holds fewer than ``limit`` fields, checked atomically
+        (WATCH: a concurrent write makes it look again): 1 set, 0 the field exists, -1 the
+        hash is full."""
+        def add() -> int:
+            with self.r.pipeline(transaction=True) as pipe:
+                while True:
+                    try:
+                        pipe.watch(key)
+                        if pipe.hexists(key, name):
+                            return 0
+                        if pipe.hlen(key) >= limit:
+                            return -1
+                        pipe.multi()
+                        pipe.hsetnx(key, name, value)
+                        return int(pipe.execute()[0])
+                    except redis.WatchError:
+                        continue
+        return int(self.call(add, "set field within"))
+
+    def increment_field(self, key: str, name: str, by: int = 1) -> int:
+        """HINCRBY one field of a hash; its new value."""
+        return int(self.call(lambda: self.r.hincrby(key, name, by), "increment field"))
+
+    def delete_fields(self, fields: Sequence[tuple[str, str]]) -> list[int]:
+        """In one transaction: HDEL each (hash, field); how many each removed (0 or 1)."""
+        def delete() -> list[int]:
+            pipe = self.r.pipeline(transaction=True)
+            for key, name in fields:
+                pipe.hdel(key, name)
+            return [int(n) for n in pipe.execute()]
+        return self.call(delete, "delete fields") if fields else []
+
+    def memory(self) -> dict[str, int]:
+        """Redis' ``used_memory`` and ``used_memory_peak`` (INFO memory), in bytes."""
+        info = self.call(lambda: self.r.info("memory"), "memory")
+        return {"used_memory": int(info["used_memory"]),  # type: ignore[index]
+                "used_memory_peak": int(info["used_memory_peak"])}  # type: ignore[index]
 
     def move(self, src: str, entry_id: str, dst: str, fields: dict[bytes, bytes]) -> None:
         """In one transaction: XADD ``fields`` to ``dst`` and XDEL the entry from ``src``."""

@@ -81,7 +81,7 @@ class Client:
             self._group_ready = True
         seq = -1
         if self.settings.tracking if sequenced is None else sequenced:
-            seq = int(self.t.call(lambda: self.t.r.incr(self.keys.seq(source_id)), "seq"))
+            seq = self.t.increment(self.keys.seq(source_id))
         env = Envelope(frame_id=frame_id or new_frame_id(), source_id=source_id,
                        capture_time=time.time() if capture_time is None else capture_time,
                        captions=captions, image=bytes(image), image_size=image_size, seq=seq,

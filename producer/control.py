@@ -142,45 +142,23 @@ class Registry:
         FeedRefused when the registry holds that many feeds already (checked atomically)."""
         if limit:
             return self._add_within(feed, limit)
-        if replace:
-            self.t.call(lambda: self.t.r.hset(self.keys.sources, feed.source_id,
-                                              feed.to_json()), "add source")
-            return True
-        return bool(self.t.call(lambda: self.t.r.hsetnx(self.keys.sources, feed.source_id,
-                                                        feed.to_json()), "add source"))
+        return self.t.set_field(self.keys.sources, feed.source_id, feed.to_json(),
+                                only_new=not replace)
 
     def _add_within(self, feed: FeedSpec, limit: int) -> bool:
-        """HSETNX only while the hash holds fewer than ``limit`` fields (WATCH: a concurrent
-        add makes us look again)."""
-        from redis.exceptions import WatchError
-
-        def add() -> int:
-            with self.t.r.pipeline(transaction=True) as pipe:
-                while True:
-                    try:
-                        pipe.watch(self.keys.sources)
-                        if pipe.hexists(self.keys.sources, feed.source_id):
-                            return 0
-                        if pipe.hlen(self.keys.sources) >= limit:
-                            return -1
-                        pipe.multi()
-                        pipe.hsetnx(self.keys.sources, feed.source_id, feed.to_json())
-                        return int(pipe.execute()[0])
-                    except WatchError:
-                        continue
-        added = int(self.t.call(add, "add source"))
+        """Add the feed only while the registry holds fewer than ``limit`` feeds (checked
+        atomically: a concurrent add makes the check look again)."""
+        added = self.t.set_field_within(self.keys.sources, feed.source_id, feed.to_json(),
+                                        limit)
         if added < 0:
             FeedPolicy(max_feeds=limit).check_count(limit)
         return added > 0
 
     def remove(self, source_id: str) -> bool:
         """Unregister a feed (its supervisor stops it within a poll); False when unknown."""
-        def remove() -> int:
-            pipe = self.t.r.pipeline(transaction=True)
-            pipe.hdel(self.keys.sources, source_id)
-            pipe.hdel(self.keys.source_status, source_id)
-            return int(pipe.execute()[0])
-        return bool(self.t.call(remove, "remove source"))
+        removed = self.t.delete_fields([(self.keys.sources, source_id),
+                                        (self.keys.source_status, source_id)])
+        return bool(removed[0])
 
     def feeds(self) -> dict[str, FeedSpec]:
         out = {}
@@ -205,11 +183,10 @@ class Registry:
 
     def report(self, source_id: str, status: FeedStatus) -> None:
         status.updated = time.time()
-        self.t.call(lambda: self.t.r.hset(self.keys.source_status, source_id,
-                                          json.dumps(asdict(status))), "report source")
+        self.t.set_field(self.keys.source_status, source_id, json.dumps(asdict(status)))
 
     def forget(self, source_id: str) -> None:
-        self.t.call(lambda: self.t.r.hdel(self.keys.source_status, source_id), "forget source")
+        self.t.delete_fields([(self.keys.source_status, source_id)])
 
     def listing(self) -> list[dict[str, Any]]:
         """Every registered feed with its status (JSON-friendly), by id."""
@@ -397,8 +374,7 @@ class Supervisor:
 
     def _take_lease(self, sid: str) -> bool:
         key = self.t.keys.source_lease(sid)
-        return bool(self.t.call(lambda: self.t.r.set(key, self.owner, nx=True,
-                                                     px=self.lease_ms), "lease"))
+        return self.t.set_value(key, self.owner, ttl_ms=self.lease_ms, only_new=True)
 
     def _renew_lease(self, sid: str) -> bool:
         key = self.t.keys.source_lease(sid)

@@ -85,7 +85,7 @@ class Previews:
         key = self.t.keys.preview(frame_id)
         record = msgpack.packb({"source": source_id, "jpeg": jpeg}, use_bin_type=True)
         try:
-            self.t.call(lambda: self.t.r.set(key, record, ex=self.ttl_s), "preview")
+            self.t.set_value(key, record, ttl_s=self.ttl_s)
         except SpotlineError as exc:
             log.debug("frame=%s preview not stored: %s", frame_id, exc)
             return False
@@ -111,8 +111,7 @@ class Previews:
         if reason not in DROP_REASONS:
             raise ValueError(f"reason must be one of {DROP_REASONS}")
         try:
-            self.t.call(lambda: self.t.r.hincrby(self.t.keys.counters,
-                                                 f"{reason}:{source_id}", 1), "count drop")
+            self.t.increment_field(self.t.keys.counters, f"{reason}:{source_id}")
         except SpotlineError as exc:
             log.debug("drop of %s not counted: %s", source_id, exc)
 

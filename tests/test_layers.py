@@ -53,3 +53,43 @@ def test_layers_import_downward(layer: str) -> None:
               for path in files for line, target in _imported_layers(path, layer)
               if target not in ALLOWED[layer]]
     assert not upward, "upward imports:\n" + "\n".join(upward)
+
+
+
+# The names a Transport goes by in the sources (``t``, ``self.t``, ``client.t``, ``transport``).
+TRANSPORT_NAMES = {"t", "tr", "transport", "_t", "_transport"}
+
+
+def _raw_client_uses(source: str, where: str) -> list[tuple[int, str]]:
+    """(line, expression) of each ``X.r`` where X is a Transport by its name: the raw
+    redis-py client, which skips the Transport's reconnects."""
+    out = []
+    for node in ast.walk(ast.parse(source, where)):
+        if not (isinstance(node, ast.Attribute) and node.attr == "r"):
+            continue
+        base = node.value
+        name = base.id if isinstance(base, ast.Name) else getattr(base, "attr", None)
+        if name in TRANSPORT_NAMES:
+            out.append((node.lineno, ast.unparse(node)))
+    return sorted(out)
+
+
+def test_only_the_transport_touches_the_redis_client() -> None:
+    """Every Redis command goes through a Transport method (and so through ``call``, with its
+    reconnects); no module but common/transport.py reaches for the raw client."""
+    files = [path for layer in (*sorted(LAYERS), "spotline")
+             for path in sorted((ROOT / layer).rglob("*.py"))
+             if path != ROOT / "common" / "transport.py"]
+    assert len(files) > 50, "the package sources were not found"
+    raw = [f"{path.relative_to(ROOT)}:{line} {expr}" for path in files
+           for line, expr in _raw_client_uses(path.read_text(encoding="utf-8"), str(path))]
+    assert not raw, ("the raw Redis client outside common/transport.py (add a Transport "
+                     "method):\n" + "\n".join(raw))
+
+
+def test_the_raw_client_guard_sees_each_spelling() -> None:
+    source = ("t.r.get('k')\nself.t.r.incr('k')\nclient.t.r.xlen('s')\n"
+              "transport.r.delete('k')\nr = self.transport.r\ncolour.r + 1\n")
+    assert _raw_client_uses(source, "probe.py") == [
+        (1, "t.r"), (2, "self.t.r"), (3, "client.t.r"), (4, "transport.r"),
+        (5, "self.transport.r")]

@@ -147,3 +147,51 @@ def test_gives_up_with_a_clear_error(settings: Settings) -> None:
     server.close()
     with pytest.raises(TransportError, match="unreachable"):
         t.ensure_group("detect")
+
+
+def test_plain_keys_and_hashes(transport: Transport) -> None:
+    """The writes of the producer side: counters, expiring keys, leases, registry fields."""
+    k = transport.keys
+    assert [transport.increment(k.seq("cam")) for _ in range(3)] == [1, 2, 3]
+    assert transport.set_value(k.preview("F"), b"jpeg", ttl_s=60)
+    assert transport.get(k.preview("F")) == b"jpeg" and 0 < transport.r.ttl(k.preview("F")) <= 60
+    lease = k.source_lease("cam")
+    assert transport.set_value(lease, "me", ttl_ms=5000, only_new=True)
+    assert not transport.set_value(lease, "you", ttl_ms=5000, only_new=True)
+    assert transport.get(lease) == b"me" and 0 < transport.r.pttl(lease) <= 5000
+    assert transport.set_field(k.sources, "a", "1")
+    assert not transport.set_field(k.sources, "a", "2", only_new=True)
+    assert transport.set_field(k.sources, "b", "3", only_new=True)
+    assert transport.fields(k.sources) == {"a": b"1", "b": b"3"}
+    assert transport.set_field_within(k.sources, "a", "x", 5) == 0  # exists
+    assert transport.set_field_within(k.sources, "c", "4", 3) == 1
+    assert transport.set_field_within(k.sources, "d", "5", 3) == -1  # full
+    assert transport.increment_field(k.counters, "dropped:cam") == 1
+    assert transport.increment_field(k.counters, "dropped:cam", 2) == 3
+    transport.set_field(k.source_status, "a", "running")
+    assert transport.delete_fields([(k.sources, "a"), (k.source_status, "a"),
+                                    (k.sources, "nope")]) == [1, 1, 0]
+    assert transport.delete_fields([]) == []
+    assert transport.delete_keys(k.preview("F"), k.seq("cam"), k.join("none")) == 2
+    assert transport.delete_keys() == 0 and transport.get(k.preview("F")) is None
+    memory = transport.memory()
+    assert 0 < memory["used_memory"] <= memory["used_memory_peak"]
+
+
+def test_exact_trim_empties_a_stream_and_keeps_its_group(transport: Transport) -> None:
+    _fill(transport, "detect", 3)
+    transport.ensure_group("detect")
+    transport.trim(transport.keys.inbox("detect"), 0, exact=True)
+    assert transport.length(transport.keys.inbox("detect")) == 0
+    assert transport.group_info(transport.keys.inbox("detect"), transport.keys.group("detect"))
+
+
+def test_plain_key_writes_ride_out_a_restart(settings: Settings) -> None:
+    with EmbeddedRedis() as server:
+        t = Transport(settings.replace(reconnect_max_s=20), url=server.url)
+        assert t.increment(t.keys.seq("cam")) == 1
+        server.stop()  # in-memory server: the counter is gone with it
+        threading.Timer(0.5, server.start).start()
+        assert t.increment(t.keys.seq("cam")) == 1  # retried until the server is back
+        assert t.outages == 1
+        assert t.set_field(t.keys.sources, "cam", "{}", only_new=True)

@@ -208,12 +208,6 @@ def entry_sizes(m: dict[str, float]) -> dict[str, dict[str, float]]:
 
 
 # --- 2. the in-process reference --------------------------------------------------------------
-def redis_memory(r: Any) -> dict[str, int]:
-    info = r.info("memory")
-    return {"used_memory": int(info["used_memory"]),
-            "used_memory_peak": int(info["used_memory_peak"])}
-
-
 def machine_info() -> dict[str, Any]:
     import torch
 

@@ -18,6 +18,7 @@ import numpy as np
 from spotline.common.embedded import EmbeddedRedis
 from spotline.common.envelope import Result
 from spotline.common.settings import Settings
+from spotline.common.topology import FRAMES
 
 from .probes import (
     RssSampler,
@@ -27,7 +28,6 @@ from .probes import (
     model_time,
     ms,
     percentiles,
-    redis_memory,
     scrape,
     stage_phases,
     throughput,
@@ -168,8 +168,8 @@ def run_streaming(settings: Settings, frames: Sequence[Frame], workers: dict[str
             if light:
                 out["light"] = one_at_a_time(frames[:light], rounds,
                                              lambda f: _one_frame(client, f, timeout_s))
-            out["redis"] = redis_memory(client.t.r)
-            out["inbox_lengths_after"] = {st: int(client.t.r.xlen(client.keys.inbox(st)))
+            out["redis"] = client.t.memory()
+            out["inbox_lengths_after"] = {st: client.t.length(client.keys.inbox(st))
                                           for st in stages}
             client.close()
     from spotline.stages import runtime
@@ -221,10 +221,10 @@ def backlog_memory(settings: Settings, frames: Sequence[Frame], n: int) -> dict[
     s = _bench_settings(settings)
     with EmbeddedRedis() as server:
         client = Client.connect(server.url, s)
-        r = client.t.r
+        t, inbox = client.t, client.keys.inbox(FRAMES)
         client.publish(frames[0].image, frames[0].captions)  # stream and group exist
-        r.xtrim(client.keys.inbox("detect"), maxlen=0)
-        base = redis_memory(r)["used_memory"]
+        t.trim(inbox, 0, exact=True)
+        base = t.memory()["used_memory"]
         payload = 0
         t0 = time.perf_counter()
         for i in range(n):
@@ -232,10 +232,10 @@ def backlog_memory(settings: Settings, frames: Sequence[Frame], n: int) -> dict[
             client.publish(f.image, f.captions, source_id="bench-backlog")
             payload += len(f.image)
         publish_s = time.perf_counter() - t0
-        held = redis_memory(r)
-        backlog = client.t.backlog("detect")
-        r.delete(client.keys.inbox("detect"))
-        after = redis_memory(r)["used_memory"]
+        held = t.memory()
+        backlog = t.backlog(FRAMES)
+        t.delete_keys(inbox)
+        after = t.memory()["used_memory"]
         client.close()
     grown = held["used_memory"] - base
     return {"frames": n, "backlog_entries": backlog, "image_bytes": payload,

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from spotline.common.settings import Settings
+from spotline.common.transport import FRAME_FIELD, Transport
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +115,12 @@ class SoakReport:
 class _Meter:
     """RSS of named processes and Redis' used_memory, sampled on demand."""
 
-    def __init__(self, pids: dict[str, int], redis: Any) -> None:
+    def __init__(self, pids: dict[str, int], transport: Transport) -> None:
         import psutil
 
         self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
         self.series = {name: Series() for name in pids}
-        self.redis = redis
+        self.t = transport
         self.t0 = time.monotonic()
 
     def sample(self) -> None:
@@ -133,7 +134,7 @@ class _Meter:
                 pass
 
     def used_memory(self) -> int:
-        return int(self.redis.info("memory")["used_memory"])
+        return self.t.memory()["used_memory"]
 
     def mark_warm(self) -> None:
         for s in self.series.values():
@@ -160,7 +161,7 @@ def run_soak(settings: Settings, seconds: float, rate: float = 1.0,
         if pipe.server is not None and pipe.server.proc is not None:
             pids["redis-server"] = pipe.server.proc.pid
         pids["soak (client)"] = os.getpid()
-        meter = _Meter(pids, client.t.r)
+        meter = _Meter(pids, client.t)
         meter.sample()
         report.redis_used_memory["start"] = meter.used_memory()
         echo(f"soak: pipeline ready ({', '.join(pids)}); publishing {rate:g} frames/s for "
@@ -220,10 +221,10 @@ def _publish(client: Any, frames: list[bytes], seconds: float, rate: float, warm
 
 def _duplicates(client: Any, ids: set[str]) -> int:
     """Entries in the results stream for these frames beyond one each (each entry names its
-    frame in the ``f`` field)."""
+    frame in its FRAME_FIELD)."""
     counts: Counter[str] = Counter()
-    for _, fields in client.t.r.xrange(client.keys.results):
-        fid = fields.get(b"f", b"").decode()
+    for _, fields in client.t.entries(client.keys.results):
+        fid = fields.get(FRAME_FIELD, b"").decode()
         if fid in ids:
             counts[fid] += 1
     return sum(c - 1 for c in counts.values() if c > 1)
