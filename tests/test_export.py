@@ -47,9 +47,10 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _settings(tiny: dict[str, Path], **changes: object) -> Settings:
+    # parity is checked at fp32 (export_precision auto could take the scorer's int8 here)
     return load_settings(env={}, detector_weights=str(tiny["detector"]),
                          upscaler_weights=str(tiny["upscaler"]), scorer_dir=str(tiny["scorer"]),
-                         imgsz=320, warmup=0, **changes)
+                         imgsz=320, warmup=0, export_precision="fp32", **changes)
 
 
 def test_manifest_records_the_checkpoint(tiny: dict[str, Path]) -> None:
