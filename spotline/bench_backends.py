@@ -308,8 +308,6 @@ def add_backends_options(command: Any) -> Any:
                  backend_part: str = "all", pipeline_frames: int = 4, **kwargs: Any) -> Any:
         if not backends:
             return original(*args, **kwargs)
-        from spotline.common.errors import SpotlineError
-
         settings = click.get_current_context().find_root().obj.settings
         real = bool(kwargs.get("real"))
         if real:  # real-size models at the seed's settings, not the demo models' overlay
@@ -320,21 +318,17 @@ def add_backends_options(command: Any) -> Any:
         say = functools.partial(click.echo, err=True)
         paths = model_paths(settings, real)
         report: dict[str, Any] = {"real": real, "cases": {}}
-        try:
-            if backend_part != "pipeline":
-                report.update(bench_backends(settings, paths, runs=runs, say=say))
-            if backend_part != "models":
-                from spotline.bench import exported
+        if backend_part != "pipeline":
+            report.update(bench_backends(settings, paths, runs=runs, say=say))
+        if backend_part != "models":
+            from spotline.bench import exported
 
-                engines = [settings.backend] if settings.backend in ("onnx",
-                                                                     "openvino") else \
-                    ["onnx", "openvino"]
-                ensure_exports(paths, engines, {k: _export_precisions(settings, k, engines)
-                                                for k in paths}, say)
-                report["pipeline"] = exported.pipeline_vs_reference(
-                    settings, paths, frames=pipeline_frames, say=say)
-        except SpotlineError as exc:
-            raise click.ClickException(str(exc)) from None
+            engines = [settings.backend] if settings.backend in ("onnx", "openvino") else \
+                ["onnx", "openvino"]
+            ensure_exports(paths, engines, {k: _export_precisions(settings, k, engines)
+                                            for k in paths}, say)
+            report["pipeline"] = exported.pipeline_vs_reference(
+                settings, paths, frames=pipeline_frames, say=say)
         report["real"] = real
         report["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
         if report["cases"]:

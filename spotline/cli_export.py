@@ -9,8 +9,6 @@ from typing import Any
 
 import click
 
-from spotline.common.errors import SpotlineError
-
 MODELS = ("detector", "upscaler", "scorer")
 
 
@@ -45,24 +43,21 @@ def export(obj: Any, models: tuple[str, ...], engines: tuple[str, ...],
     )
     from spotline.stages.runtime import resolve_weights, used_models
 
-    try:
-        calib = load_calibration(calibration) if calibration else None
-        engines = engines or ("onnx", "openvino")
-        if not precisions:  # what auto measures here (stages/backends/precision.py)
-            precisions = tuple(auto_precisions(engines, obj.settings.device))
-            if "int8" in precisions and calib is None:
-                calib = synthetic_calibration()
-            click.echo(f"precisions for export_precision auto on this CPU: "
-                       f"{', '.join(precisions)}", err=True)
-        kinds = models or used_models(obj.settings)  # no upscaler while upscaling is off
-        paths = resolve_weights(obj.settings, kinds)
-        sources = {"detector": paths.detector, "upscaler": paths.upscaler,
-                   "scorer": paths.scorer}
-        for kind in kinds:
-            start = time.perf_counter()
-            result = export_model(kind, Path(sources[kind]), engines, precisions, calib)
-            click.echo(f"{kind}: {sources[kind]} -> {result.directory} "
-                       f"({', '.join(sorted(result.files))}; "
-                       f"{time.perf_counter() - start:.1f} s)")
-    except SpotlineError as exc:
-        raise click.ClickException(str(exc)) from None
+    calib = load_calibration(calibration) if calibration else None
+    engines = engines or ("onnx", "openvino")
+    if not precisions:  # what auto measures here (stages/backends/precision.py)
+        precisions = tuple(auto_precisions(engines, obj.settings.device))
+        if "int8" in precisions and calib is None:
+            calib = synthetic_calibration()
+        click.echo(f"precisions for export_precision auto on this CPU: "
+                   f"{', '.join(precisions)}", err=True)
+    kinds = models or used_models(obj.settings)  # no upscaler while upscaling is off
+    paths = resolve_weights(obj.settings, kinds)
+    sources = {"detector": paths.detector, "upscaler": paths.upscaler,
+               "scorer": paths.scorer}
+    for kind in kinds:
+        start = time.perf_counter()
+        result = export_model(kind, Path(sources[kind]), engines, precisions, calib)
+        click.echo(f"{kind}: {sources[kind]} -> {result.directory} "
+                   f"({', '.join(sorted(result.files))}; "
+                   f"{time.perf_counter() - start:.1f} s)")

@@ -8,8 +8,6 @@ from typing import Any
 
 import click
 
-from spotline.common.errors import SpotlineError
-
 F = Callable[..., Any]
 
 
@@ -57,10 +55,7 @@ def webhook(ctx: Any, url: str, secret_file: str | None, **opts: Any) -> None:
     """POST each result as JSON to URL (retries with backoff; 2xx means delivered)."""
     from spotline.producer.sinks import SecretFile, WebhookTarget
 
-    try:
-        secret = SecretFile(Path(secret_file)) if secret_file else None
-    except SpotlineError as exc:
-        raise click.ClickException(str(exc)) from None
+    secret = SecretFile(Path(secret_file)) if secret_file else None
     _run(ctx, "webhook", lambda: WebhookTarget(url, secret, opts["timeout"]), opts)
 
 
@@ -88,17 +83,14 @@ def _run(ctx: Any, kind: str, make_target: Callable[[], Any], opts: dict[str, An
     if not url:
         raise click.ClickException(
             "no Redis to talk to: set SPOTLINE_REDIS_URL, or start `spotline up` first")
-    try:
-        options = SinkOptions(name=opts["name"] or kind, consumer=opts["consumer"],
-                              start=opts["start"], max_attempts=opts["max_attempts"],
-                              backoff_s=opts["backoff"])
-        metrics = SinkMetrics()
-        if opts["metrics_port"] is not None:
-            metrics.serve(opts["metrics_port"], addr=settings.metrics_host)
-        runner = Sink(Transport(settings, url=url), make_target(), options, metrics)
-        runner.install_signals()
-        counts = runner.run()
-    except SpotlineError as exc:
-        raise click.ClickException(str(exc)) from None
+    options = SinkOptions(name=opts["name"] or kind, consumer=opts["consumer"],
+                          start=opts["start"], max_attempts=opts["max_attempts"],
+                          backoff_s=opts["backoff"])
+    metrics = SinkMetrics()
+    if opts["metrics_port"] is not None:
+        metrics.serve(opts["metrics_port"], addr=settings.metrics_host)
+    runner = Sink(Transport(settings, url=url), make_target(), options, metrics)
+    runner.install_signals()
+    counts = runner.run()
     click.echo(f"sink {options.group}: {counts.delivered} delivered, {counts.retried} retried, "
                f"{counts.failed} dead-lettered", err=True)

@@ -10,8 +10,6 @@ from typing import Any
 
 import click
 
-from spotline.common.errors import SpotlineError
-
 
 def _registry(ctx: Any) -> Any:
     from spotline.common.transport import Transport
@@ -51,11 +49,8 @@ def add(ctx: Any, spec: str, captions: tuple[str, ...], source_id: str | None,
     from spotline.producer.control import FeedSpec
     from spotline.producer.sources import default_source_id
 
-    try:
-        feed = FeedSpec(source_id or default_source_id(spec), spec, captions, fps, live, policy,
-                        origin="host")
-    except SpotlineError as exc:
-        raise click.ClickException(str(exc)) from None
+    feed = FeedSpec(source_id or default_source_id(spec), spec, captions, fps, live, policy,
+                    origin="host")
     if not _registry(ctx).add(feed, replace=replace):
         raise click.ClickException(f"source {feed.source_id!r} exists (--replace to replace it)")
     click.echo(f"added {feed.source_id}")
@@ -121,7 +116,4 @@ def run(ctx: Any, stall: float, max_backoff: float, backoff: float,
                      max_backoff_s=max_backoff)
     signal.signal(signal.SIGTERM, sup.stop)
     signal.signal(signal.SIGINT, sup.stop)
-    try:
-        sup.run()
-    except SpotlineError as exc:
-        raise click.ClickException(str(exc)) from None
+    sup.run()

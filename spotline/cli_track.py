@@ -20,13 +20,10 @@ def video_bench(settings: Settings, clips: str, max_clips: int, frames: int, abs
     from spotline import videobench
     from spotline.data.synth import all_captions
 
-    try:
-        report = videobench.video_bench(settings, clips, max_clips=max_clips,
-                                        max_frames=frames, absent=absent,
-                                        abstain_below=settings.not_in_view_threshold or None,
-                                        vocabulary=all_captions(), in_process=in_process)
-    except SpotlineError as exc:
-        raise click.ClickException(str(exc)) from None
+    report = videobench.video_bench(settings, clips, max_clips=max_clips, max_frames=frames,
+                                    absent=absent,
+                                    abstain_below=settings.not_in_view_threshold or None,
+                                    vocabulary=all_captions(), in_process=in_process)
     click.echo(videobench.table(report))
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=1) + "\n")

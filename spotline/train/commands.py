@@ -140,14 +140,11 @@ def crops_cmd(dataset: str, out: str, upscaler: str | None, cap: int | None,
     from spotline.data.crops import CropMaker, write_crops
 
     settings = _settings()
-    try:
-        if cap is None:
-            cap = _default_cap(settings)
-        maker = CropMaker(settings, cap, upscaler)
-        with tqdm(unit="crop", desc="crops") as bar:
-            n, summary = write_crops(dataset, out, maker, skip_bad=skip_bad, progress=bar.update)
-    except SpotlineError as exc:
-        raise _fail(exc) from None
+    if cap is None:
+        cap = _default_cap(settings)
+    maker = CropMaker(settings, cap, upscaler)
+    with tqdm(unit="crop", desc="crops") as bar:
+        n, summary = write_crops(dataset, out, maker, skip_bad=skip_bad, progress=bar.update)
     click.echo(summary)
     click.echo(f"{n} crops -> {out}")
 
@@ -169,10 +166,7 @@ def check_cmd(dataset: str, skip_bad: bool) -> None:
     """Check a TIL dataset: every bad record is an error naming the file and line."""
     from spotline.producer.dataset import read_dataset
 
-    try:
-        report = read_dataset(dataset, skip_bad=skip_bad)
-    except SpotlineError as exc:
-        raise _fail(exc) from None
+    report = read_dataset(dataset, skip_bad=skip_bad)
     click.echo(report.summary())
     for example in report.examples:
         click.echo(f"  {example}")
@@ -247,13 +241,10 @@ def finetune_scorer_cmd(train: str, out: str, val: str | None, base: str | None,
                     weight_decay=weight_decay, beta2=beta2, augment=strength, jitter=jitter,
                     image_size=image_size, upscaler=upscaler, resume=resume, threads=threads,
                     seed=seed, skip_bad=skip_bad, progress=not no_progress)
-    try:
-        check_run(run)
-        if _queue_or_run("scorer", run, queue):
-            return
-        result = finetune_scorer(run, _settings(), say=click.echo)
-    except SpotlineError as exc:
-        raise _fail(exc) from None
+    check_run(run)
+    if _queue_or_run("scorer", run, queue):
+        return
+    result = finetune_scorer(run, _settings(), say=click.echo)
     click.echo(f"scorer: {result.final}")
 
 
@@ -288,18 +279,15 @@ def finetune_detector_cmd(train: str, out: str, val: str | None, val_fraction: f
     the detect stage) and reports validation mAP50."""
     from spotline.train.detector import DetectorRun, finetune_detector, parse_schedule
 
-    try:
-        run = DetectorRun(train=str(Path(train).resolve()), out=str(Path(out).resolve()),
-                          val=str(Path(val).resolve()) if val else None,
-                          val_fraction=val_fraction, model=model, epochs=epochs, imgsz=imgsz,
-                          schedule=parse_schedule(schedule), batch=batch, lr=lr, noise=noise,
-                          workers=workers, threads=threads, seed=seed, resume=resume,
-                          skip_bad=skip_bad)
-        if _queue_or_run("detector", run, queue):
-            return
-        result = finetune_detector(run, say=click.echo)
-    except SpotlineError as exc:
-        raise _fail(exc) from None
+    run = DetectorRun(train=str(Path(train).resolve()), out=str(Path(out).resolve()),
+                      val=str(Path(val).resolve()) if val else None,
+                      val_fraction=val_fraction, model=model, epochs=epochs, imgsz=imgsz,
+                      schedule=parse_schedule(schedule), batch=batch, lr=lr, noise=noise,
+                      workers=workers, threads=threads, seed=seed, resume=resume,
+                      skip_bad=skip_bad)
+    if _queue_or_run("detector", run, queue):
+        return
+    result = finetune_detector(run, say=click.echo)
     click.echo(f"detector: {result.weights} (validation mAP50 {result.map50:.4f})")
 
 
