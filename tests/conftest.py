@@ -59,7 +59,7 @@ def child_env(settings: Settings, url: str) -> dict[str, str]:
     """Environment for a spotline child process with these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPOTLINE_")}
     env.update(settings_env(settings))
-    env.setdefault("SPOTLINE_MODELS", "tiny")  # random tiny models, not models/demo (issue 12)
+    env.setdefault("SPOTLINE_MODELS", "tiny")  # random tiny models (quick), not models/demo
     env["SPOTLINE_REDIS_URL"] = url
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env

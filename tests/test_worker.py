@@ -134,7 +134,7 @@ def test_an_entry_that_kills_workers_harms_no_batch_mate(redis_server: EmbeddedR
     good = publish(t, 6, "a")
     killer = Envelope(frame_id="killer", captions=("crash",), image=b"jpeg")
     t.add(t.keys.inbox("detect"), killer.frame_id, encode(killer))
-    # an ndarray ExtType holding a 0-d array where captions go (issue 11): a decoder crash
+    # an ndarray ExtType holding a 0-d array where captions go: it once crashed the decoder
     zero_d = msgpack.ExtType(1, b"\x03<u2\x00\x00\x00")
     kind, fields = msgpack.unpackb(encode(Envelope(frame_id="zero-d", image=b"x")))
     raw = msgpack.packb([kind, {**fields, "captions": zero_d}])

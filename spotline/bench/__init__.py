@@ -89,7 +89,7 @@ def run_bench(settings: Settings, options: BenchOptions,
         report["real_settings"] = settings_info(real)
         report["real"] = run_models(real, bench_frames(options.real_frames), 1,
                                     options.timeout_s * 4, say, "real")
-    if not options.quick:  # accuracy beside throughput (issue 12)
+    if not options.quick:  # accuracy beside throughput: a fast wrong answer is no figure
         say("demo models: accuracy on held-out synthetic frames...")
         report["demo"] = __import__("spotline.train.demo", fromlist=["x"]).bench_accuracy(settings)
     report["targets"] = targets(report)

@@ -7,7 +7,7 @@ settings' backend (auto: the fastest export there is) and precision, and ``Local
 worker process per stage) with that backend: a burst of every frame, then a few one at a time.
 With ``compare_static`` the light-load frames once more with ``threads_policy`` static (each
 stage on its fixed share), to show what cores that follow the work change. Figures, never
-pass/fail; the targets (issue 17) are printed beside them."""
+pass/fail; the targets (bench/report.py, docs/performance.md) are printed beside them."""
 
 from __future__ import annotations
 

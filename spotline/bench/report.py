@@ -1,4 +1,5 @@
-"""The bench report read out: the targets (tied to issue 4), the text table, JSON and PNG."""
+"""The bench report read out: the targets (the TARGET_* figures below, which
+docs/performance.md explains), the text table, JSON and PNG."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class Target:
 
 
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each target of the performance issue, met or not, with the figure measured."""
+    """Each target (TARGET_*), met or not, with the figure measured."""
     out: list[Target] = []
     kind = report["transport"]["pipeline_url"]
     crops = report["transport"][kind][0]

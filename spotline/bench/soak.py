@@ -3,8 +3,8 @@
 It reports each process's resident memory (RSS) at the start, after the warm-up and at the end,
 the slope of each after the warm-up (least squares over samples every ``sample_s``), Redis'
 ``used_memory`` at the same three points, and whether every frame got exactly one result
-(results == frames). Target (issue 11): after the warm-up no process grows by more than
-20 MiB, and nothing is lost.
+(results == frames). Target, for a pipeline meant to run for weeks: after the warm-up no
+process grows by more than 20 MiB, and nothing is lost.
 """
 
 from __future__ import annotations

@@ -204,7 +204,7 @@ def _eval_pipeline(s: Settings, url: str, images: list[Any], t_max: float, batch
 def _show_report(report: Any, images: list[Any] | None = None) -> None:
     click.echo(f"accuracy     {report.accuracy:.4f}  ({report.n_captions} captions, "
                f"{report.n_images} images)")
-    if images:  # beside it: one of the image's true boxes picked at random (issue 12)
+    if images:  # beside it, chance: one of the image's true boxes picked at random
         from spotline.train.demo import chance_of
 
         click.echo(f"chance       {chance_of(images):.4f}  (1 / boxes in the caption's image)")
