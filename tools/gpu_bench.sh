@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 17's GPU figures in one call on a machine with an NVIDIA GPU and no network (the
+# docs/performance.md's GPU figures in one call on a machine with an NVIDIA GPU and no network (the
 # workplace's device machine): `python -m spotline.bench_gpu` with the real-size random models.
 #
 # Needs, beside the working tree, the folder .whl (ignored; carried) holding what the machine's

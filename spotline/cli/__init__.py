@@ -52,7 +52,8 @@ def cli(ctx: click.Context, config_file: str | None, log_level: str | None) -> N
     `demo` run an embedded redis-server.
     """
     # with no weight paths set, every command (up, worker, eval, bench, ...) runs the committed
-    # demo models with their settings, unless SPOTLINE_MODELS=tiny (issue 12)
+    # demo models with their settings (trained: they find things, where the tiny models are
+    # random), unless SPOTLINE_MODELS=tiny
     settings = apply_demo_models(load_settings(config_file=config_file, log_level=log_level))
     setup_logging(settings.log_level)
     ctx.obj = Ctx(settings)
