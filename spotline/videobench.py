@@ -445,7 +445,11 @@ def pipeline_mode(settings: Settings, clips: list[tuple[str, list[VideoFrame]]],
     else:
         tally.crops = tally.boxes = int(during.get("crops_per_frame_sum", 0.0))
         tally.detections = tally.frames
-    return {**tally.report(), "errors": sum(r.error is not None for r in got.values()),
+    extra = {}
+    if tracking:  # where a tracked frame's boxes came from (the profile of the track stage)
+        extra["boxes_from"] = {by: int(during.get(f"track_boxes_total|{by}", 0.0))
+                               for by in ("detect", "track", "look")}
+    return {**tally.report(), **extra, "errors": sum(r.error is not None for r in got.values()),
             "stages": stage_phases(during, stages), "workers": len(ports),
             "loadavg": [round(load_before[0], 2), round(load_after[0], 2)]}
 

@@ -406,7 +406,6 @@ class Track(Stage):
         when "not in view" is on."""
         from . import calibration, runtime
 
-        self._ready = True
         if self.store is None or self.cache is None:
             if not self.settings.redis_url:
                 raise ConfigError("the track stage keeps each source's state in Redis: set "
@@ -427,6 +426,7 @@ class Track(Stage):
                                   ": fit it with `spotline eval DATASET --calibrate`")
             self.options = dataclasses.replace(self.options, abstain_below=calibration.
                                                abstain_threshold(self.settings, self.calibration))
+        self._ready = True
 
     def process(self, batch: list[Envelope]) -> list[Routed]:
         """Each source's frames of the batch in sequence order; one whole frame each to

@@ -78,3 +78,30 @@ def test_state_in_redis_gives_the_same_answers(models, redis_server, settings):
     assert TrackStore(t).load("cam")[0] == len(frames)  # numbered from 1, as producers do
     assert EmbeddingCache(t).size("cam") > 0
     t.close()
+
+
+def test_in_process_store_keeps_the_stage_semantics(models):
+    """Tracked's in-process stores behave as the Redis ones for the stage: a frame delivered
+    again is answered from the answer saved with the state (never tracked twice), and an
+    older state never replaces a newer one."""
+    from spotline.common.envelope import Envelope
+    from spotline.trackmode import LocalTrackStore
+
+    frames = clip(3)
+    tracked = Tracked(models)
+    answers = [tracked.frame("cam", seq, f"f{seq}", image, CAPTIONS)
+               for seq, image in enumerate(frames)]
+    again = tracked.stage.frame(Envelope(frame_id="f1", source_id="cam", captions=CAPTIONS,
+                                         image=frames[1], seq=2))
+    assert tracked.stats.replayed == 1 and tracked.stats.frames == 4
+    assert tuple(int(t) for t in again.track_ids) == tuple(
+        int(t) for t in tracked.stage.store.answer("cam", "f1")["track_ids"])
+    assert answers[1].track_ids == tuple(
+        int(again.track_ids[p]) if p >= 0 else -1 for p in again.picks)
+    store = LocalTrackStore(answers_kept=2)
+    assert store.save("s", 2, {"x": 1}, answer=("a", {"k": 1}))
+    assert not store.save("s", 2, {"x": 2}) and not store.save("s", 1, {"x": 3})
+    assert store.load("s") == (2, {"x": 1})
+    store.save("s", 3, {"x": 4}, answer=("b", {"k": 2}))
+    store.save("s", 4, {"x": 5}, answer=("c", {"k": 3}))
+    assert store.answer("s", "a") is None and store.answer("s", "c") == {"k": 3}
