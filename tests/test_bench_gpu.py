@@ -1,4 +1,4 @@
-"""`python -m spotline.bench_gpu` on the CPU with tiny models: every section (per-model torch
+"""`python -m spotline.bench.gpu` on the CPU with tiny models: every section (per-model torch
 and ONNX Runtime timings, the reference's and the streaming pipeline's frames/s) runs through the
 stages' own code and lands in gpu.json / gpu.txt; a failing or over-budget section is recorded
 and the run goes on; on a device whose ONNX Runtime has no GPU provider the row says why.
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from spotline import bench_gpu
+from spotline.bench import gpu as bench_gpu
 from spotline.common.settings import Settings, load_settings
 
 

@@ -260,7 +260,7 @@ def test_static_int8_with_a_calibration_set(tiny: dict[str, Path], tmp_path: Pat
                                             capsys: pytest.CaptureFixture[str]) -> None:
     """`spotline export --precision int8 --calibration DIR` quantises statically (QDQ) from
     the folder's images; both engines load the result (its error is reported)."""
-    from spotline.export_precision import load_calibration
+    from spotline.export.precision import load_calibration
 
     calib = load_calibration(libs.ultralytics_assets())
     assert len(calib.frames) == 2 and len(calib.crops) == 2
@@ -401,7 +401,7 @@ def test_track_embedder_on_exported_models(tiny: dict[str, Path]) -> None:
 def test_bench_backends_reports_time_and_memory(tiny: dict[str, Path]) -> None:
     """`bench --backends`' measurement on one model: a time, an RSS and the heavy imports per
     backend (figures, not targets: only their presence is checked)."""
-    from spotline.bench_backends import bench_backends, table
+    from spotline.bench.backends import bench_backends, table
 
     paths = {k: str(v) for k, v in tiny.items()}
     report = bench_backends(_settings(tiny), paths, runs=1, engines=("onnx",),

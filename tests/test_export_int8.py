@@ -101,7 +101,7 @@ def _int8_constants(xml: Path) -> int:
 def _assert_head_is_float(xml: Path) -> None:
     import openvino as ov
 
-    from spotline.export_precision import _yolo_head_ops
+    from spotline.export.precision import _yolo_head_ops
 
     model = ov.Core().read_model(str(xml))
     head = _yolo_head_ops(model)
@@ -118,7 +118,7 @@ def test_openvino_int8_is_nncf_static_with_a_calibration_set(
     the fp32 model (FakeQuantize layers that the CPU plugin runs as int8), ONNX Runtime's stays
     static QDQ; the manifest says which per engine. Both load and run."""
     pytest.importorskip("nncf")
-    from spotline.export_precision import load_calibration
+    from spotline.export.precision import load_calibration
 
     calib = load_calibration(libs.ultralytics_assets())
     copies = {}

@@ -138,7 +138,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny models exported to OpenVINO at every precision (int8 statically calibrated on the
     synthetic frames `spotline export` uses by default)."""
     from spotline.export import export_model
-    from spotline.export_precision import synthetic_calibration
+    from spotline.export.precision import synthetic_calibration
     from spotline.stages.tiny import write_tiny_models
 
     paths = write_tiny_models(tmp_path_factory.mktemp("auto") / "models")

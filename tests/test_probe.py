@@ -98,7 +98,7 @@ def test_bench_prints_the_probe_and_writes_it_to_json(data_dir: Path, tmp_path: 
 def test_bench_gpu_records_the_probe_first(tmp_path: Path) -> None:
     """`spotline bench-gpu` (its own command): the probe is its first section, with the load
     average after the run."""
-    from spotline import bench_gpu
+    from spotline.bench import gpu as bench_gpu
     from spotline.common.settings import load_settings
 
     settings = load_settings(env={}, data_dir=str(tmp_path / "data"), models="tiny")

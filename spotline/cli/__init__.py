@@ -64,20 +64,20 @@ for _command in (pipeline.worker, pipeline.up, pipeline.serve, pipeline.demo, fe
                  ops.eval_cmd):
     cli.add_command(_command)
 cli.add_command(config_cmd.config)  # spotline config: the effective settings and their sources
-cli.add_command(__import__("spotline.cli_sink", fromlist=["sink"]).sink)  # spotline sink
-cli.add_command(__import__("spotline.cli_sources", fromlist=["sources"]).sources)
-cli.add_command(__import__("spotline.cli_export", fromlist=["export"]).export)  # export
-cli.add_command(__import__("spotline.bench_gpu", fromlist=["x"]).bench_gpu)  # bench-gpu
+cli.add_command(__import__("spotline.cli.sink", fromlist=["sink"]).sink)  # spotline sink
+cli.add_command(__import__("spotline.cli.sources", fromlist=["sources"]).sources)
+cli.add_command(__import__("spotline.cli.export", fromlist=["export"]).export)  # export
+cli.add_command(__import__("spotline.bench.gpu", fromlist=["x"]).bench_gpu)  # bench-gpu
 __import__("spotline.bench.soak", fromlist=["x"]).add_soak_options(ops.bench)  # --soak
-__import__("spotline.bench_backends", fromlist=["x"]).add_backends_options(ops.bench)  # --backends
+__import__("spotline.bench.backends", fromlist=["x"]).add_backends_options(ops.bench)  # --backends
 __import__("spotline.cli_track", fromlist=["x"]).add_video_options(ops.bench)  # bench --video
 __import__("spotline.bench.probes", fromlist=["x"]).add_probe(ops.bench)  # last: every mode
 __import__("spotline.cli_track", fromlist=["x"]).add_grounding_options(ops.eval_cmd)  # eval
 cli.add_command(__import__("spotline.cli_track", fromlist=["x"]).calibrate)  # spotline calibrate
 cli.add_command(__import__("spotline.cli.ask_cmd", fromlist=["x"]).ask)  # spotline ask
-cli.add_command(__import__("spotline.train.commands", fromlist=["x"]).data)  # data synth|crops
-cli.add_command(__import__("spotline.train.commands", fromlist=["x"]).finetune)  # finetune
-ops.models.add_command(__import__("spotline.train.commands", fromlist=["x"]).models_demo)
+cli.add_command(__import__("spotline.cli.train", fromlist=["x"]).data)  # data synth|crops
+cli.add_command(__import__("spotline.cli.train", fromlist=["x"]).finetune)  # finetune
+ops.models.add_command(__import__("spotline.cli.train", fromlist=["x"]).models_demo)
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from spotline.common.errors import ModelError
-from spotline.export_precision import (
+from spotline.export.precision import (
     Calibration,
     compress_openvino,
     ir_to_fp16,

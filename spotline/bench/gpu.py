@@ -1,4 +1,4 @@
-"""`python -m spotline.bench_gpu`: the backends table on an accelerator (issue 17), in one run
+"""`python -m spotline.bench.gpu`: the backends table on an accelerator (issue 17), in one run
 with a time budget, written as it goes (``gpu.json`` and ``gpu.txt`` in ``--out``).
 
 Per model (YOLOv9c at the seed's imgsz with and without TTA, SRVGG x4v3, SigLIP-large-384's
@@ -237,7 +237,7 @@ def _detector_calls(s: Settings, paths: dict[str, str], device: str) -> list[tup
 
 
 def _upscaler_calls(s: Settings, paths: dict[str, str], device: str) -> list[tuple[str, Any]]:
-    from spotline.bench_backends import UPSCALE_CROP
+    from spotline.bench.backends import UPSCALE_CROP
     from spotline.stages import runtime
     from spotline.stages.upscale import load_upscaler, upscale_crop
 
@@ -247,12 +247,12 @@ def _upscaler_calls(s: Settings, paths: dict[str, str], device: str) -> list[tup
 
 
 def _scorer_calls(s: Settings, paths: dict[str, str], device: str) -> list[tuple[str, Any]]:
-    from spotline.bench_backends import _input_side
+    from spotline.bench.backends import input_side
     from spotline.stages.score import Score
 
     stage = Score(s.replace(scorer_dir=paths["scorer"]))
     stage.setup()
-    side = _input_side(paths)
+    side = input_side(paths)
     calls: list[tuple[str, Any]] = []
     for n in VISION_BATCHES:
         crops = _crops(side, n)
@@ -277,7 +277,7 @@ def onnx_models(rec: Recorder, settings: Settings, paths: dict[str, str], device
         rec.say(f"onnx: {reason}")
         rec.put("onnx", "missing", reason)
         return
-    from spotline.bench_backends import ensure_exports
+    from spotline.bench.backends import ensure_exports
 
     precisions = ("fp32", "fp16") if device.startswith("cuda") else ("fp32",)
     for precision in precisions:
@@ -326,9 +326,9 @@ def _onnx_calls(s: Settings, paths: dict[str, str], precision: str,
 
 
 def _input_side_of(paths: dict[str, str]) -> int:
-    from spotline.bench_backends import _input_side
+    from spotline.bench.backends import input_side
 
-    return _input_side(paths)
+    return input_side(paths)
 
 
 def seed_settings(settings: Settings, paths: dict[str, str], device: str, real: bool) -> Settings:
@@ -405,7 +405,7 @@ def run(settings: Settings, device: str, real: bool, runs: int, frames: int, rou
     paths: dict[str, str] = {}
 
     def build() -> None:
-        from spotline.bench_backends import model_paths
+        from spotline.bench.backends import model_paths
 
         t0 = time.perf_counter()
         paths.update(model_paths(settings, real))

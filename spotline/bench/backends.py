@@ -72,7 +72,7 @@ def _torch_call(case: str, settings: Settings, paths: dict[str, str]) -> Callabl
     stage = Score(settings.replace(backend="torch", scorer_dir=paths["scorer"]))
     stage.setup()
     if case == "scorer_vision":
-        crops = _crops(_input_side(paths), CROPS)
+        crops = _crops(input_side(paths), CROPS)
         return lambda: stage.image_embeds(crops)
     captions = _captions(CROPS)
     return lambda: stage._encode_texts(captions)
@@ -94,13 +94,13 @@ def _exported_call(case: str, engine: str, precision: str, settings: Settings,
         return lambda: up.enhance(crop, settings.pre_pad_large, settings.upscale_factor)
     scorer = backends.load_scorer(paths["scorer"], engine, precision, threads)
     if case == "scorer_vision":
-        crops = _crops(_input_side(paths), CROPS)
+        crops = _crops(input_side(paths), CROPS)
         return lambda: scorer.image_embeds(crops)
     prompts = [settings.prompt.format(caption=c) for c in _captions(CROPS)]
     return lambda: scorer.text_embeds(prompts)
 
 
-def _input_side(paths: dict[str, str]) -> int:
+def input_side(paths: dict[str, str]) -> int:
     config = json.loads((Path(paths["scorer"]) / "preprocessor_config.json").read_text())
     size = config["size"]
     return int(size["height"]) if isinstance(size, dict) else int(size)
@@ -141,7 +141,7 @@ def ensure_exports(paths: dict[str, str], engines: Sequence[str],
     the same for every model, or per model kind."""
     from spotline.common.errors import ModelError
     from spotline.export import export_model
-    from spotline.export_precision import synthetic_calibration
+    from spotline.export.precision import synthetic_calibration
     from spotline.stages.backends.manifest import export_dir, read_manifest, source_hash
 
     for kind in ("detector", "upscaler", "scorer"):
@@ -166,7 +166,7 @@ def ensure_exports(paths: dict[str, str], engines: Sequence[str],
 def run_child(spec: dict[str, Any], settings: Settings, timeout_s: float) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPOTLINE_")}
     env.update(settings_env(settings))
-    proc = subprocess.run([sys.executable, "-m", "spotline.bench_backends", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "spotline.bench.backends", json.dumps(spec)],
                           capture_output=True, text=True, env=env, timeout=timeout_s)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -223,7 +223,7 @@ def _export_precisions(settings: Settings, kind: str, engines: Sequence[str]) ->
     precision = settings.precision_for(kind)
     if precision != "auto":
         return [precision]
-    from spotline.export_precision import auto_precisions
+    from spotline.export.precision import auto_precisions
 
     return auto_precisions(engines, settings.device)
 

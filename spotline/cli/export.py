@@ -1,5 +1,5 @@
 """`spotline export`: the configured models as ONNX and OpenVINO IR, beside each checkpoint
-(spotline/export.py)."""
+(spotline/export/)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def export(obj: Any, models: tuple[str, ...], engines: tuple[str, ...],
     holding the checkpoint's sha256. Workers then load them with SPOTLINE_BACKEND=auto,
     onnx or openvino, and refuse an export made from another checkpoint."""
     from spotline.export import export_model
-    from spotline.export_precision import (
+    from spotline.export.precision import (
         auto_precisions,
         load_calibration,
         synthetic_calibration,
