@@ -1,4 +1,5 @@
-"""`python -m spotline.bench.gpu`: the backends table on an accelerator (issue 17), in one run
+"""`python -m spotline.bench.gpu`: the backends table on an accelerator (the GPU figures of
+docs/performance.md), in one run
 with a time budget, written as it goes (``gpu.json`` and ``gpu.txt`` in ``--out``).
 
 Per model (YOLOv9c at the seed's imgsz with and without TTA, SRVGG x4v3, SigLIP-large-384's
