@@ -163,12 +163,7 @@ def _publish(s: Settings, url: str, src: Any, o: _Opts) -> None:
 
 def _await_and_show(client: Any, frame_ids: list[str], names: dict[str, str], timeout: float,
                     jsonl_path: str | None, sink: Sink) -> None:
-    from spotline.producer.client import ResultTimeout
-
-    try:
-        results = client.await_results(frame_ids, timeout=timeout)
-    except ResultTimeout as exc:
-        raise click.ClickException(str(exc)) from None
+    results = client.await_results(frame_ids, timeout=timeout)  # ResultTimeout: "Error: ..."
     with jsonl(jsonl_path) as fh:
         sink.jsonl = fh
         for fid in frame_ids:
