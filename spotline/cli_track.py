@@ -1,5 +1,6 @@
-"""Track mode on the command line: `spotline bench --video CLIPS`, `spotline eval DATASET
---calibrate` / `--grounding`, and `spotline calibrate DATASET` (the same fit on its own)."""
+"""Track mode on the command line: `spotline bench video CLIPS` (its options are in
+cli/bench.py), `spotline eval DATASET --calibrate` / `--grounding`, and `spotline calibrate
+DATASET` (the same fit on its own)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from spotline.common.settings import Settings
 
 def video_bench(settings: Settings, clips: str, max_clips: int, frames: int, absent: int,
                 json_path: str | None, in_process: bool = False) -> dict[str, Any]:
-    """`spotline bench --video`: both modes on the same clips through the streaming pipeline
+    """`spotline bench video`: both modes on the same clips through the streaming pipeline
     (and in this process with ``in_process``); prints the table."""
     from spotline import videobench
     from spotline.data.synth import all_captions
@@ -94,47 +95,6 @@ def _root_settings() -> Settings:
     from spotline.cli.context import current
 
     return current().settings
-
-
-def add_video_options(command: Any) -> Any:
-    """Give the `bench` click command ``--video CLIPS`` (per-frame vs track mode on the same
-    clips, instead of the usual figures). Registered with one line where the CLI adds bench."""
-    import functools
-
-    command.params += [
-        click.Option(["--video"], type=click.Path(exists=True, file_okay=False),
-                     default=None, metavar="CLIPS",
-                     help="Instead: per-frame mode against track mode on the clips under CLIPS "
-                     "(`spotline data synth --video`), through the streaming pipeline "
-                     "(workers as `spotline up` starts them, frames published by the client): "
-                     "frames/s, crops embedded per frame, accuracy (IoU > 0.5), caption flips "
-                     "per 100 frames, \"not in view\" precision and recall with "
-                     "--video-absent."),
-        click.Option(["--video-clips"], type=click.IntRange(1), default=4, show_default=True,
-                     help="Clips to use."),
-        click.Option(["--video-frames"], type=click.IntRange(1), default=60,
-                     show_default=True, help="Frames per clip."),
-        click.Option(["--video-absent"], type=click.IntRange(0), default=1, show_default=True,
-                     help="Captions per frame that name nothing in the clip."),
-        click.Option(["--video-in-process"], is_flag=True,
-                     help="Also both modes in this process (the same stage code, no Redis "
-                     "hops; joint assignment; \"not in view\" with and without), labelled "
-                     "in-process."),
-    ]
-    original = command.callback
-
-    @functools.wraps(original)
-    def callback(*args: Any, video: str | None = None, video_clips: int = 4,
-                 video_frames: int = 60, video_absent: int = 1, video_in_process: bool = False,
-                 **kwargs: Any) -> Any:
-        if video is None:
-            return original(*args, **kwargs)
-        video_bench(_root_settings(), video, video_clips, video_frames, video_absent,
-                    kwargs.get("json_path"), video_in_process)
-        return None
-
-    command.callback = callback
-    return command
 
 
 def add_grounding_options(command: Any) -> Any:

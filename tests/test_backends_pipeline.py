@@ -1,4 +1,4 @@
-"""`bench --backends`' whole-pipeline part on tiny models exported to OpenVINO: the torch
+"""`bench backends`' whole-pipeline part on tiny models exported to OpenVINO: the torch
 in-process reference, the in-process reference on the exports and the streaming pipeline on the
 exports run on the same frames, and the report carries the frames/s ratio, latency p50/p99 and
 the light-load ratio (figures, not targets: only their presence and consistency are checked)."""

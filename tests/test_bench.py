@@ -1,4 +1,4 @@
-"""`spotline bench --quick`: every documented field of the JSON report is there with a sane
+"""`spotline bench stream --quick`: every documented field of the JSON report is there with a sane
 value. Figures only: no timing is asserted (this machine is shared and slow)."""
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ STAGES = ("detect", "upscale", "score", "collect")
 def report(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench")
     result = CliRunner().invoke(
-        cli, ["bench", "--quick", "--json", str(out / "bench.json"), "--png",
+        cli, ["bench", "stream", "--quick", "--json", str(out / "bench.json"), "--png",
               str(out / "bench.png")],
         env={"SPOTLINE_DATA_DIR": str(data_dir), "SPOTLINE_IMGSZ": "320",
              "SPOTLINE_WARMUP": "1"}, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "targets:" in result.output and "add --real" in result.output
+    assert "targets:" in result.output and "spotline bench real" in result.output
     png = (out / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     data = json.loads((out / "bench.json").read_text())

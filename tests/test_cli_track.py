@@ -67,17 +67,13 @@ def test_calibrate_writes_beside_the_scorer(tmp_path, data_dir, redis_server):
 
 
 def test_bench_video_and_eval_grounding_options(tmp_path, data_dir, redis_server):
-    """The options the CLI adds to `bench` and `eval` (on stand-in commands of the same
-    parameters: the wrappers touch nothing else)."""
-    from spotline.cli_track import add_grounding_options, add_video_options
+    """`spotline bench video` through the real CLI, and the options the CLI adds to `eval` (on
+    a stand-in command of the same parameters: the wrapper touches nothing else)."""
+    from spotline.cli import cli
+    from spotline.cli_track import add_grounding_options
     from tests.test_videobench import write_clip
 
     called = []
-
-    @click.command()
-    @click.option("--json", "json_path", default=None)
-    def bench(json_path):
-        called.append("bench")
 
     @click.command("eval")
     @click.argument("dataset")
@@ -85,21 +81,20 @@ def test_bench_video_and_eval_grounding_options(tmp_path, data_dir, redis_server
     def eval_cmd(dataset, limit):
         called.append("eval")
 
-    add_video_options(bench)
     add_grounding_options(eval_cmd)
     env = {"SPOTLINE_DATA_DIR": str(data_dir), "SPOTLINE_IMGSZ": "256", "SPOTLINE_WARMUP": "0",
            "SPOTLINE_MAX_DET": "3", "SPOTLINE_TTA": "false", "SPOTLINE_UPSCALE": "false",
-           "SPOTLINE_REDIS_URL": redis_server.url}  # bench --video's pipelines use it
+           "SPOTLINE_REDIS_URL": redis_server.url}  # bench video's pipelines use it
     runner = CliRunner()
-    assert runner.invoke(bench, [], env=env).exit_code == 0 and called == ["bench"]
     for k in range(2):
         write_clip(tmp_path / "clips" / f"clip_{k:03d}", k, frames=2)
-    out = runner.invoke(bench, ["--video", str(tmp_path / "clips"), "--video-frames", "2",
-                                "--json", str(tmp_path / "v.json")], env=env)
+    out = runner.invoke(cli, ["bench", "video", str(tmp_path / "clips"), "--frames", "2",
+                              "--json", str(tmp_path / "v.json")], env=env)
     assert out.exit_code == 0, out.output
     assert "through the streaming pipeline" in out.output and "track mode:" in out.output
-    assert "in-process" not in out.output and called == ["bench"]  # unless --video-in-process
+    assert out.output.startswith("machine: ")  # the probe first, as every bench subcommand
     report = json.loads((tmp_path / "v.json").read_text())
+    assert "in_process" not in report  # unless --in-process
     assert report["frames"] == 4 and report["pipeline"]["track"]["frames"] == 4
     dataset = tmp_path / "ds"
     (dataset / "images").mkdir(parents=True)
@@ -110,4 +105,4 @@ def test_bench_video_and_eval_grounding_options(tmp_path, data_dir, redis_server
         {"caption": "blue ring", "bbox": [50, 20, 30, 30]}]}) + "\n")
     out = runner.invoke(eval_cmd, [str(dataset), "--grounding"], env=env)
     assert out.exit_code == 0, out.output
-    assert called == ["bench", "eval"] and "one box per caption" in out.output
+    assert called == ["eval"] and "one box per caption" in out.output

@@ -399,7 +399,7 @@ def test_track_embedder_on_exported_models(tiny: dict[str, Path]) -> None:
 
 
 def test_bench_backends_reports_time_and_memory(tiny: dict[str, Path]) -> None:
-    """`bench --backends`' measurement on one model: a time, an RSS and the heavy imports per
+    """`bench backends`' measurement on one model: a time, an RSS and the heavy imports per
     backend (figures, not targets: only their presence is checked)."""
     from spotline.bench.backends import bench_backends, table
 

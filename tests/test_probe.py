@@ -75,13 +75,13 @@ def test_probe_reports_this_machine(probe: dict) -> None:
 
 
 def test_bench_prints_the_probe_and_writes_it_to_json(data_dir: Path, tmp_path: Path) -> None:
-    """The fastest mode (`--only transport`) through the real CLI: the probe comes first, the
-    load average after comes last, and the JSON report carries the probe."""
+    """The fastest run (`bench stream --only transport`) through the real CLI: the probe comes
+    first, the load average after comes last, and the JSON report carries the probe."""
     from spotline.cli import cli
 
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(
-        cli, ["bench", "--only", "transport", "--iterations", "5", "--json", str(out)],
+        cli, ["bench", "stream", "--only", "transport", "--iterations", "5", "--json", str(out)],
         env={"SPOTLINE_DATA_DIR": str(data_dir)}, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
@@ -95,8 +95,30 @@ def test_bench_prints_the_probe_and_writes_it_to_json(data_dir: Path, tmp_path: 
     assert len(report["probe"]["load_avg_after"]) == 3
 
 
+def test_every_bench_subcommand_has_its_options_and_the_probe(data_dir: Path) -> None:
+    """`spotline bench --help` lists the six subcommands, each with its own options in its
+    --help; `bench soak` (with MINUTES missing, the fastest way through its callback) prints
+    the probe first and the load average last, as every subcommand but gpu, which records
+    them as its first section."""
+    from spotline.cli import cli
+
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["bench", "--help"], catch_exceptions=False).output
+    own = {"stream": "--only", "real": "--real-frames", "backends": "--part", "soak": "--rate",
+           "video": "--in-process", "gpu": "--device"}
+    for name, option in own.items():
+        assert f"  {name} " in listed, listed
+        text = runner.invoke(cli, ["bench", name, "--help"], catch_exceptions=False).output
+        assert option in text and f"bench {name} [OPTIONS]" in text, text
+    result = runner.invoke(cli, ["bench", "soak"], env={"SPOTLINE_DATA_DIR": str(data_dir)})
+    assert result.exit_code == 2 and "give MINUTES" in result.output, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("machine: ") and "matmul peaks" in lines[1]
+    assert any(line.startswith("load average after:") for line in lines)
+
+
 def test_bench_gpu_records_the_probe_first(tmp_path: Path) -> None:
-    """`spotline bench-gpu` (its own command): the probe is its first section, with the load
+    """`spotline bench gpu` (which probes by itself): the probe is its first section, with the load
     average after the run."""
     from spotline.bench import gpu as bench_gpu
     from spotline.common.settings import load_settings

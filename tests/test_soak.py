@@ -1,4 +1,4 @@
-"""`spotline bench --soak`: a few seconds of it (the hidden --soak-seconds) through the real CLI
+"""`spotline bench soak`: a few seconds of it (the hidden --seconds) through the real CLI
 and a real local pipeline: every frame published gets exactly one result, and the report has
 each process's memory and Redis' used_memory. The 20-minute figures are in docs/reliability.md."""
 
@@ -18,8 +18,8 @@ def test_a_short_soak_answers_every_frame(settings: Settings, tmp_path: Path) ->
     s = settings.replace(imgsz=320, warmup=0, tta=False, upscale=False)
     env = child_env(s, "")
     env.pop("SPOTLINE_REDIS_URL")  # the soak runs its own pipeline and embedded Redis
-    out = subprocess.run([sys.executable, "-m", "spotline", "bench", "--soak-seconds", "6",
-                          "--soak-rate", "2", "--json", str(tmp_path / "soak.json")],
+    out = subprocess.run([sys.executable, "-m", "spotline", "bench", "soak", "--seconds", "6",
+                          "--rate", "2", "--json", str(tmp_path / "soak.json")],
                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert re.search(r"frames (\d+), results \1 .*results == frames: True", out.stdout), out.stdout

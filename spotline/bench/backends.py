@@ -1,4 +1,4 @@
-"""`spotline bench --backends`: each model's time per backend (torch eager, ONNX Runtime,
+"""`spotline bench backends`: each model's time per backend (torch eager, ONNX Runtime,
 OpenVINO; fp32 and int8) and the resident memory of a process that runs it.
 
 Every (model, backend, precision) runs in a fresh child process, so its resident set is that
@@ -276,72 +276,31 @@ def model_paths(settings: Settings, real: bool) -> dict[str, str]:
             "scorer": str(paths.scorer)}
 
 
-def add_backends_options(command: Any) -> Any:
-    """Give the `bench` click command ``--backends`` (with ``--backend-runs``): with it, bench
-    times each model per backend instead of the pipeline figures (``--real`` for real-size
-    models; ``--json`` writes the report). Registered with one line where the CLI adds
-    `bench`."""
-    import functools
+def run_backends(settings: Settings, real: bool, runs: int | None, part: str,
+                 pipeline_frames: int, say: Callable[[str], None]) -> dict[str, Any]:
+    """`spotline bench backends`: each model per backend (``part`` "models"), the whole
+    pipeline on the exports against the torch in-process reference ("pipeline"), or both
+    ("all"); ``real`` for the real-size models at the seed's settings. The report."""
+    if real:  # real-size models at the seed's settings, not the demo models' overlay
+        from spotline.bench.runs import seed_settings
 
-    import click
+        settings = seed_settings(settings)
+    paths = model_paths(settings, real)
+    report: dict[str, Any] = {"real": real, "cases": {}}
+    if part != "pipeline":
+        report.update(bench_backends(settings, paths, runs=runs or (1 if real else 3), say=say))
+    if part != "models":
+        from spotline.bench import exported
 
-    command.params += [
-        click.Option(["--backends"], is_flag=True, help="Time each model per backend (torch, "
-                     "ONNX Runtime, OpenVINO; fp32 and int8, exported first when missing) and "
-                     "print each one's process RSS; --real for the real-size architectures."),
-        click.Option(["--backend-runs"], type=click.IntRange(1), default=None,
-                     help="Timed calls per model and backend after one warm-up [default: 3; "
-                     "1 with --real]."),
-        click.Option(["--backend-part"], type=click.Choice(["all", "models", "pipeline"]),
-                     default="all", show_default=True,
-                     help="With --backends: the per-model table, the whole pipeline on the "
-                     "exports (settings backend, export_precision[_<model>]) against the torch "
-                     "in-process reference, or both."),
-        click.Option(["--pipeline-frames"], type=click.IntRange(2), default=4,
-                     show_default=True, help="Frames of the whole-pipeline part (2 of them "
-                     "again one at a time for light load)."),
-    ]
-    original = command.callback
-
-    @functools.wraps(original)
-    def callback(*args: Any, backends: bool = False, backend_runs: int | None = None,
-                 backend_part: str = "all", pipeline_frames: int = 4, **kwargs: Any) -> Any:
-        if not backends:
-            return original(*args, **kwargs)
-        settings = click.get_current_context().find_root().obj.settings
-        real = bool(kwargs.get("real"))
-        if real:  # real-size models at the seed's settings, not the demo models' overlay
-            from spotline.bench.runs import seed_settings
-
-            settings = seed_settings(settings)
-        runs = backend_runs or (1 if real else 3)
-        say = functools.partial(click.echo, err=True)
-        paths = model_paths(settings, real)
-        report: dict[str, Any] = {"real": real, "cases": {}}
-        if backend_part != "pipeline":
-            report.update(bench_backends(settings, paths, runs=runs, say=say))
-        if backend_part != "models":
-            from spotline.bench import exported
-
-            engines = [settings.backend] if settings.backend in ("onnx", "openvino") else \
-                ["onnx", "openvino"]
-            ensure_exports(paths, engines, {k: _export_precisions(settings, k, engines)
-                                            for k in paths}, say)
-            report["pipeline"] = exported.pipeline_vs_reference(
-                settings, paths, frames=pipeline_frames, say=say)
-        report["real"] = real
-        report["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
-        if report["cases"]:
-            click.echo(table(report))
-        if "pipeline" in report:
-            click.echo(exported.lines(report["pipeline"]))
-        if kwargs.get("json_path"):
-            Path(kwargs["json_path"]).write_text(json.dumps(report, indent=2))
-            click.echo(f"wrote {kwargs['json_path']}")
-        return None
-
-    command.callback = callback
-    return command
+        engines = [settings.backend] if settings.backend in ("onnx", "openvino") else \
+            ["onnx", "openvino"]
+        ensure_exports(paths, engines, {k: _export_precisions(settings, k, engines)
+                                        for k in paths}, say)
+        report["pipeline"] = exported.pipeline_vs_reference(
+            settings, paths, frames=pipeline_frames, say=say)
+    report["real"] = real
+    report["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
+    return report
 
 
 if __name__ == "__main__":  # the child process

@@ -1,4 +1,4 @@
-"""`spotline bench --backends`' whole-pipeline part: the streaming pipeline on exported models
+"""`spotline bench backends`' whole-pipeline part: the streaming pipeline on exported models
 against the torch in-process reference (frames/s and the ratio, latency p50/p99), and light
 load (one frame at a time) against the in-process reference on the same exported models.
 

@@ -434,7 +434,7 @@ def run(settings: Settings, device: str, real: bool, runs: int, frames: int, rou
     return rec.report
 
 
-@click.command("bench-gpu")
+@click.command("gpu")
 @click.option("--device", default="cuda", show_default=True, help="cuda, cuda:N or cpu")
 @click.option("--real/--configured", default=True, show_default=True,
               help="Real-size random architectures (written once under data_dir), or the "

@@ -393,10 +393,10 @@ def end_load(probe: dict[str, Any]) -> str:
 
 
 def add_probe(command: Any) -> Any:
-    """Make every mode of the `bench` click command (the figures, --real, --backends, --soak,
-    --video, --only transport) start by probing and printing the machine (``probe_cpu``) and
-    end with the load average; a --json report gets the probe as its ``probe`` field. Wraps
-    the outermost callback: registered after the options that add modes."""
+    """Make a `bench` subcommand (stream, real, backends, soak, video) start by probing and
+    printing the machine (``probe_cpu``) and end with the load average; a --json report gets
+    the probe as its ``probe`` field. Wraps the command's callback (cli/bench.py applies it to
+    each subcommand)."""
     import functools
 
     import click

@@ -1,4 +1,4 @@
-"""`spotline bench --soak MINUTES`: a local pipeline fed at a fixed rate for that long.
+"""`spotline bench soak MINUTES`: a local pipeline fed at a fixed rate for that long.
 
 It reports each process's resident memory (RSS) at the start, after the warm-up and at the end,
 the slope of each after the warm-up (least squares over samples every ``sample_s``), Redis'
@@ -228,52 +228,3 @@ def _duplicates(client: Any, ids: set[str]) -> int:
         if fid in ids:
             counts[fid] += 1
     return sum(c - 1 for c in counts.values() if c > 1)
-
-
-# --- `spotline bench --soak MINUTES` ----------------------------------------------------------
-def add_soak_options(command: Any) -> Any:
-    """Give the `bench` click command ``--soak MINUTES`` and ``--soak-rate``: with them it runs
-    the soak instead of the usual figures (``--json`` writes the soak's). Registered with one
-    line where the CLI adds `bench`."""
-    import functools
-
-    import click
-
-    command.params += [
-        click.Option(["--soak"], type=click.FloatRange(min=0, min_open=True), default=None,
-                     metavar="MINUTES", help="Soak instead: publish at --soak-rate for MINUTES; "
-                     "print each process's RSS at start, after warm-up and at the end, the "
-                     "slope in MiB/min, Redis used_memory, and results == frames."),
-        click.Option(["--soak-rate"], type=click.FloatRange(min=0, min_open=True), default=1.0,
-                     show_default=True, help="Frames/s published during --soak."),
-        click.Option(["--soak-seconds"], type=click.FloatRange(min=0, min_open=True),
-                     default=None, hidden=True),  # tests: a soak of a few seconds
-    ]
-    original = command.callback
-
-    @functools.wraps(original)
-    def callback(*args: Any, soak: float | None = None, soak_rate: float = 1.0,
-                 soak_seconds: float | None = None, **kwargs: Any) -> Any:
-        if soak is None and soak_seconds is None:
-            return original(*args, **kwargs)
-        ctx = click.get_current_context().find_root()
-        settings = ctx.obj.settings if ctx.obj is not None else None
-        if settings is None:
-            from spotline.common.settings import load_settings
-            settings = load_settings()
-        seconds = soak_seconds if soak_seconds is not None else soak * 60  # type: ignore
-        report = run_soak(settings, seconds, rate=soak_rate,
-                          echo=lambda m: click.echo(m, err=True))
-        click.echo("\n".join(report.lines()))
-        if kwargs.get("json_path"):
-            import json
-            from pathlib import Path
-
-            Path(kwargs["json_path"]).write_text(json.dumps(report.as_json(), indent=2))
-            click.echo(f"wrote {kwargs['json_path']}")
-        if not report.lossless:
-            raise click.ClickException("results != frames: frames were lost or doubled")
-        return None
-
-    command.callback = callback
-    return command

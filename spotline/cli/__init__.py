@@ -1,22 +1,24 @@
 """The `spotline` command line. Every subcommand has --help.
 
 One module per concern: pipeline (worker, up, serve, demo), feeds (publish, results, ingest,
-jobs), ops (models, dead, bench, eval); context holds the settings and the Redis URL, output
-how results are shown. A SpotlineError from any command becomes one clean error line here.
-Other command modules register themselves below with one ``cli.add_command(...)`` line.
+jobs), ops (models, dead, eval), bench (its subcommands), sink, sources, export, train (data,
+finetune, models demo), ask_cmd, config_cmd; context holds the settings and the Redis URL,
+output how results are shown. A SpotlineError from any command becomes one clean error line
+here. Each command is registered below from a plain import.
 """
 
 from __future__ import annotations
 
 import click
 
+from spotline import cli_track
 from spotline.common.errors import SpotlineError
 from spotline.common.extras import missing_extra
 from spotline.common.logs import setup_logging
 from spotline.common.settings import load_settings
 from spotline.train.demo import apply_demo_models
 
-from . import config_cmd, feeds, ops, pipeline
+from . import ask_cmd, bench, config_cmd, export, feeds, ops, pipeline, sink, sources, train
 from .context import Ctx, need_url, pass_ctx
 
 
@@ -60,24 +62,12 @@ def cli(ctx: click.Context, config_file: str | None, log_level: str | None) -> N
 
 
 for _command in (pipeline.worker, pipeline.up, pipeline.serve, pipeline.demo, feeds.publish,
-                 feeds.results, feeds.ingest, feeds.jobs, ops.models, ops.dead, ops.bench,
-                 ops.eval_cmd):
+                 feeds.results, feeds.ingest, feeds.jobs, ops.models, ops.dead, bench.bench,
+                 ops.eval_cmd, config_cmd.config, sink.sink, sources.sources, export.export,
+                 cli_track.calibrate, ask_cmd.ask, train.data, train.finetune):
     cli.add_command(_command)
-cli.add_command(config_cmd.config)  # spotline config: the effective settings and their sources
-cli.add_command(__import__("spotline.cli.sink", fromlist=["sink"]).sink)  # spotline sink
-cli.add_command(__import__("spotline.cli.sources", fromlist=["sources"]).sources)
-cli.add_command(__import__("spotline.cli.export", fromlist=["export"]).export)  # export
-cli.add_command(__import__("spotline.bench.gpu", fromlist=["x"]).bench_gpu)  # bench-gpu
-__import__("spotline.bench.soak", fromlist=["x"]).add_soak_options(ops.bench)  # --soak
-__import__("spotline.bench.backends", fromlist=["x"]).add_backends_options(ops.bench)  # --backends
-__import__("spotline.cli_track", fromlist=["x"]).add_video_options(ops.bench)  # bench --video
-__import__("spotline.bench.probes", fromlist=["x"]).add_probe(ops.bench)  # last: every mode
-__import__("spotline.cli_track", fromlist=["x"]).add_grounding_options(ops.eval_cmd)  # eval
-cli.add_command(__import__("spotline.cli_track", fromlist=["x"]).calibrate)  # spotline calibrate
-cli.add_command(__import__("spotline.cli.ask_cmd", fromlist=["x"]).ask)  # spotline ask
-cli.add_command(__import__("spotline.cli.train", fromlist=["x"]).data)  # data synth|crops
-cli.add_command(__import__("spotline.cli.train", fromlist=["x"]).finetune)  # finetune
-ops.models.add_command(__import__("spotline.cli.train", fromlist=["x"]).models_demo)
+cli_track.add_grounding_options(ops.eval_cmd)  # eval --calibrate / --grounding
+ops.models.add_command(train.models_demo)  # spotline models demo
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Operating a pipeline: `spotline models`, `dead`, `bench` and `eval`."""
+"""Operating a pipeline: `spotline models`, `dead` and `eval` (`bench` is in bench.py)."""
 
 from __future__ import annotations
 
@@ -65,61 +65,6 @@ def dead_retry(ctx: Ctx, ids: tuple[str, ...], all_: bool) -> None:
     dl = DeadLetters.connect(ctx.settings, need_url(ctx.settings))
     n = dl.retry(None if all_ else list(ids))
     click.echo(f"re-queued {n} entr{'y' if n == 1 else 'ies'}")
-
-
-@click.command()
-@click.option("--quick", is_flag=True, help="Tiny models on 4 frames, fewer round trips and a "
-              "100-frame backlog: about a minute (tests).")
-@click.option("--frames", "n_frames", type=click.IntRange(1), default=None,
-              help="Tiny-model frames: the bundled photos, then synthetic 1520x870 ones "
-              "[default: 24; --quick: 4].")
-@click.option("--real/--no-real", default=False, show_default=True,
-              help="Also run real-size random architectures (YOLOv9c at imgsz with TTA, SRVGG "
-              "x4v3, SigLIP-large-384): ~40 s per frame per pass on 2 CPU cores, ~12 minutes "
-              "in all; written once under data_dir.")
-@click.option("--real-frames", type=click.IntRange(1), default=3, show_default=True,
-              help="Frames for the real-size part.")
-@click.option("--iterations", type=click.IntRange(1), default=None,
-              help="Transport hops per message [default: 300; --quick: 60].")
-@click.option("--rounds", type=click.IntRange(1), default=None,
-              help="Tiny-model measurements keep the best of this many rounds (a shared "
-              "machine only adds time) [default: 2; --quick: 1].")
-@click.option("--only", type=click.Choice(["all", "transport"]), default="all",
-              show_default=True, help="transport: only the hop micro-benchmark.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Write every figure as JSON here (fields: docs/performance.md).")
-@click.option("--png", "png_path", type=click.Path(dir_okay=False), default=None,
-              help="Draw throughput, latency percentiles and stage times here (PNG).")
-@pass_ctx
-def bench(ctx: Ctx, quick: bool, n_frames: int | None, real: bool, real_frames: int,
-          iterations: int | None, rounds: int | None, only: str, json_path: str | None,
-          png_path: str | None) -> None:
-    """Measure this machine (figures, never pass/fail): the transport hop; the in-process
-    reference against the streaming pipeline (one worker per stage, then two for the slowest)
-    on the same frames with tiny models; light-load latency; Redis memory under a 1,000-frame
-    backlog; with --real, the same with real-size architectures. See docs/performance.md."""
-    from spotline import bench as b
-
-    opts = b.BenchOptions.quick_run() if quick else b.BenchOptions()
-    changes = {k: v for k, v in (("frames", n_frames), ("iterations", iterations),
-                                 ("rounds", rounds)) if v}
-    opts = b.BenchOptions(**{**opts.__dict__, **changes, "real": real,
-                             "real_frames": real_frames})
-    if only == "transport":
-        report = {"transport": b.transport_bench(ctx.settings, opts.iterations)}
-        click.echo("\n".join(b.transport_lines(report)))
-    else:
-        if not real:
-            click.echo("(real-size architectures off: add --real for them, ~12 more "
-                       "minutes on 2 CPU cores)")
-        report = b.main(ctx.settings, opts, say=lambda m: click.echo(m, err=True))
-        click.echo(b.table(report))
-    if json_path:
-        b.write_json(report, json_path)
-        click.echo(f"wrote {json_path}")
-    if png_path and only == "all":
-        b.write_png(report, png_path)
-        click.echo(f"wrote {png_path}")
 
 
 @click.command("eval")
