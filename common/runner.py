@@ -1,7 +1,8 @@
 """One batch through one stage, with the pipeline's failure semantics, and no Redis.
 
 ``run_batch`` is what every stage's worker (common/worker.py, common/collector.py) and the
-in-process reference (spotline/reference.py) do with a batch, so both measure the same thing:
+in-process reference (spotline/pipeline/reference.py) do with a batch, so both measure the
+same thing:
 
 - an envelope that already carries an error skips the model and goes where errors go
   (``topology.error_target``): the collector, which answers the frame with an error result;

@@ -1,7 +1,7 @@
 """``GET /ask?caption=...&since=...`` and ``GET /sources/{id}/ask?caption=...``: ask the past
 over HTTP (docs/ask.md).
 
-The answer comes from an asker the application puts on ``app.state.asker`` (spotline/ask.py:
+The answer comes from an asker the application puts on ``app.state.asker`` (spotline/results/ask.py:
 it holds the scorer's text tower, which the gateway's layer does not import); without one the
 routes answer 503. Access is the live view's (producer/access.py): the guard lets in a key
 with the ``read`` scope, and a key is answered only about the sources it may read (its own

@@ -396,8 +396,8 @@ def pipeline_mode(settings: Settings, clips: list[tuple[str, list[VideoFrame]]],
     them), every result read back. Frames/s: first publish to last result. Crops per frame
     and detector runs from the workers' /metrics."""
     from .bench.probes import delta, free_port_block, scrape, stage_phases
+    from .pipeline.supervisor import LocalPipeline, pipeline_stages
     from .producer.client import Client
-    from .up import LocalPipeline, pipeline_stages
 
     level = settings.log_level if settings.log_level.upper() == "DEBUG" else "ERROR"
     s = settings.replace(tracking=tracking, namespace=f"video{uuid.uuid4().hex[:8]}",

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from spotline.ask import Asker, parse_since
 from spotline.common.errors import ConfigError
 from spotline.common.trackmemory import OVERHEAD, MemoryStore
 from spotline.common.transport import Transport
 from spotline.producer.client import Client
 from spotline.producer.gateway import create_app
+from spotline.results.ask import Asker, parse_since
 from spotline.stages import memory
 from spotline.train.demo import apply_demo_models
 

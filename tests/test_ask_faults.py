@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from collections import Counter
 
-from spotline.ask import Asker
 from spotline.common.embedded import EmbeddedRedis
 from spotline.common.settings import Settings
 from spotline.common.trackmemory import MemoryStore
 from spotline.common.transport import Transport
+from spotline.pipeline.supervisor import LocalPipeline, pipeline_stages
 from spotline.producer.client import Client
+from spotline.results.ask import Asker
 from spotline.train.demo import apply_demo_models
-from spotline.up import LocalPipeline, pipeline_stages
 from tests.faultlib import drained, results, wait_for
 from tests.test_ask import clip_frames
 from tests.test_track_faults import kill_track_worker

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import uvicorn
 
-from spotline.ask import Asker
 from spotline.common.embedded import EmbeddedRedis, free_port
 from spotline.common.settings import Settings
 from spotline.common.trackmemory import MemoryStore
 from spotline.producer.client import Client
 from spotline.producer.gateway import create_app
+from spotline.results.ask import Asker
 from spotline.stages import memory
 from tests.faultlib import small_frame, wait_for
 from tests.test_live import CHROMIUM, card, collect, page  # noqa: F401  (page: a fixture)

@@ -17,8 +17,8 @@ from redis.cluster import RedisCluster
 
 from spotline.common.embedded import find_redis_server
 from spotline.common.settings import Settings
+from spotline.pipeline.supervisor import LocalPipeline
 from spotline.producer.client import Client
-from spotline.up import LocalPipeline
 from tests.conftest import FAST
 
 
@@ -89,7 +89,7 @@ def _await(fn, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_pipeline_runs_on_redis_cluster(cluster_url: str, settings: Settings) -> None:
-    from spotline.demo import DEMO_FRAMES, demo_images
+    from spotline.pipeline.demo import DEMO_FRAMES, demo_images
 
     s = settings.replace(redis_url=cluster_url, crops_per_part=3, **FAST)
     with LocalPipeline(s) as url:

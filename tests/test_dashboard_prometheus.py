@@ -33,13 +33,13 @@ from spotline.common.embedded import EmbeddedRedis, free_port
 from spotline.common.metrics import Metrics, PipelineExporter
 from spotline.common.settings import Settings
 from spotline.common.transport import Transport
+from spotline.pipeline.supervisor import LocalPipeline, pipeline_stages
 from spotline.producer.client import Client
 from spotline.producer.control import FeedSpec, Registry
 from spotline.producer.gateway import create_app
 from spotline.producer.publisher import publish_source
 from spotline.producer.sinks import Sink, SinkMetrics, SinkOptions, WebhookTarget
 from spotline.producer.sources import open_source
-from spotline.up import LocalPipeline, pipeline_stages
 from tests.conftest import FAST
 from tests.faultlib import small_frame, wait_for
 from tests.test_metrics import free_port_block

@@ -21,8 +21,8 @@ from spotline.common.embedded import EmbeddedRedis, free_port
 from spotline.common.envelope import Envelope
 from spotline.common.settings import Settings
 from spotline.common.transport import Transport
+from spotline.pipeline.supervisor import Child, LocalPipeline, Supervisor, pipeline_stages
 from spotline.producer.client import Client
-from spotline.up import Child, LocalPipeline, Supervisor, pipeline_stages
 from tests.conftest import FAST, spawn_worker
 from tests.faultlib import drained, held_by, results, results_by_frame, small_frame, wait_for
 

@@ -22,9 +22,9 @@ from click.testing import CliRunner
 from spotline.cli import cli
 from spotline.common.settings import load_settings, origins, shown
 from spotline.common.transport import Transport
+from spotline.pipeline.supervisor import pipeline_stages
 from spotline.stages import runtime
 from spotline.train import demo
-from spotline.up import pipeline_stages
 from tests.faultlib import wait_for
 
 STOP_S = 30  # `up` waits up to 20 s for its workers to finish their batch

@@ -46,7 +46,7 @@ def four_instances() -> list[dict[str, object]]:
 
 @pytest.fixture(scope="module")
 def pipeline(redis_server: EmbeddedRedis, data_dir: Path) -> Iterator[tuple[Settings, str]]:
-    from spotline.up import LocalPipeline
+    from spotline.pipeline.supervisor import LocalPipeline
 
     s = load_settings(env={}, namespace=f"gw{uuid.uuid4().hex[:8]}", data_dir=str(data_dir),
                       redis_url=redis_server.url).replace(imgsz=320, warmup=0, tta=False)

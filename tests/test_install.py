@@ -27,7 +27,7 @@ import pytest
 from spotline.common.extras import EXTRAS, missing_extra, stage_missing_extra
 from spotline.common.settings import Settings, load_settings
 from spotline.common.transport import Transport
-from spotline.up import pipeline_stages
+from spotline.pipeline.supervisor import pipeline_stages
 from tests.conftest import ROOT
 from tests.faultlib import wait_for
 
@@ -221,8 +221,8 @@ def test_light_install_answers_the_demo_scenes_without_torch(light_up: LightUp,
     """core + [openvino]: no torch to import, `spotline up` answers the three demo scenes as
     the full install does (on the same exports, and on the checkpoints with torch: the same
     boxes), no process maps torch, the venv <= 600 MiB and every worker <= 350 MiB."""
+    from spotline.pipeline.reference import Reference
     from spotline.producer.client import Client
-    from spotline.reference import Reference
     from spotline.train.demo import demo_scenes
 
     probe = _python(light_venv, "import torch")

@@ -11,9 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from spotline.common.embedded import EmbeddedRedis
 from spotline.common.settings import Settings
-from spotline.demo import DEMO_FRAMES, demo_images
+from spotline.pipeline.demo import DEMO_FRAMES, demo_images
+from spotline.pipeline.supervisor import LocalPipeline, pipeline_stages
 from spotline.producer.client import Client
-from spotline.up import LocalPipeline, pipeline_stages
 from tests.conftest import FAST
 
 

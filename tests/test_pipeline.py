@@ -12,10 +12,10 @@ from spotline.bench import synthetic_frame
 from spotline.common.codec import decode
 from spotline.common.embedded import EmbeddedRedis
 from spotline.common.settings import Settings
-from spotline.demo import DEMO_FRAMES, demo_images
+from spotline.pipeline.demo import DEMO_FRAMES, demo_images
+from spotline.pipeline.reference import Reference
+from spotline.pipeline.supervisor import LocalPipeline
 from spotline.producer.client import Client
-from spotline.reference import Reference
-from spotline.up import LocalPipeline
 from tests.conftest import FAST
 
 

@@ -258,7 +258,7 @@ def test_drop_oldest_with_no_consumer_drops_and_counts(tmp_path: Path,
 # --- the CLI over a real pipeline --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pipeline(redis_server: EmbeddedRedis, data_dir: Path) -> Iterator[tuple[Settings, str]]:
-    from spotline.up import LocalPipeline
+    from spotline.pipeline.supervisor import LocalPipeline
 
     s = load_settings(env={}, namespace=f"pub{uuid.uuid4().hex[:8]}", data_dir=str(data_dir),
                       redis_url=redis_server.url).replace(imgsz=320, warmup=0, tta=False)

@@ -82,7 +82,7 @@ def as_sent(result: Result) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def pipeline(redis_server: EmbeddedRedis, data_dir: Path) -> Iterator[tuple[Settings, str]]:
-    from spotline.up import LocalPipeline
+    from spotline.pipeline.supervisor import LocalPipeline
 
     s = load_settings(env={}, namespace=f"rc{uuid.uuid4().hex[:8]}", data_dir=str(data_dir),
                       redis_url=redis_server.url).replace(imgsz=320, warmup=0, tta=False)

@@ -24,6 +24,7 @@ from spotline.common.embedded import EmbeddedRedis, _version, find_redis_server,
 from spotline.common.metrics import Metrics
 from spotline.common.settings import Settings, load_settings
 from spotline.common.transport import Transport
+from spotline.pipeline.supervisor import pipeline_stages
 from spotline.producer.client import Client
 from spotline.producer.jobs import (
     JOB_FUNCTIONS,
@@ -34,7 +35,6 @@ from spotline.producer.jobs import (
     rq_connection,
 )
 from spotline.producer.sinks import SinkMetrics
-from spotline.up import pipeline_stages
 from tests.conftest import ROOT, child_env
 from tests.faultlib import small_frame, wait_for
 

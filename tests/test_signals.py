@@ -21,7 +21,7 @@ import redis
 from spotline.common.embedded import EmbeddedRedis
 from spotline.common.settings import Settings, load_settings
 from spotline.common.transport import Transport
-from spotline.up import pipeline_stages
+from spotline.pipeline.supervisor import pipeline_stages
 from tests.conftest import ROOT, child_env
 from tests.faultlib import wait_for
 

@@ -15,7 +15,7 @@ from spotline.common import images
 from spotline.common.envelope import Envelope
 from spotline.common.errors import InputError, ModelError
 from spotline.common.settings import Settings
-from spotline.reference import Reference
+from spotline.pipeline.reference import Reference
 from spotline.stages import libs, runtime
 from spotline.stages import tiny as tiny_models
 from spotline.stages.collect import Collect, frame_result, ltwh

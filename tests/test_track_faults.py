@@ -14,9 +14,9 @@ from spotline.common.embedded import EmbeddedRedis
 from spotline.common.settings import Settings
 from spotline.common.trackstore import TrackStore
 from spotline.common.transport import Transport
+from spotline.pipeline.supervisor import LocalPipeline, pipeline_stages
 from spotline.producer.client import Client
 from spotline.stages import libs
-from spotline.up import LocalPipeline, pipeline_stages
 from tests.conftest import FAST
 from tests.faultlib import drained, held_by, results, results_by_frame, wait_for
 

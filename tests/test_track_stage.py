@@ -14,8 +14,8 @@ from spotline.common.errors import DecodeError
 from spotline.common.metrics import TracksAlive
 from spotline.common.transport import Transport
 from spotline.common.worker import Worker
+from spotline.pipeline.reference import Reference
 from spotline.producer.client import Client
-from spotline.reference import Reference
 from spotline.stages import libs, load_stage
 from spotline.stages.collect import Collect, frame_result
 from spotline.stages.detect import Detect, split_parts

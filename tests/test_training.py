@@ -271,7 +271,7 @@ def test_detector_trains_and_loads_in_the_detect_stage(detector_run) -> None:
 
 def test_one_frame_through_the_pipeline_with_the_trained_models(
         detector_run, scorer_run, tiny_set: Path, data_dir: Path) -> None:
-    from spotline.reference import Reference
+    from spotline.pipeline.reference import Reference
 
     result, _ = detector_run
     _run, scorer = scorer_run

@@ -58,7 +58,7 @@ def speed(settings: Settings, dim: int | None = None, minutes: float = 10.0, fps
     """The time of an answer over ``minutes`` of one source (ms, median and max of
     ``repeats``) and its memory per source-minute. ``dim`` None: the demo scorer's size,
     answered by the demo scorer; else random vectors of that size."""
-    from ..ask import Asker
+    from ..results.ask import Asker
 
     t = Transport(settings)
     store = MemoryStore(t, retention_s=minutes * 60 + 60, max_bytes=1 << 40)
@@ -131,7 +131,7 @@ def track_clip(settings: Settings, source: str, frames: list[Any], start: float,
 def accuracy(settings: Settings, clips_dir: str | Path, max_clips: int = 8,
              absent: int = 3) -> dict[str, Any]:
     """Per clip, each caption asked after the clip ended (see the module doc)."""
-    from ..ask import Asker
+    from ..results.ask import Asker
     from ..videobench import find_clips, load_clip
 
     asker = Asker(settings)

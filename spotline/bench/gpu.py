@@ -7,7 +7,7 @@ vision tower for 8 and 32 crops and its text tower), with the same code the stag
 fp32 and fp16 (settings ``device`` and ``half``), timed with CUDA synchronisation after
 warm-ups (median of ``runs``); ONNX Runtime where its build has a provider for the device
 (CUDA/TensorRT on a GPU; the row says why when it has none); then the in-process reference
-(spotline/reference.py: the pipeline's stage code, no Redis) at the seed's settings (imgsz
+(spotline/pipeline/reference.py: the pipeline's stage code, no Redis) at the seed's settings (imgsz
 1600, TTA, upscaling on, fp16) on synthetic 1520×870 frames: frames/s and latency; and the
 streaming pipeline (embedded redis-server, one worker process per stage) on the same frames.
 

@@ -61,7 +61,7 @@ def synthetic_frame(seed: int) -> bytes:
 
 def bench_frames(n: int) -> list[Frame]:
     """The bundled photos, then synthetic frames, ``n`` in all."""
-    from spotline.demo import DEMO_FRAMES, demo_images
+    from spotline.pipeline.demo import DEMO_FRAMES, demo_images
 
     frames = [Frame(name, img, DEMO_FRAMES[name]) for name, img in demo_images().items()]
     seed = 0
@@ -95,7 +95,7 @@ def run_reference(settings: Settings, frames: Sequence[Frame], batched: bool = T
                   light: int | None = None, rounds: int = 1) -> dict[str, Any]:
     """Reference.identify on the frames: all at once (``batched``), and one at a time (the
     light-load latency; with ``batched=False`` also the throughput). Best of ``rounds``."""
-    from spotline.reference import Reference
+    from spotline.pipeline.reference import Reference
 
     with RssSampler({"reference": os.getpid()}) as rss:
         t0 = time.perf_counter()
@@ -142,8 +142,8 @@ def run_streaming(settings: Settings, frames: Sequence[Frame], workers: dict[str
                   rounds: int = 1) -> dict[str, Any]:
     """LocalPipeline on the frames: a burst of all of them (throughput, latency under load),
     then ``light`` of them one at a time (light-load latency). Best of ``rounds``."""
+    from spotline.pipeline.supervisor import LocalPipeline, pipeline_stages
     from spotline.producer.client import Client
-    from spotline.up import LocalPipeline, pipeline_stages
 
     stages = pipeline_stages(settings)
     n_children = sum(workers.get(s, 1) for s in stages)

@@ -146,8 +146,8 @@ def run_soak(settings: Settings, seconds: float, rate: float = 1.0,
              warmup_s: float | None = None, sample_s: float = 10.0,
              echo: Callable[[str], None] = print) -> SoakReport:
     """Run the pipeline locally, publish ``rate`` frames/s for ``seconds``, and measure."""
+    from spotline.pipeline.supervisor import LocalPipeline
     from spotline.producer.client import Client
-    from spotline.up import LocalPipeline
 
     warmup_s = min(120.0, seconds / 5) if warmup_s is None else warmup_s
     s = settings.replace(namespace=f"soak{uuid.uuid4().hex[:8]}")

@@ -27,7 +27,7 @@ def ask(ctx: object, source: str, caption: str, since: str, every: bool, limit: 
     first, with their calibrated probability, first and last seen and boxes over time; "not
     seen" when none passes the calibration's threshold. Needs track mode
     (SPOTLINE_TRACKING=true), which keeps the memory."""
-    from spotline.ask import Asker, parse_since, render
+    from spotline.results.ask import Asker, parse_since, render
 
     settings = ctx.settings  # type: ignore[attr-defined]
     s = settings.replace(redis_url=need_url(settings))

@@ -28,7 +28,7 @@ def current() -> Ctx:
 def need_url(settings: Settings) -> str:
     """The running pipeline's Redis URL (SPOTLINE_REDIS_URL, or `spotline up`'s), else a
     ClickException saying how to get one."""
-    from spotline.up import running_url
+    from spotline.pipeline.supervisor import running_url
 
     url = running_url(settings)
     if not url:

@@ -105,10 +105,10 @@ def eval_cmd(dataset: str, reference: bool, t_max: float, out_dir: str, limit: i
 def _run_eval(s: Settings, images: list[Any], reference: bool, t_max: float, batch_size: int,
               timeout: float, progress: bool) -> Any:
     from spotline.evaluate import evaluate
-    from spotline.up import LocalPipeline, running_url
+    from spotline.pipeline.supervisor import LocalPipeline, running_url
 
     if reference:
-        from spotline.reference import Reference
+        from spotline.pipeline.reference import Reference
 
         ref = Reference(s)
 

@@ -81,7 +81,7 @@ class Sink:
         self.count = 0
 
     def __call__(self, result: Any, name: str | None = None) -> None:
-        from spotline.annotate import write_annotated
+        from spotline.results.annotate import write_annotated
 
         self.count += 1
         row = self.manifest.get(result.frame_id, {})

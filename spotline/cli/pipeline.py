@@ -41,7 +41,7 @@ def worker(ctx: Ctx, stage: str, burst: bool, metrics_port: int | None,
 def up(ctx: Ctx, worker_specs: tuple[str, ...], metrics: bool, persist: bool) -> None:
     """Run the whole pipeline here: Redis (embedded unless SPOTLINE_REDIS_URL) and supervised
     workers for every stage. Ctrl-C or SIGTERM stops it (exit 0)."""
-    from spotline.up import parse_workers, run_up
+    from spotline.pipeline.supervisor import parse_workers, run_up
 
     run_up(ctx.settings, parse_workers(worker_specs), metrics=metrics,
            persist=persist, echo=click.echo)
@@ -66,6 +66,7 @@ def serve(ctx: Ctx, host: str | None, port: int | None, metrics_port: int | None
     from spotline.common.metrics import Metrics
     from spotline.producer.client import Client
     from spotline.producer.gateway import create_app
+    from spotline.results.ask import Asker
 
     # A SIGTERM before uvicorn runs, or the one uvicorn re-raises after its graceful
     # shutdown, is a clean exit 0 (what compose and supervisors expect).
@@ -76,8 +77,7 @@ def serve(ctx: Ctx, host: str | None, port: int | None, metrics_port: int | None
         metrics.serve(metrics_port, addr=s.metrics_host)
     bind = host or s.http_host
     app = create_app(s, Client.connect(need_url(s), s), metrics, timeout_s=timeout, host=bind)
-    app.state.asker = __import__("spotline.ask", fromlist=["x"]).Asker(  # GET /ask
-        s.replace(redis_url=need_url(s)))
+    app.state.asker = Asker(s.replace(redis_url=need_url(s)))  # GET /ask
     uvicorn.run(app, host=bind, port=port or s.http_port,
                 log_level=s.log_level.lower(), timeout_graceful_shutdown=5)
 
@@ -93,7 +93,7 @@ def demo(ctx: Ctx, out_dir: str, timeout: float) -> None:
     coloured shapes, each box checked against the truth; else ultralytics' bundled bus.jpg and
     zidane.jpg. Uses a running `spotline up` (or
     SPOTLINE_REDIS_URL) if there is one, else starts a local pipeline for the demo."""
-    from spotline.demo import run_demo
-    from spotline.up import running_url
+    from spotline.pipeline.demo import run_demo
+    from spotline.pipeline.supervisor import running_url
 
     run_demo(ctx.settings, running_url(ctx.settings), Path(out_dir), timeout)

@@ -75,8 +75,8 @@ def mqtt(ctx: Any, url: str, topic: str, client_id: str, **opts: Any) -> None:
 
 def _run(ctx: Any, kind: str, make_target: Callable[[], Any], opts: dict[str, Any]) -> None:
     from spotline.common.transport import Transport
+    from spotline.pipeline.supervisor import running_url
     from spotline.producer.sinks import Sink, SinkMetrics, SinkOptions
-    from spotline.up import running_url
 
     settings = ctx.settings
     url = running_url(settings)

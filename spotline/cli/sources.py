@@ -13,8 +13,8 @@ import click
 
 def _registry(ctx: Any) -> Any:
     from spotline.common.transport import Transport
+    from spotline.pipeline.supervisor import running_url
     from spotline.producer.control import Registry
-    from spotline.up import running_url
 
     url = running_url(ctx.settings)
     if not url:

@@ -181,8 +181,8 @@ def finetune() -> None:
 def _queue_or_run(kind: str, run: Any, queue: str | None) -> bool:
     if not queue:
         return False
+    from spotline.pipeline.supervisor import running_url
     from spotline.train.jobs import enqueue_finetune
-    from spotline.up import running_url
 
     settings = _settings()
     url = running_url(settings)

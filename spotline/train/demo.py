@@ -271,7 +271,7 @@ def install(plan: DemoPlan, tuned: dict[str, Any]) -> Path:
 def measure(plan: DemoPlan, dataset: Path, settings: Settings) -> dict[str, Any]:
     """Accuracy of the installed demo models on ``dataset`` with the in-process reference."""
     from spotline.evaluate import evaluate
-    from spotline.reference import Reference
+    from spotline.pipeline.reference import Reference
 
     demo = apply_demo_models(settings.replace(**{k: "" for k in WEIGHT_KEYS}, models="demo"),
                              Path(plan.out))
@@ -351,7 +351,7 @@ def bench_accuracy(settings: Settings, frames: int = 40) -> dict[str, Any] | Non
     it so that a speed change that costs accuracy shows. None without demo models."""
     from spotline.data import synth
     from spotline.evaluate import accuracy
-    from spotline.reference import Reference
+    from spotline.pipeline.reference import Reference
 
     plan = DemoPlan()
     demo = apply_demo_models(settings.replace(**{k: "" for k in WEIGHT_KEYS}, models="demo"))

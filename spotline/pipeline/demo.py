@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from spotline.annotate import write_annotated
 from spotline.common.envelope import Result
 from spotline.common.settings import Settings
 from spotline.evaluate import iou_ltwh
+from spotline.results.annotate import write_annotated
 
 DEMO_FRAMES = {
     "bus.jpg": ("blue and white bus", "man in a dark jacket", "woman on the left"),
@@ -62,8 +62,8 @@ def run_demo(settings: Settings, url: str | None, out_dir: Path, timeout: float)
     """Publish the demo frames to a pipeline (a local one unless ``url``), print the results
     and write annotated images to ``out_dir``. With the demo models (models/demo/), the frames
     are synthetic scenes of coloured shapes, each caption checked against its true box."""
+    from spotline.pipeline.supervisor import LocalPipeline
     from spotline.train.demo import apply_demo_models, is_demo
-    from spotline.up import LocalPipeline
 
     settings = apply_demo_models(settings)
     images = demo_images()

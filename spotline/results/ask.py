@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from .common.errors import ConfigError
-from .common.settings import Settings
-from .common.trackmemory import MemoryStore
-from .common.transport import Transport
-from .stages import memory
+from spotline.common.errors import ConfigError
+from spotline.common.settings import Settings
+from spotline.common.trackmemory import MemoryStore
+from spotline.common.transport import Transport
+from spotline.stages import memory
 
 SINCE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h)?\s*$")
 UNITS = {None: 60.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
@@ -59,8 +59,8 @@ class Asker:
     def _load(self) -> memory.Scorer:
         with self._lock:
             if self._scorer is None:
-                from .stages import calibration, runtime
-                from .stages.score import Score
+                from spotline.stages import calibration, runtime
+                from spotline.stages.score import Score
 
                 score = Score(self.settings.replace(tracking=False))
                 score.setup()
