@@ -46,7 +46,7 @@ from ..common.settings import Settings
 from ..common.topology import pipeline
 from .access import Access, Caller, KeyRing, Refused, is_loopback
 from .client import Client, ResultTimeout
-from .guard import Guard, require
+from .guard import Guard, check_length, require
 from .sources import check_frame, image_size
 
 log = logging.getLogger(__name__)
@@ -87,14 +87,9 @@ def _error(status: int, message: str) -> JSONResponse:
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
     """The body, refused (413) from its Content-Length before reading, or while it streams in
-    as soon as the bytes read pass ``max_bytes``: memory never holds more than the limit."""
-    length = request.headers.get("content-length")
-    if length is not None:
-        if not length.isdigit():
-            raise HttpError(400, f"invalid Content-Length {length[:40]!r}")
-        if int(length) > max_bytes:
-            raise HttpError(413, f"request body of {int(length)} bytes is over the {max_bytes}"
-                                 f"-byte limit")
+    as soon as the bytes read pass ``max_bytes``: memory never holds more than the limit.
+    The header check is the guard's (Refused, answered as the guard's are)."""
+    check_length(request.headers.get("content-length"), max_bytes)
     chunks: list[bytes] = []
     total = 0
     async for chunk in request.stream():

@@ -171,13 +171,7 @@ class Guard:
                 raise Refused(415, f"{method} needs Content-Type: application/json, got "
                               f"{media[:60] or 'none'!r}")
         limit = self.identify_max_bytes if path == "/identify" else self.max_bytes
-        length = headers.get("content-length")
-        if length is not None:
-            if not length.isdigit():
-                raise Refused(400, f"invalid Content-Length {length[:40]!r}")
-            if int(length) > limit:
-                raise Refused(413, f"request body of {int(length)} bytes is over the {limit}"
-                              f"-byte limit")
+        check_length(headers.get("content-length"), limit)
         return limit
 
     def _authenticate(self, scope: Scope, headers: dict[str, str], needed: str) -> Caller:
@@ -192,6 +186,17 @@ class Guard:
             raise Refused(403, f"this API key lacks the {needed!r} scope")
         self.access.admit(caller, 1)
         return caller
+
+
+def check_length(length: str | None, limit: int) -> None:
+    """Refuse a body from its Content-Length header before a byte of it is read: 400 where the
+    header is not a number, 413 where it is over ``limit``. No header passes (it streams)."""
+    if length is None:
+        return
+    if not length.isdigit():
+        raise Refused(400, f"invalid Content-Length {length[:40]!r}")
+    if int(length) > limit:
+        raise Refused(413, f"request body of {int(length)} bytes is over the {limit}-byte limit")
 
 
 def _has_body(headers: dict[str, str]) -> bool:
