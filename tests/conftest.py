@@ -6,17 +6,24 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
+import uvicorn
 
 from spotline.common.children import die_with_parent
-from spotline.common.embedded import EmbeddedRedis
+from spotline.common.embedded import EmbeddedRedis, free_port
 from spotline.common.settings import Settings, load_settings, settings_env
 from spotline.common.transport import Transport
+from spotline.producer.client import Client
+from spotline.producer.gateway import create_app
 from tests import hypo
+from tests.faultlib import wait_for
 
 hypo.load()  # hypothesis: derandomized "ci" unless HYPOTHESIS_PROFILE=fuzz (see tests/hypo.py)
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,3 +81,53 @@ def spawn_worker(settings: Settings, url: str, stage: str, *extra: str,
     # killed with the test process (a crashed or timed-out run leaves no worker behind)
     return subprocess.Popen(args, env=child_env(settings, url), cwd=ROOT,
                             preexec_fn=die_with_parent(signal.SIGKILL))
+
+
+@contextmanager
+def uvicorn_gateway(settings: Settings, url: str, timeout_s: float = 120.0
+                    ) -> Iterator[tuple[str, Client]]:
+    """The real gateway app under uvicorn on a free loopback port, in a thread: (base URL, the
+    app's client)."""
+    client = Client.connect(url, settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, client, timeout_s=timeout_s),
+                                           host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, 20, "the gateway")
+        yield f"http://127.0.0.1:{port}", client
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        client.close()
+
+
+@contextmanager
+def spotline_serve(settings: Settings, url: str, log: Path, *extra: str, port: int | None = None,
+                   stop: int = signal.SIGTERM) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A real `spotline serve` process on loopback (``port``, or a free one), its output appended
+    to ``log``: (base URL, process). Sent ``stop`` at the end if still up."""
+    port = port or free_port()
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "spotline", "serve", "--host",
+                                 "127.0.0.1", "--port", str(port), *extra],
+                                env=child_env(settings, url), cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert proc.poll() is None, log.read_text()
+        try:
+            return httpx.get(f"{base}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(up, 60, "spotline serve answering")
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(stop)
+        proc.wait(timeout=30)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -18,11 +16,11 @@ import psutil
 import pytest
 from fastapi.testclient import TestClient
 
-from spotline.common.embedded import EmbeddedRedis, free_port
+from spotline.common.embedded import EmbeddedRedis
 from spotline.common.settings import Settings, load_settings
 from spotline.producer.client import Client
 from spotline.producer.gateway import create_app
-from tests.conftest import ROOT, child_env
+from tests.conftest import spotline_serve
 from tests.faultlib import wait_for
 
 LOCAL = "http://127.0.0.1"  # a Host the gateway answers to (allowed_hosts)
@@ -143,28 +141,9 @@ def serve(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[tuple[str, psutil.Process]]:
     s: Settings = load_settings(env={}, namespace=f"sec{uuid.uuid4().hex[:8]}",
                                 max_frame_bytes=1_000_000)  # body limit 2 x 1 MB + 1 MiB
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "spotline", "serve", "--host",
-                                 "127.0.0.1", "--port", str(port)],
-                                env=child_env(s, redis_server.url), cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert proc.poll() is None, log.read_text()
-        try:
-            return httpx.get(f"{base}/health", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_for(up, 60, "spotline serve answering")
+    with spotline_serve(s, redis_server.url, log) as (base, proc):
         yield base, psutil.Process(proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_content_length_over_the_limit_is_refused_before_the_body(

@@ -11,7 +11,6 @@ as a test artifact under out/test-artifacts/.
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,16 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
 from spotline.common.codec import encode
-from spotline.common.embedded import EmbeddedRedis, free_port
+from spotline.common.embedded import EmbeddedRedis
 from spotline.common.envelope import Result
 from spotline.common.settings import Settings
 from spotline.common.transport import DATA_FIELD, FRAME_FIELD
 from spotline.producer.client import Client
-from spotline.producer.gateway import create_app
-from tests.conftest import ROOT
+from tests.conftest import ROOT, uvicorn_gateway
 from tests.faultlib import small_frame, wait_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -42,22 +39,10 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed
 
 @contextmanager
 def serving(settings: Settings, url: str) -> Iterator[tuple[str, Client]]:
-    """The real gateway app under uvicorn on a free port, in a thread."""
-    client = Client.connect(url, settings)
-    client.previews.every_s = 0.0  # a preview of every frame: the test shows each one
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, client), host="127.0.0.1",
-                                           port=port, log_level="warning",
-                                           timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started, 20, "the gateway")
-        yield f"http://127.0.0.1:{port}", client
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        client.close()
+    """The real gateway under uvicorn, storing a preview of every frame: the test shows each."""
+    with uvicorn_gateway(settings, url) as (base, client):
+        client.previews.every_s = 0.0
+        yield base, client
 
 
 @pytest.fixture

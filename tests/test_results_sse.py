@@ -10,26 +10,18 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from spotline.common.embedded import EmbeddedRedis, free_port
 from spotline.common.settings import Settings
 from spotline.common.transport import Transport
 from spotline.producer.access import tenant_source
-from spotline.producer.client import Client
-from spotline.producer.gateway import create_app
-from tests.conftest import ROOT, child_env
-from tests.faultlib import wait_for
+from tests.conftest import spotline_serve, uvicorn_gateway
 from tests.test_sinks import make_result, publish_results
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -58,29 +50,6 @@ def read_events(lines: Iterator[str], n: int) -> list[dict[str, Any]]:
     raise AssertionError(f"the stream ended after {len(events)} of {n} events")
 
 
-@contextmanager
-def spotline_serve(settings: Settings, url: str, port: int, log: Path) -> Iterator[
-        subprocess.Popen[bytes]]:
-    """`spotline serve` as its own process on ``port``; SIGKILLed at the end if still up."""
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "spotline", "serve", "--port", str(port)],
-                                env=child_env(settings, url), cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT)
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-    try:
-        wait_for(up, 60, "spotline serve answering")
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-
-
 def test_a_client_resumes_with_last_event_id_through_a_gateway_restart(
         redis_server: EmbeddedRedis, settings: Settings, transport: Transport,
         tmp_path: Path) -> None:
@@ -92,7 +61,8 @@ def test_a_client_resumes_with_last_event_id_through_a_gateway_restart(
     after = [make_result(i, source="cam-1") for i in range(14, 18)]
     publish_results(transport, first)
     headers = {"X-API-Key": "k-alice"}
-    with spotline_serve(s, redis_server.url, port, tmp_path / "serve.log") as proc, \
+    with spotline_serve(s, redis_server.url, tmp_path / "serve.log", port=port,
+                        stop=signal.SIGKILL) as (_, proc), \
             httpx.Client(base_url=base, timeout=20) as http, \
             http.stream("GET", "/results/events?start=all", headers=headers) as resp:
         assert resp.status_code == 200
@@ -101,7 +71,8 @@ def test_a_client_resumes_with_last_event_id_through_a_gateway_restart(
         proc.send_signal(signal.SIGKILL)  # the gateway dies mid-stream
     last_id = got[-1]["id"]
     publish_results(transport, during)  # published while no gateway runs
-    with spotline_serve(s, redis_server.url, port, tmp_path / "serve.log"), \
+    with spotline_serve(s, redis_server.url, tmp_path / "serve.log", port=port,
+                        stop=signal.SIGKILL), \
             httpx.Client(base_url=base, timeout=20) as http, \
             http.stream("GET", "/results/events",
                         headers={**headers, "Last-Event-ID": last_id}) as resp:
@@ -119,25 +90,6 @@ def test_a_client_resumes_with_last_event_id_through_a_gateway_restart(
                for e in got)
 
 
-@contextmanager
-def serving(settings: Settings, url: str) -> Iterator[str]:
-    """The real gateway app under uvicorn on a free port, in a thread."""
-    client = Client.connect(url, settings)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, client), host="127.0.0.1",
-                                           port=port, log_level="warning",
-                                           timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started, 20, "the gateway")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        client.close()
-
-
 def frames_seen(http: httpx.Client, key: str, n: int, query: str = "") -> list[str]:
     with http.stream("GET", f"/results/events?start=all{query}",
                      headers={"X-API-Key": key}) as resp:
@@ -153,7 +105,7 @@ def test_keys_scopes_and_tenants(redis_server: EmbeddedRedis, settings: Settings
     results = [make_result(0, alice), make_result(1, bob), make_result(2, "cam-op"),
                make_result(3, alice), make_result(4, bob), make_result(5, "cam-op")]
     publish_results(transport, results)
-    with serving(settings.replace(api_keys=KEYS), redis_server.url) as base, \
+    with uvicorn_gateway(settings.replace(api_keys=KEYS), redis_server.url) as (base, _), \
             httpx.Client(base_url=base, timeout=20) as http:
         assert http.get("/results/events").status_code == 401
         assert http.get("/results/events", headers={"X-API-Key": "nope"}).status_code == 401
@@ -188,7 +140,7 @@ def test_a_browser_event_source_receives_results(redis_server: EmbeddedRedis,
     from tests.test_live import CHROMIUM_ARGS
 
     telemetry = {"lat": 1.352083, "lon": 103.819836, "alt_m": 120.5}
-    with serving(settings, redis_server.url) as base, sync_playwright() as pw:
+    with uvicorn_gateway(settings, redis_server.url) as (base, _), sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
                                      headless=True)
         page = browser.new_page()
@@ -221,7 +173,7 @@ def test_a_browser_on_a_keyed_gateway_reads_with_fetch_and_the_key(
     from tests.test_live import CHROMIUM_ARGS
 
     publish_results(transport, [make_result(0, "cam-op")])
-    with serving(settings.replace(api_keys=KEYS), redis_server.url) as base, \
+    with uvicorn_gateway(settings.replace(api_keys=KEYS), redis_server.url) as (base, _), \
             sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
                                      headless=True)

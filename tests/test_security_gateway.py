@@ -30,7 +30,6 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from spotline.common.codec import decode, encode
@@ -43,7 +42,7 @@ from spotline.producer.access import tenant_source
 from spotline.producer.client import Client
 from spotline.producer.gateway import create_app
 from spotline.producer.guard import allowed_hosts
-from tests.conftest import ROOT, child_env
+from tests.conftest import ROOT, child_env, spotline_serve, uvicorn_gateway
 from tests.faultlib import small_frame, wait_for
 
 LOCAL = "http://127.0.0.1"
@@ -69,53 +68,6 @@ def gateway(redis_server: EmbeddedRedis, **overrides: Any) -> Iterator[TestClien
             yield http
     finally:
         client.close()
-
-
-@contextmanager
-def uvicorn_gateway(settings: Settings, url: str, timeout_s: float = 30
-                    ) -> Iterator[tuple[str, Client]]:
-    """The real app under uvicorn on a free loopback port, in a thread."""
-    client = Client.connect(url, settings)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, client, timeout_s=timeout_s),
-                                           host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started, 20, "the gateway")
-        yield f"http://127.0.0.1:{port}", client
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        client.close()
-
-
-@contextmanager
-def spotline_serve(settings: Settings, url: str, tmp: Path) -> Iterator[tuple[str, int]]:
-    """A real `spotline serve` process on loopback: (base URL, pid)."""
-    port = free_port()
-    log = tmp / f"serve-{port}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "spotline", "serve", "--host",
-                                 "127.0.0.1", "--port", str(port), "--timeout", "30"],
-                                env=child_env(settings, url), cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert proc.poll() is None, log.read_text()
-        try:
-            return httpx.get(f"{base}/health", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_for(up, 60, "spotline serve answering")
-        yield base, proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 # --- safe defaults ------------------------------------------------------------------------------
@@ -214,8 +166,9 @@ def test_a_large_body_without_a_key_is_refused_before_it_is_read(
         redis_server: EmbeddedRedis, tmp_path: Path) -> None:
     s = settings_for(api_keys="ops-key:admin")
     total = 400 * 2**20  # what the request says it sends: 400 MiB
-    with spotline_serve(s, redis_server.url, tmp_path) as (base, pid):
-        proc = psutil.Process(pid)
+    with spotline_serve(s, redis_server.url, tmp_path / "serve.log", "--timeout", "30"
+                        ) as (base, served):
+        proc = psutil.Process(served.pid)
         before = proc.memory_info().rss
         port = int(base.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -343,7 +296,7 @@ def _first_events(base: str, key: str, until_source: str) -> str:
 
 def test_a_key_sees_only_its_own_identify_frames(redis_server: EmbeddedRedis) -> None:
     s = settings_for(api_keys="tenant-a-key, tenant-b-key, ops-key:read+admin")
-    with uvicorn_gateway(s, redis_server.url) as (base, client):
+    with uvicorn_gateway(s, redis_server.url, timeout_s=30) as (base, client):
         answer: list[httpx.Response] = []
         request = {"instances": [{"key": 0, "caption": SECRET_CAPTION,
                                   "b64": b64(small_frame(1))}]}
@@ -471,7 +424,8 @@ def test_health_answers_while_a_large_identify_is_parsed(redis_server: EmbeddedR
     instances = [{"key": i, "caption": "c", "b64": b64(small_frame(i) + bytes(2_800_000))}
                  for i in range(15)] + [{"key": 15, "caption": "c", "b64": "%%%"}]
     body = json.dumps({"instances": instances}).encode()
-    with spotline_serve(s, redis_server.url, tmp_path) as (base, _pid):
+    with spotline_serve(s, redis_server.url, tmp_path / "serve.log", "--timeout", "30"
+                        ) as (base, _proc):
         port = int(base.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=30) as big, \
                 socket.create_connection(("127.0.0.1", port), timeout=30) as probe:
