@@ -15,6 +15,7 @@ import numpy as np
 from spotline.common.codec import decode
 from spotline.common.envelope import Result
 from spotline.common.transport import Transport
+from spotline.producer.client import Client
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -84,6 +85,14 @@ def results(t: Transport) -> dict[str, Result]:
 def drained(t: Transport, stages: list[str]) -> bool:
     """Nothing unread and nothing pending in any of these inboxes."""
     return all(t.pending_count(s) == 0 and t.backlog(s) == 0 for s in stages)
+
+
+def settled(t: Transport, stages: list[str], ids: list[str], timeout: float) -> Counter[str]:
+    """Wait for every frame of ``ids`` to be answered, then for every inbox to drain with nothing
+    pending (late duplicates surface by then): how many results each frame got."""
+    Client(t).await_results(ids, timeout=timeout)
+    wait_for(lambda: drained(t, stages), timeout=60, what="drained inboxes")
+    return results_by_frame(t)
 
 
 def held_by(t: Transport, stage: str, pid: int) -> int:

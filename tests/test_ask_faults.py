@@ -11,12 +11,11 @@ from spotline.common.settings import Settings
 from spotline.common.trackmemory import MemoryStore
 from spotline.common.transport import Transport
 from spotline.pipeline.supervisor import LocalPipeline, pipeline_stages
-from spotline.producer.client import Client
 from spotline.results.ask import Asker
 from spotline.train.demo import apply_demo_models
-from tests.faultlib import drained, results, wait_for
+from tests.faultlib import results, settled
 from tests.test_ask import clip_frames
-from tests.test_track_faults import kill_track_worker
+from tests.test_track_faults import publish_killing_track
 
 FRAMES = 24
 TRACK = {"warmup": 1, "tracking": True, "batch_track": 2, "visibility_timeout_ms": 1500,
@@ -31,14 +30,8 @@ def test_memory_survives_a_track_worker_killed_mid_clip(settings: Settings, tmp_
         pipe = LocalPipeline(s)
         with pipe as url:
             t = Transport(s, url=url)
-            client = Client(t)
-            ids = []
-            for i, f in enumerate(frames):
-                ids.append(client.publish(f.image, captions, source_id="drone"))
-                if i == FRAMES // 2:
-                    kill_track_worker(t, pipe)
-            client.await_results(ids, timeout=240)
-            wait_for(lambda: drained(t, pipeline_stages(s)), timeout=60, what="drained inboxes")
+            ids, _ = publish_killing_track(t, pipe, [f.image for f in frames], captions)
+            settled(t, pipeline_stages(s), ids, timeout=240)
             got = results(t)
             stats = MemoryStore.for_settings(s, t).stats("drone")
             asker = Asker(s.replace(redis_url=url), t)

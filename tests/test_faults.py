@@ -24,7 +24,15 @@ from spotline.common.transport import Transport
 from spotline.pipeline.supervisor import Child, LocalPipeline, Supervisor, pipeline_stages
 from spotline.producer.client import Client
 from tests.conftest import FAST, spawn_worker
-from tests.faultlib import drained, held_by, results, results_by_frame, small_frame, wait_for
+from tests.faultlib import (
+    drained,
+    held_by,
+    results,
+    results_by_frame,
+    settled,
+    small_frame,
+    wait_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +114,7 @@ def test_sigkill_workers_and_drop_connections(settings: Settings) -> None:
             producer.join(timeout=120)
             assert producer.error is None, f"producer failed: {producer.error!r}"
             ids = producer.ids
-            Client(t).await_results(ids, timeout=150)
-            # Let late duplicates surface: every inbox empty and nothing pending.
-            wait_for(lambda: drained(t, pipeline_stages(s)), timeout=60, what="drained inboxes")
-            per_frame = results_by_frame(t)
+            per_frame = settled(t, pipeline_stages(s), ids, timeout=150)
             got = results(t)
             dead = t.r.xlen(t.keys.dead)
             restarts = {c.name: c.restarts for c in pipe.supervisor.children}  # type: ignore
@@ -142,10 +147,7 @@ def test_redis_killed_and_restarted_with_aof_loses_nothing(settings: Settings,
             wait_for(lambda: client.t.r.xlen(client.keys.results) >= 10, timeout=60,
                      what="first results")
             server.restart(hard=True)  # SIGKILL mid-run, then the same port and AOF file
-            client.await_results(ids, timeout=120)
-            wait_for(lambda: drained(client.t, pipeline_stages(s)), timeout=60,
-                     what="drained inboxes")
-            per_frame = results_by_frame(client.t)
+            per_frame = settled(client.t, pipeline_stages(s), ids, timeout=120)
             dead = client.t.r.xlen(client.keys.dead)
             children = pipe.supervisor.children  # type: ignore[union-attr]
             restarts = sum(c.restarts for c in children)

@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from spotline.common.embedded import EmbeddedRedis
@@ -18,7 +19,7 @@ from spotline.pipeline.supervisor import LocalPipeline, pipeline_stages
 from spotline.producer.client import Client
 from spotline.stages import libs
 from tests.conftest import FAST
-from tests.faultlib import drained, held_by, results, results_by_frame, wait_for
+from tests.faultlib import held_by, results, results_by_frame, settled, wait_for
 
 OUTAGE_S = 1.5  # how long Redis stays down: longer than the track worker takes for a batch
 # The track state's Redis calls (common/trackstore.py through common/transport.py)
@@ -41,15 +42,8 @@ def test_killing_the_track_worker_mid_clip(settings: Settings) -> None:
         pipe = LocalPipeline(s)
         with pipe as url:
             t = Transport(s, url=url)
-            client = Client(t)
-            ids = []
-            for i, image in enumerate(clip):
-                ids.append(client.publish(image, CAPTIONS, source_id="drone"))
-                if i == FRAMES // 2:
-                    held = kill_track_worker(t, pipe)
-            client.await_results(ids, timeout=240)
-            wait_for(lambda: drained(t, pipeline_stages(s)), timeout=60, what="drained inboxes")
-            per_frame = results_by_frame(t)
+            ids, held = publish_killing_track(t, pipe, clip, CAPTIONS)
+            per_frame = settled(t, pipeline_stages(s), ids, timeout=240)
             got = results(t)
             dead = t.r.xlen(t.keys.dead)
             last, state = TrackStore(t).load("drone")
@@ -64,6 +58,18 @@ def test_killing_the_track_worker_mid_clip(settings: Settings) -> None:
     # On the still shot, after the hysteresis settled, every caption keeps its track.
     still = [a.track_ids for a in answers[8:] if min(a.track_ids) >= 0]
     assert len(still) >= FRAMES - 8 - 2 and len(set(still)) == 1, still
+
+
+def publish_killing_track(t: Transport, pipe: LocalPipeline, clip: list[bytes],
+                          captions: Sequence[str]) -> tuple[list[str], int]:
+    """Publish ``clip`` from source "drone", SIGKILLing the track worker halfway through:
+    (the frame ids, how many frames the worker held when killed)."""
+    client, ids, held = Client(t), [], 0
+    for i, image in enumerate(clip):
+        ids.append(client.publish(image, captions, source_id="drone"))
+        if i == len(clip) // 2:
+            held = kill_track_worker(t, pipe)
+    return ids, held
 
 
 def kill_track_worker(t: Transport, pipe: LocalPipeline) -> int:
@@ -147,9 +153,7 @@ def test_track_mode_rides_out_a_kill_a_redis_restart_and_a_client_kill(
             producer.join(timeout=180)
             assert producer.error is None, f"producer failed: {producer.error!r}"
             ids = producer.ids
-            Client(t).await_results(ids, timeout=120)
-            wait_for(lambda: drained(t, pipeline_stages(s)), timeout=60, what="drained inboxes")
-            per_frame = results_by_frame(t)
+            per_frame = settled(t, pipeline_stages(s), ids, timeout=120)
             got = results(t)
             dead = t.length(t.keys.dead)
             last, state = TrackStore(t).load("drone")
