@@ -37,9 +37,9 @@ from spotline.producer.client import Client
 from spotline.producer.gateway import create_app
 from spotline.producer.sinks import MqttTarget, Sink, SinkOptions, WebhookTarget
 from tests import test_sinks
-from tests.conftest import ROOT
+from tests.conftest import ROOT, uvicorn_gateway
 from tests.faultlib import encode_png, small_frame, wait_for
-from tests.test_results_sse import read_events, serving
+from tests.test_results_sse import read_events
 from tests.test_sinks import KEYS, Receiver, Subscriber, run_in_thread
 
 DOC = ROOT / "docs" / "results.md"
@@ -162,7 +162,7 @@ def test_every_surface_carries_the_same_json_with_the_meta_unchanged(
     image.write_bytes(small_frame(5))
     start = t.last_id(t.keys.results)
     try:
-        with serving(s, url) as base:
+        with uvicorn_gateway(s, url) as (base, _):
             events = Events(base, 5)
             wanted = {
                 client.publish(small_frame(1), ["grey missile"], source_id="drone-7",
