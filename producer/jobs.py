@@ -309,5 +309,16 @@ def list_jobs(url: str, queue_name: str = DEFAULT_QUEUE) -> list[JobRow]:
     return rows
 
 
-# The only functions the jobs worker runs, by the name RQ stores (module.qualname).
-JOB_FUNCTIONS: dict[str, Any] = {f"{f.__module__}.{f.__qualname__}": f for f in (ingest_job,)}
+# The only functions the jobs worker runs, by the name RQ stores (module.qualname): the
+# ingest job, and whatever spotline's own application layer registers (its fine-tuning job).
+JOB_FUNCTIONS: dict[str, Any] = {}
+
+
+def register_job(function: Any) -> Any:
+    """Allow the jobs worker to run ``function`` (spotline's own job functions only: called
+    at import by the module that defines one; a queued job can never add a name)."""
+    JOB_FUNCTIONS[f"{function.__module__}.{function.__qualname__}"] = function
+    return function
+
+
+register_job(ingest_job)

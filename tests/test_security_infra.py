@@ -216,3 +216,21 @@ def test_metrics_bind_loopback_unless_metrics_host_says_otherwise(settings: Sett
     assert listening_ips(sink_port) == {"127.0.0.1"}
     wide = settings.replace(metrics_host="0.0.0.0")
     assert listening_ips(Metrics().serve(free_port(), addr=wide.metrics_host)) == {"0.0.0.0"}
+
+
+def test_finetune_jobs_are_allowed_and_carry_no_secrets(
+        redis_server: EmbeddedRedis, settings: Settings, tmp_path: Path) -> None:
+    """The fine-tuning job is one of spotline's own (registered, so the worker runs it), and
+    like ingest it stores no secret setting in Redis."""
+    from spotline.train.jobs import enqueue_finetune, finetune_job
+    from spotline.train.scorer import ScorerRun
+
+    assert JOB_FUNCTIONS["spotline.train.jobs.finetune_job"] is finetune_job
+    secret_settings = settings.replace(redis_url=redis_server.url, api_keys="key-SECRET-2")
+    job = enqueue_finetune("scorer", ScorerRun(train=str(tmp_path), out=str(tmp_path / "o")),
+                           secret_settings, redis_server.url, queue_name=f"t-{uuid.uuid4().hex}")
+    stored = rq_connection(redis_server.url).hgetall(job.key)
+    everything = b" ".join(k + b"=" + v for k, v in stored.items()).decode(errors="replace")
+    assert redis_server.password not in everything and "key-SECRET-2" not in everything
+    assert job.args[2] == job_settings_env(secret_settings)
+    job.cancel()

@@ -288,10 +288,12 @@ def jobs_list(queue_name: str) -> None:
               help="Run each job in a forked work horse (RQ Worker) or in this process "
               "(SimpleWorker).")
 def jobs_worker(queue_name: str, burst: bool, fork: bool) -> None:
-    """Run an RQ worker for ingest jobs (with the scheduler for delayed retries) until Ctrl-C,
-    or until the queue is empty with --burst. It runs only spotline's own job functions (any
-    other job fails, refused) and publishes with this process's Redis URL and secrets."""
+    """Run an RQ worker for ingest and fine-tuning jobs (with the scheduler for delayed
+    retries) until Ctrl-C, or until the queue is empty with --burst. It runs only spotline's
+    own job functions (any other job fails, refused) and publishes with this process's Redis
+    URL and secrets."""
     from spotline.producer.jobs import run_jobs_worker
+    from spotline.train import jobs as _train_jobs  # noqa: F401  (registers the fine-tuning job)
 
     s = current().settings
     ran = run_jobs_worker(need_url(s), queue_name, burst=burst, fork=fork,

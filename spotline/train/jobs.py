@@ -14,8 +14,9 @@ from rq import Queue, get_current_job
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from spotline.common.settings import Settings, load_settings, settings_env
+from spotline.common.settings import Settings, load_settings
 from spotline.common.transport import connect
+from spotline.producer.jobs import job_settings_env, register_job
 
 TRAIN_QUEUE = "spotline-train"
 JOB_TIMEOUT_S = 7 * 24 * 3600
@@ -36,7 +37,7 @@ def enqueue_finetune(kind: str, run: Any, settings: Settings, url: str,
     args = dataclasses.asdict(run)
     args["progress"] = False
     return train_queue(url, queue_name).enqueue(
-        finetune_job, kind, args, settings_env(settings), job_timeout=JOB_TIMEOUT_S,
+        finetune_job, kind, args, job_settings_env(settings), job_timeout=JOB_TIMEOUT_S,
         result_ttl=RESULT_TTL_S, failure_ttl=RESULT_TTL_S,
         description=f"finetune {kind} {run.train} -> {run.out}",
         meta={"spec": f"finetune {kind} {run.train}", "phase": "queued"})
@@ -62,6 +63,7 @@ class _Meta:
         self.job.save_meta()
 
 
+@register_job
 def finetune_job(kind: str, args: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     """The RQ job: run the fine-tuning and return its figures (JSON)."""
     job = get_current_job()
