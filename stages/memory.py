@@ -9,7 +9,7 @@ frame: the boxes at half precision, and the fresh embeddings (at most one per tr
 
 ``answer`` scores a caption's text embedding against every stored embedding of the window
 (one matrix product, the scorer's own formula), rates each track by the mean of its best
-``TOP_K`` scores, calibrates that with the scorer's calibration (stages/calibration.py) and
+``TOP_K`` scores, calibrates that with the scorer's calibration (stages/tracking/calibration.py) and
 keeps the tracks whose probability of being in view passes the "not in view" threshold, best
 first, each with its first and last time seen and its boxes over time. Nothing passing:
 "not seen".
@@ -117,7 +117,8 @@ class Recorder:
 def remember(stage: Any, env: Any, answer: Mapping[str, Any], fresh: Mapping[int, Any]) -> None:
     """The track stage's hook: keep a tracked frame in its source's memory (with
     ``ask_memory`` on; the recorder is made on first use, on the stage's own connection). A
-    stage whose stores live in this process (spotline/trackmode.py's Tracked) keeps none."""
+    stage whose stores live in this process (spotline/pipeline/trackmode.py's Tracked) keeps
+    none."""
     recorder = getattr(stage, "_memory", None)
     if recorder is False:
         return
@@ -313,7 +314,7 @@ def answer(caption: str, windows: Sequence[Window], scorer: Scorer, calibration:
            max_points: int = MAX_POINTS, stitch: bool = True) -> Answer:
     """The tracks of ``windows`` that match ``caption``, best first (see the module doc);
     with ``stitch``, a track and those continuing it are one match."""
-    from .assign import in_view
+    from .tracking.assign import in_view
 
     started = time.perf_counter()
     rated: list[tuple[float, Window, int]] = []

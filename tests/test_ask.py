@@ -138,8 +138,8 @@ def clip_frames(tmp_path, seed: int = 29, frames: int = 24):
     """A synthetic clip (spotline data synth --video), its frames and truth."""
     from click.testing import CliRunner
 
+    from spotline.bench.video import find_clips, load_clip
     from spotline.cli import cli
-    from spotline.videobench import find_clips, load_clip
 
     out = tmp_path / "clips"
     res = CliRunner().invoke(cli, ["data", "synth", str(out), "--video", "--seed", str(seed),

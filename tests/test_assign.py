@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from spotline.stages import calibration
-from spotline.stages.assign import argmax_boxes, assign, ground
-from spotline.stages.calibration import Calibration, fit_isotonic, fit_temperature
+from spotline.stages.tracking import calibration
+from spotline.stages.tracking.assign import argmax_boxes, assign, ground
+from spotline.stages.tracking.calibration import Calibration, fit_isotonic, fit_temperature
 
 
 def test_joint_assignment_gives_two_captions_two_boxes():

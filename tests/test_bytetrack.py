@@ -1,6 +1,7 @@
-"""The numpy ByteTrack (stages/bytetrack.py) runs as Ultralytics 8.4's BYTETracker does, which
-track mode was measured with: the same ids for every box, the same lost pool and the same Kalman
-states, on easy and crowded scenes; and tracking imports neither torch nor Ultralytics."""
+"""The numpy ByteTrack (stages/tracking/bytetrack.py) runs as Ultralytics 8.4's BYTETracker
+does, which track mode was measured with: the same ids for every box, the same lost pool and the
+same Kalman states, on easy and crowded scenes; and tracking imports neither torch nor
+Ultralytics."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 from ultralytics.trackers.byte_tracker import BYTETracker as UltralyticsBYTETracker
 
-from spotline.stages import bytetrack
-from spotline.stages.tracker import TrackerConfig, _Detections
+from spotline.stages.tracking import bytetrack
+from spotline.stages.tracking.tracker import TrackerConfig, _Detections
 from tests.conftest import ROOT
 from tests.test_tracker import scene
 
@@ -77,7 +78,7 @@ def test_the_assignment_leaves_pairs_over_the_limit_unmatched():
 
 def test_tracking_imports_neither_torch_nor_ultralytics():
     code = ("import sys, numpy as np\n"
-            "from spotline.stages.track import SourceState\n"
+            "from spotline.stages.tracking.source import SourceState\n"
             "state = SourceState()\n"
             "for seq in range(1, 4):\n"
             "    state.plan(seq, np.array([[1, 2, 30, 40]], np.float32) + seq,\n"

@@ -12,9 +12,9 @@ import cv2
 import numpy as np
 
 from spotline.common.settings import Settings
-from spotline.stages import calibration
+from spotline.pipeline.trackmode import FrameModels
 from spotline.stages.tiny import TINY_DIR, ensure_tiny_models
-from spotline.trackmode import FrameModels
+from spotline.stages.tracking import calibration
 from spotline.train import demo
 
 FAST = dict(imgsz=256, warmup=0, max_det=4, tta=False, upscale=False)

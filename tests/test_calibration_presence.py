@@ -14,18 +14,18 @@ from scipy.special import expit, logit
 
 from spotline.common.errors import ConfigError
 from spotline.common.settings import load_settings
-from spotline.grounding_eval import Scored, fit_scored, grounding_report, report_lines
-from spotline.stages import calibration
-from spotline.stages.assign import ground, in_view
-from spotline.stages.calibration import (
+from spotline.eval.grounding import Scored, fit_scored, grounding_report, report_lines
+from spotline.stages.tracking import calibration
+from spotline.stages.tracking.assign import ground, in_view
+from spotline.stages.tracking.calibration import (
     Calibration,
     abstain_threshold,
     choose_threshold,
     fit_presence,
     presence_features,
 )
-from spotline.stages.evidence import Evidence
-from spotline.stages.grounding import ground_frame
+from spotline.stages.tracking.evidence import Evidence
+from spotline.stages.tracking.grounding import ground_frame
 
 # P(in view) = sigmoid(best logit + margin) with several captions, sigmoid(best logit) alone.
 HAND = Calibration("temperature", presence_single=(1.0, 0.0), presence_multi=(1.0, 1.0, 0.0),

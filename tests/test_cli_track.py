@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from spotline.cli_track import calibrate
+from spotline.cli.track import calibrate
 from spotline.common.errors import ConfigError
 from spotline.common.settings import Settings
-from spotline.stages import calibration
+from spotline.pipeline.trackmode import FrameModels
 from spotline.stages.tiny import TINY_DIR, ensure_tiny_models
 from spotline.stages.track import Track
-from spotline.trackmode import FrameModels
+from spotline.stages.tracking import calibration
 
 
 def labelled_dataset(root: Path, models: FrameModels) -> Path:
@@ -70,7 +70,7 @@ def test_bench_video_and_eval_grounding_options(tmp_path, data_dir, redis_server
     """`spotline bench video` through the real CLI, and the options the CLI adds to `eval` (on
     a stand-in command of the same parameters: the wrapper touches nothing else)."""
     from spotline.cli import cli
-    from spotline.cli_track import add_grounding_options
+    from spotline.cli.track import add_grounding_options
     from tests.test_videobench import write_clip
 
     called = []

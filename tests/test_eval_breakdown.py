@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from spotline.common.settings import Settings, settings_env
-from spotline.evaluate import bucket, colour_of, evaluate
+from spotline.eval import bucket, colour_of, evaluate
 
 # (width, height, background or None, [(caption, [l, t, w, h])])
 SCENES = [

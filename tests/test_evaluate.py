@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from spotline.common.errors import InputError
-from spotline.evaluate import (
+from spotline.eval import (
     EvalReport,
     accuracy,
     evaluate,

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from spotline.stages.evidence import Evidence, EvidenceConfig
+from spotline.stages.tracking.evidence import Evidence, EvidenceConfig
 
 CONFIG = EvidenceConfig(decay=0.8, margin=0.5, switch_frames=3)
 

@@ -381,7 +381,7 @@ def test_stage_workers_on_exports_stay_light(tiny: dict[str, Path]) -> None:
 def test_track_embedder_on_exported_models(tiny: dict[str, Path]) -> None:
     """The track stage's embedder (upscale + score on chosen crops) gives torch's embeddings
     and scores on the exported models too."""
-    from spotline.stages.track import Embedder
+    from spotline.stages.tracking.source import Embedder
 
     crops = _crops()[5:]
     captions = ("grey missile", "red bus")

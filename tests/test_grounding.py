@@ -7,9 +7,9 @@ import math
 
 import numpy as np
 
-from spotline.stages.calibration import Calibration
-from spotline.stages.evidence import Evidence, EvidenceConfig
-from spotline.stages.grounding import NO_TRACK, ground_frame
+from spotline.stages.tracking.calibration import Calibration
+from spotline.stages.tracking.evidence import Evidence, EvidenceConfig
+from spotline.stages.tracking.grounding import NO_TRACK, ground_frame
 
 CAPS = ("red circle", "blue square")
 

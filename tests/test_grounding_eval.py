@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 from spotline.common.settings import Settings
-from spotline.grounding_eval import (
+from spotline.eval.grounding import (
     Scored,
     fit_calibration,
     grounding_report,
@@ -18,9 +18,9 @@ from spotline.grounding_eval import (
     report_lines,
     score_dataset,
 )
+from spotline.pipeline.trackmode import FrameModels
 from spotline.producer.dataset import load_til
-from spotline.stages.calibration import Calibration
-from spotline.trackmode import FrameModels
+from spotline.stages.tracking.calibration import Calibration
 
 
 def test_report_on_scripted_scores():

@@ -101,8 +101,8 @@ def test_core_role_runs_the_gateway_collector_sinks_and_feeds(core_venv: Path) -
     no model framework, and its requirements hold together."""
     _run([core_venv / "bin" / "python", "-m", "pip", "check"])
     mods = ("spotline.producer.gateway", "spotline.producer.sinks", "spotline.producer.sources",
-            "spotline.producer.client", "spotline.common.collector", "spotline.stages.grounding",
-            "spotline.stages.track", "spotline.cli")
+            "spotline.producer.client", "spotline.common.collector",
+            "spotline.stages.tracking.grounding", "spotline.stages.track", "spotline.cli")
     ok = _python(core_venv, "import importlib\n" + "".join(
         f"importlib.import_module({m!r})\n" for m in mods))
     assert ok.returncode == 0, ok.stderr
@@ -294,11 +294,11 @@ def test_edge_role_adds_onnx_runtime(light_up: LightUp, light_venv: Path) -> Non
 
 
 def test_numpy_hungarian_picks_what_scipy_picks() -> None:
-    """stages/lsap.py against scipy's, maximising and minimising, on wide, tall and square
+    """stages/tracking/lsap.py against scipy's, maximising and minimising, on wide, tall and square
     matrices, with ties (small integers) and without."""
     from scipy.optimize import linear_sum_assignment as scipy_lsa
 
-    from spotline.stages.lsap import linear_sum_assignment
+    from spotline.stages.tracking.lsap import linear_sum_assignment
 
     rng = np.random.default_rng(24)
     for trial in range(600):

@@ -93,3 +93,16 @@ def test_the_raw_client_guard_sees_each_spelling() -> None:
     assert _raw_client_uses(source, "probe.py") == [
         (1, "t.r"), (2, "self.t.r"), (3, "client.t.r"), (4, "transport.r"),
         (5, "self.transport.r")]
+
+
+def test_the_application_lives_in_packages() -> None:
+    """spotline/ holds packages (cli, bench, pipeline, eval, export, ...) and no loose module but
+    __init__.py and __main__.py; every folder with Python modules under it is a package."""
+    app = ROOT / "spotline"
+    loose = sorted(path.name for path in app.glob("*.py")
+                   if path.name not in {"__init__.py", "__main__.py"})
+    assert not loose, f"modules outside a package in spotline/: {loose}"
+    folders = {path.parent for path in app.rglob("*.py")} - {app}
+    assert len(folders) >= 5, "the application's packages were not found"
+    bare = sorted(str(f.relative_to(ROOT)) for f in folders if not (f / "__init__.py").is_file())
+    assert not bare, f"folders of modules without an __init__.py: {bare}"

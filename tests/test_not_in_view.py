@@ -11,9 +11,9 @@ import pytest
 
 from spotline.common.errors import ConfigError
 from spotline.common.settings import Settings, load_settings, settings_env
-from spotline.stages import calibration
-from spotline.stages.calibration import Calibration, abstain_threshold
 from spotline.stages.track import Track
+from spotline.stages.tracking import calibration
+from spotline.stages.tracking.calibration import Calibration, abstain_threshold
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_SCORER = ROOT / "models" / "demo" / "scorer"

@@ -1,5 +1,5 @@
-"""Finding a track by its look between detections (stages/templates.py), and what it does to
-a source's state (stages/track.py: ``match``)."""
+"""Finding a track by its look between detections (stages/tracking/templates.py), and what it
+does to a source's state (stages/tracking/source.py: ``match``)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,15 @@ import numpy as np
 import pytest
 
 from spotline.common.codec import decode_state, encode_state
-from spotline.stages.templates import TEMPLATE_SIDE, Template, exposure, make_template, match
-from spotline.stages.track import SourceState, TrackOptions
-from spotline.stages.tracker import iou
+from spotline.stages.tracking.source import SourceState, TrackOptions
+from spotline.stages.tracking.templates import (
+    TEMPLATE_SIDE,
+    Template,
+    exposure,
+    make_template,
+    match,
+)
+from spotline.stages.tracking.tracker import iou
 
 SIZE = (320, 240)  # width, height
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from spotline.common.codec import decode_state, encode_state
-from spotline.stages.grounding import NO_TRACK
-from spotline.stages.track import SourceState, TrackOptions, fresh_embeddings
-from spotline.stages.tracker import ReuseConfig
+from spotline.stages.tracking.grounding import NO_TRACK
+from spotline.stages.tracking.source import SourceState, TrackOptions, fresh_embeddings
+from spotline.stages.tracking.tracker import ReuseConfig
 from tests.test_tracker import scene
 
 OPTIONS = TrackOptions(reuse=ReuseConfig(keyframe_every=5, min_iou=0.5))

@@ -14,8 +14,9 @@ from spotline.common.worker import Worker
 from spotline.producer.client import Client
 from spotline.stages.collect import Collect
 from spotline.stages.detect import Detect, left_to_track
-from spotline.stages.track import SourceState, Track, TrackOptions
-from spotline.stages.tracker import SourceTracker, iou
+from spotline.stages.track import Track
+from spotline.stages.tracking.source import SourceState, TrackOptions
+from spotline.stages.tracking.tracker import SourceTracker, iou
 from tests.test_track_stage import CAPTIONS, still_frame
 from tests.test_tracker import scene
 

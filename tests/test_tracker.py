@@ -8,7 +8,7 @@ import pytest
 
 from spotline.common.codec import decode_state, encode_state
 from spotline.common.errors import DecodeError
-from spotline.stages.tracker import (
+from spotline.stages.tracking.tracker import (
     NO_TRACK,
     ReuseConfig,
     SourceTracker,

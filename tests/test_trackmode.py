@@ -9,10 +9,10 @@ import pytest
 
 from spotline.common.trackstore import EmbeddingCache, TrackStore
 from spotline.common.transport import Transport
+from spotline.pipeline.trackmode import FrameModels, PerFrame, Tracked
 from spotline.stages import libs
-from spotline.stages.track import TrackOptions
-from spotline.stages.tracker import ReuseConfig
-from spotline.trackmode import FrameModels, PerFrame, Tracked
+from spotline.stages.tracking.source import TrackOptions
+from spotline.stages.tracking.tracker import ReuseConfig
 
 CAPTIONS = ("red bus", "a person")
 
@@ -85,7 +85,7 @@ def test_in_process_store_keeps_the_stage_semantics(models):
     again is answered from the answer saved with the state (never tracked twice), and an
     older state never replaces a newer one."""
     from spotline.common.envelope import Envelope
-    from spotline.trackmode import LocalTrackStore
+    from spotline.pipeline.trackmode import LocalTrackStore
 
     frames = clip(3)
     tracked = Tracked(models)

@@ -12,8 +12,8 @@ from spotline.common.embedded import EmbeddedRedis
 from spotline.common.keys import Keys
 from spotline.common.trackstore import CachedEmbedding, EmbeddingCache, TrackStore
 from spotline.common.transport import Transport
-from spotline.stages.evidence import Evidence
-from spotline.stages.tracker import SourceTracker
+from spotline.stages.tracking.evidence import Evidence
+from spotline.stages.tracking.tracker import SourceTracker
 from tests.faultlib import wait_for
 from tests.test_tracker import scene
 

@@ -1,4 +1,4 @@
-"""`spotline bench --video` end to end on two small clips with the tiny models: both modes
+"""`spotline bench video` end to end on two small clips with the tiny models: both modes
 answer every frame, the figures hang together, and "not in view" is evaluated held out."""
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from spotline.common.errors import InputError
-from spotline.common.settings import Settings
-from spotline.videobench import (
+from spotline.bench.video import (
     VideoFrame,
     find_clips,
     identity,
@@ -21,6 +19,8 @@ from spotline.videobench import (
     video_bench,
     with_absent,
 )
+from spotline.common.errors import InputError
+from spotline.common.settings import Settings
 
 
 def write_clip(folder: Path, seed: int, frames: int = 4) -> Path:

@@ -1,24 +1,24 @@
 """The `spotline` command line. Every subcommand has --help.
 
 One module per concern: pipeline (worker, up, serve, demo), feeds (publish, results, ingest,
-jobs), ops (models, dead, eval), bench (its subcommands), sink, sources, export, train (data,
-finetune, models demo), ask_cmd, config_cmd; context holds the settings and the Redis URL,
-output how results are shown. A SpotlineError from any command becomes one clean error line
-here. Each command is registered below from a plain import.
+jobs), ops (models, dead, eval), bench (its subcommands), track (calibrate, eval's track-mode
+options), sink, sources, export, train (data, finetune, models demo), ask_cmd, config_cmd;
+context holds the settings and the Redis URL, output how results are shown. A SpotlineError
+from any command becomes one clean error line here. Each command is registered below from a
+plain import.
 """
 
 from __future__ import annotations
 
 import click
 
-from spotline import cli_track
 from spotline.common.errors import SpotlineError
 from spotline.common.extras import missing_extra
 from spotline.common.logs import setup_logging
 from spotline.common.settings import load_settings
 from spotline.train.demo import apply_demo_models
 
-from . import ask_cmd, bench, config_cmd, export, feeds, ops, pipeline, sink, sources, train
+from . import ask_cmd, bench, config_cmd, export, feeds, ops, pipeline, sink, sources, track, train
 from .context import Ctx, need_url, pass_ctx
 
 
@@ -64,9 +64,9 @@ def cli(ctx: click.Context, config_file: str | None, log_level: str | None) -> N
 for _command in (pipeline.worker, pipeline.up, pipeline.serve, pipeline.demo, feeds.publish,
                  feeds.results, feeds.ingest, feeds.jobs, ops.models, ops.dead, bench.bench,
                  ops.eval_cmd, config_cmd.config, sink.sink, sources.sources, export.export,
-                 cli_track.calibrate, ask_cmd.ask, train.data, train.finetune):
+                 track.calibrate, ask_cmd.ask, train.data, train.finetune):
     cli.add_command(_command)
-cli_track.add_grounding_options(ops.eval_cmd)  # eval --calibrate / --grounding
+track.add_grounding_options(ops.eval_cmd)  # eval --calibrate / --grounding
 ops.models.add_command(train.models_demo)  # spotline models demo
 
 

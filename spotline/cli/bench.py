@@ -207,7 +207,7 @@ def video(clips: str, n_clips: int, frames: int, absent: int, in_process: bool,
     --video`), through the streaming pipeline (workers as `spotline up` starts them, frames
     published by the client): frames/s, crops embedded per frame, accuracy (IoU > 0.5),
     caption flips per 100 frames, "not in view" precision and recall with --absent."""
-    from spotline.cli_track import video_bench
+    from spotline.cli.track import video_bench
 
     video_bench(current().settings, clips, n_clips, frames, absent, json_path, in_process)
 

@@ -96,7 +96,7 @@ def eval_cmd(dataset: str, reference: bool, t_max: float, out_dir: str, limit: i
     images = load_til(dataset)[:limit]
     report = _run_eval(s, images, reference, t_max, batch_size, timeout, not no_progress)
     _show_report(report, images)
-    from spotline.evaluate import write_report
+    from spotline.eval import write_report
 
     json_path, png_path = write_report(report, out_dir)
     click.echo(f"wrote {json_path} and {png_path}")
@@ -104,7 +104,7 @@ def eval_cmd(dataset: str, reference: bool, t_max: float, out_dir: str, limit: i
 
 def _run_eval(s: Settings, images: list[Any], reference: bool, t_max: float, batch_size: int,
               timeout: float, progress: bool) -> Any:
-    from spotline.evaluate import evaluate
+    from spotline.eval import evaluate
     from spotline.pipeline.supervisor import LocalPipeline, running_url
 
     if reference:
@@ -127,7 +127,7 @@ def _run_eval(s: Settings, images: list[Any], reference: bool, t_max: float, bat
 
 def _eval_pipeline(s: Settings, url: str, images: list[Any], t_max: float, batch_size: int,
                    timeout: float, progress: bool) -> Any:
-    from spotline.evaluate import evaluate
+    from spotline.eval import evaluate
     from spotline.producer.client import Client
     from spotline.producer.sources import validate_frame
 
@@ -161,7 +161,7 @@ def _show_report(report: Any, images: list[Any] | None = None) -> None:
     if report.errors:
         click.echo(f"errors       {len(report.errors)} (first: {report.errors[0]['error']})")
     if getattr(report, "breakdown", None):
-        from spotline.evaluate import breakdown_lines
+        from spotline.eval import breakdown_lines
 
         click.echo("accuracy by frame size (long side, px), object size (true box's long side, "
                    "px), colour and background:")

@@ -9,7 +9,7 @@ import click
 
 from spotline.common.envelope import Result
 from spotline.common.settings import Settings
-from spotline.evaluate import iou_ltwh
+from spotline.eval import iou_ltwh
 from spotline.results.annotate import write_annotated
 
 DEMO_FRAMES = {

@@ -19,7 +19,8 @@ class Reference:
 
     def __init__(self, settings: Settings, setup: bool = True) -> None:
         # The seed's method answers each image on its own: track mode (video feeds, a stage
-        # with its state in Redis) is not part of it (spotline/trackmode.py runs that in-process).
+        # with its state in Redis) is not part of it (spotline/pipeline/trackmode.py runs that
+        # in-process).
         settings = settings.replace(tracking=False)
         if settings.torch_threads == 0:  # one process runs every stage: every model on all
             # cores (a stage alone would load an exported model on its worker's share)

@@ -59,8 +59,9 @@ class Asker:
     def _load(self) -> memory.Scorer:
         with self._lock:
             if self._scorer is None:
-                from spotline.stages import calibration, runtime
+                from spotline.stages import runtime
                 from spotline.stages.score import Score
+                from spotline.stages.tracking import calibration
 
                 score = Score(self.settings.replace(tracking=False))
                 score.setup()

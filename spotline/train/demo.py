@@ -270,7 +270,7 @@ def install(plan: DemoPlan, tuned: dict[str, Any]) -> Path:
 
 def measure(plan: DemoPlan, dataset: Path, settings: Settings) -> dict[str, Any]:
     """Accuracy of the installed demo models on ``dataset`` with the in-process reference."""
-    from spotline.evaluate import evaluate
+    from spotline.eval import evaluate
     from spotline.pipeline.reference import Reference
 
     demo = apply_demo_models(settings.replace(**{k: "" for k in WEIGHT_KEYS}, models="demo"),
@@ -287,7 +287,7 @@ def calibrate(plan: DemoPlan, val: Path, settings: Settings,
               say: Callable[[str], None]) -> dict[str, Any]:
     """Fit the installed demo scorer's calibration and "not in view" model on the val split
     (never the test split) and write calibration.json beside it; what was fitted."""
-    from spotline.grounding_eval import fit_calibration
+    from spotline.eval.grounding import fit_calibration
     from spotline.producer.dataset import load_til
 
     demo = apply_demo_models(settings.replace(**{k: "" for k in WEIGHT_KEYS}, models="demo"),
@@ -350,7 +350,7 @@ def bench_accuracy(settings: Settings, frames: int = 40) -> dict[str, Any] | Non
     ``frames`` images of the held-out test split, rendered on the fly: `spotline bench` prints
     it so that a speed change that costs accuracy shows. None without demo models."""
     from spotline.data import synth
-    from spotline.evaluate import accuracy
+    from spotline.eval import accuracy
     from spotline.pipeline.reference import Reference
 
     plan = DemoPlan()

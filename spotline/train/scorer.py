@@ -159,7 +159,7 @@ class CropSampler:
 
     def _background_box(self, record: TilImage) -> Box | None:
         """A box of object size that overlaps no object much (a false detection)."""
-        from spotline.evaluate import iou_ltwh
+        from spotline.eval import iou_ltwh
 
         sizes = [max(b[2], b[3]) for _, b in record.annotations] or [32.0]
         side = float(self.rng.choice(sizes)) * self.rng.uniform(0.7, 1.3)

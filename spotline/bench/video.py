@@ -1,4 +1,4 @@
-"""`spotline bench --video`: per-frame mode against track mode on the same clips, in one run.
+"""`spotline bench video`: per-frame mode against track mode on the same clips, in one run.
 
 Clips are folders with ``clip.mp4`` and a per-frame ``vlm.jsonl`` (``{"frame": k, "image":
 "clip.mp4", "annotations": [{"caption", "bbox": [l, t, w, h]}]}``), as ``spotline data synth
@@ -39,15 +39,16 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .common.errors import InputError
-from .common.settings import Settings
-from .evaluate import iou_ltwh
-from .stages import calibration as calib
-from .stages import runtime
-from .stages.assign import assign
-from .stages.collect import ltwh
-from .stages.track import TrackOptions, options_from
-from .trackmode import FrameAnswer, FrameModels, PerFrame, Tracked
+from spotline.common.errors import InputError
+from spotline.common.settings import Settings
+from spotline.eval import iou_ltwh
+from spotline.pipeline.trackmode import FrameAnswer, FrameModels, PerFrame, Tracked
+from spotline.stages import runtime
+from spotline.stages.collect import ltwh
+from spotline.stages.track import options_from
+from spotline.stages.tracking import calibration as calib
+from spotline.stages.tracking.assign import assign
+from spotline.stages.tracking.source import TrackOptions
 
 BoxLTWH = tuple[float, float, float, float]
 IOU_HIT = 0.5
@@ -319,7 +320,7 @@ def in_process_bench(settings: Settings, clips: list[tuple[str, list[VideoFrame]
                      options: TrackOptions | None = None, absent: int = 0,
                      abstain_below: float | None = None) -> dict[str, Any]:
     """Both modes in this process with the same stage objects (track mode: the track stage's
-    own step, spotline/trackmode.py), alternating frame by frame so that the machine's load
+    own step, spotline/pipeline/trackmode.py), alternating frame by frame so that the machine's load
     weighs on both alike; "not in view" measured on its own."""
     # The settings' track mode (keyframes, IoU, evidence, joint), without abstaining: "not in
     # view" is measured on its own below.
@@ -395,9 +396,9 @@ def pipeline_mode(settings: Settings, clips: list[tuple[str, list[VideoFrame]]],
     .publish``, each clip a source, the clips' frames interleaved as concurrent feeds send
     them), every result read back. Frames/s: first publish to last result. Crops per frame
     and detector runs from the workers' /metrics."""
-    from .bench.probes import delta, free_port_block, scrape, stage_phases
-    from .pipeline.supervisor import LocalPipeline, pipeline_stages
-    from .producer.client import Client
+    from spotline.bench.probes import delta, free_port_block, scrape, stage_phases
+    from spotline.pipeline.supervisor import LocalPipeline, pipeline_stages
+    from spotline.producer.client import Client
 
     level = settings.log_level if settings.log_level.upper() == "DEBUG" else "ERROR"
     s = settings.replace(tracking=tracking, namespace=f"video{uuid.uuid4().hex[:8]}",

@@ -22,14 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from .common.settings import Settings
-from .evaluate import hit
-from .producer.dataset import TilImage
-from .stages import calibration as calib
-from .stages import runtime
-from .stages.assign import ground
-from .stages.collect import ltwh
-from .trackmode import FrameModels, PerFrame
+from spotline.common.settings import Settings
+from spotline.eval import hit
+from spotline.pipeline.trackmode import FrameModels, PerFrame
+from spotline.producer.dataset import TilImage
+from spotline.stages import runtime
+from spotline.stages.collect import ltwh
+from spotline.stages.tracking import calibration as calib
+from spotline.stages.tracking.assign import ground
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def labelled_pairs(scored: Sequence[Scored]) -> tuple[np.ndarray, np.ndarray]:
 def fit_scored(scored: Sequence[Scored], method: str = "temperature",
                target_precision: float = calib.TARGET_PRECISION) -> calib.Calibration:
     """A calibration of the scores, and when some captions name nothing in their image, its
-    presence model and "not in view" threshold (stages/calibration.py)."""
+    presence model and "not in view" threshold (stages/tracking/calibration.py)."""
     cal = calib.fit(*labelled_pairs(scored), method)
     if not any(t is None for s in scored for t in s.truth):
         return cal

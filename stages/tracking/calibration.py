@@ -1,7 +1,7 @@
 """Score calibration: raw scorer scores → probabilities that a box is the caption's.
 
 SigLIP's sigmoid scores rank boxes well but are not probabilities: a right box often scores
-0.01. "Not in view" (stages/assign.py) needs a probability to compare with a threshold, so a
+0.01. "Not in view" (assign.py) needs a probability to compare with a threshold, so a
 calibration is fitted on labelled (score, correct) pairs (`spotline eval --calibrate`) and
 stored as a small JSON file beside the scorer (``<scorer_dir>/calibration.json``):
 
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ..common.errors import ConfigError
+from ...common.errors import ConfigError
 
 FILENAME = "calibration.json"
 METHODS = ("temperature", "isotonic")

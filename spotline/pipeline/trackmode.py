@@ -5,8 +5,8 @@ image tower, each caption its argmax box. Track mode is the track stage itself
 (``stages.track.Track``: it follows the boxes per source with ByteTrack, embeds a track's crop
 only when it changed or on keyframes, weighs evidence over frames and assigns one box per
 caption), run here on frames given one by one. Both use the same Detect, Upscale and Score
-objects, so the in-process figures of ``spotline bench --video`` compare the methods, not two
-implementations; its headline figures come from the streaming pipeline (spotline/videobench.py).
+objects, so the in-process figures of ``spotline bench video`` compare the methods, not two
+implementations; its headline figures come from the streaming pipeline (spotline/bench/video.py).
 
 A source's tracking state lives in this process (``LocalTrackStore``, ``LocalEmbeddingCache``:
 the Redis stores' methods on dicts) or, given ``store`` and ``cache``, in Redis.
@@ -21,16 +21,17 @@ from typing import Any
 
 import numpy as np
 
-from .common.codec import decode_state, encode_state
-from .common.envelope import Envelope
-from .common.settings import Settings
-from .common.trackstore import CachedEmbedding, EmbeddingCache, TrackStore
-from .stages import runtime
-from .stages.assign import assign
-from .stages.collect import frame_result, ltwh
-from .stages.detect import Detect
-from .stages.grounding import NO_TRACK
-from .stages.track import ANSWERS_KEPT, Embedder, Track, TrackOptions, TrackStats
+from spotline.common.codec import decode_state, encode_state
+from spotline.common.envelope import Envelope
+from spotline.common.settings import Settings
+from spotline.common.trackstore import CachedEmbedding, EmbeddingCache, TrackStore
+from spotline.stages import runtime
+from spotline.stages.collect import frame_result, ltwh
+from spotline.stages.detect import Detect
+from spotline.stages.track import ANSWERS_KEPT, Track, TrackStats
+from spotline.stages.tracking.assign import assign
+from spotline.stages.tracking.grounding import NO_TRACK
+from spotline.stages.tracking.source import Embedder, TrackOptions
 
 BoxLTWH = tuple[float, float, float, float]
 

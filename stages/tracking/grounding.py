@@ -1,5 +1,5 @@
 """Grounding a frame of a tracked source: evidence over time, one box per caption and "not in
-view", put together (the pure part of track mode; stages/evidence.py, stages/assign.py).
+view", put together (the pure part of track mode; evidence.py, assign.py).
 
 For each caption of a frame:
 1. the evidence of every tracked box of the frame is updated with this frame's score and the

@@ -1,4 +1,4 @@
-"""Tracks per source: ByteTrack (stages/bytetrack.py, numpy: no torch, no Ultralytics), with
+"""Tracks per source: ByteTrack (bytetrack.py, numpy: no torch, no Ultralytics), with
 its whole state as plain arrays.
 
 A source's frames may be handled by any worker of the track stage, one frame after another
@@ -9,7 +9,7 @@ worker rebuilds the tracker from it for the next frame (``SourceTracker.from_sta
 tracker rebuilt after every frame gives exactly the ids of one kept in memory (a test checks
 this bit for bit).
 
-The state of the ``BYTETracker`` (Ultralytics 8.4's, which stages/bytetrack.py runs the same
+The state of the ``BYTETracker`` (Ultralytics 8.4's, which bytetrack.py runs the same
 way, ids and all) is: the tracked, lost and removed track pools
 (each track: its Kalman mean 8 and covariance 8×8, last box, id, state, activation, score,
 class, detection index, first and last frame, tracklet length), the frame counter, and the
@@ -156,7 +156,7 @@ class SourceTracker:
 
     def correct(self, measured: Mapping[int, np.ndarray]) -> None:
         """Kalman-update the followed tracks named in ``measured`` (track id -> xyxy box found
-        in this frame between detections, stages/templates.py). Their last detection, length,
+        in this frame between detections, templates.py). Their last detection, length,
         score and confirmation stay as they were: only the detector confirms, starts or loses a
         track. An unconfirmed one found takes its Kalman step here (ByteTrack predicts only
         confirmed tracks), so that it learns its speed and the next detection meets it where

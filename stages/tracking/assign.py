@@ -2,14 +2,14 @@
 
 Each caption used to take its own argmax box, so two captions of one frame could take the same
 box. ``assign`` instead solves the assignment problem on the captions × boxes score matrix
-(Hungarian, ``linear_sum_assignment``, scipy's in numpy: stages/lsap.py; maximising the total
+(Hungarian, ``linear_sum_assignment``, scipy's in numpy: lsap.py; maximising the total
 score): one box per caption and one caption per box wherever there are at least as many boxes
 as captions. Where captions outnumber boxes, every box still goes to the caption that the
 optimal assignment gives it, and the captions left over take their own argmax (so several
 captions share a box only when there are not enough boxes). Captions that are the same text
 are grounded once and share the answer.
 
-``ground`` adds "not in view": with a calibration (stages/calibration.py) and a threshold, a
+``ground`` adds "not in view": with a calibration (calibration.py) and a threshold, a
 caption whose calibrated probability of being in view is below the threshold gets no box
 (``box`` None) and that probability, instead of a box it probably does not describe; the other
 captions are assigned among themselves.
@@ -28,7 +28,7 @@ from .lsap import linear_sum_assignment
 
 
 class Calibrator(Protocol):
-    """Maps raw scores to calibrated probabilities (stages/calibration.py)."""
+    """Maps raw scores to calibrated probabilities (calibration.py)."""
 
     def apply(self, scores: np.ndarray) -> np.ndarray: ...
 
@@ -143,7 +143,7 @@ def ground(scores: np.ndarray, captions: Sequence[str] | None = None, joint: boo
 def in_view(calibration: Calibrator, scores: np.ndarray,
             captions: Sequence[str] | None = None) -> np.ndarray:
     """Each caption's probability of being in view: the calibration's presence model when it
-    has one (stages/calibration.py), else its best box's calibrated probability."""
+    has one (calibration.py), else its best box's calibrated probability."""
     presence = getattr(calibration, "presence", None)
     if presence is not None:
         return np.asarray(presence(scores, captions), dtype=np.float64)

@@ -18,7 +18,7 @@ def video_bench(settings: Settings, clips: str, max_clips: int, frames: int, abs
                 json_path: str | None, in_process: bool = False) -> dict[str, Any]:
     """`spotline bench video`: both modes on the same clips through the streaming pipeline
     (and in this process with ``in_process``); prints the table."""
-    from spotline import videobench
+    from spotline.bench import video as videobench
     from spotline.data.synth import all_captions
 
     report = videobench.video_bench(settings, clips, max_clips=max_clips, max_frames=frames,
@@ -35,7 +35,7 @@ def video_bench(settings: Settings, clips: str, max_clips: int, frames: int, abs
 def fit_and_save(settings: Settings, dataset: str, method: str, limit: int | None,
                  absent: int = 1, target_precision: float = 0.9) -> None:
     """Fit the scorer's calibration on a labelled TIL dataset and write it beside the scorer."""
-    from spotline.grounding_eval import fit_calibration
+    from spotline.eval.grounding import fit_calibration
     from spotline.producer.dataset import load_til
 
     try:
@@ -57,9 +57,10 @@ def fit_and_save(settings: Settings, dataset: str, method: str, limit: int | Non
 
 def grounding_lines(settings: Settings, dataset: str, limit: int | None, absent: int) -> None:
     """eval's lines for joint assignment and "not in view" (with the scorer's calibration)."""
-    from spotline.grounding_eval import grounding_report, report_lines, score_dataset
+    from spotline.eval.grounding import grounding_report, report_lines, score_dataset
     from spotline.producer.dataset import load_til
-    from spotline.stages import calibration, runtime
+    from spotline.stages import runtime
+    from spotline.stages.tracking import calibration
 
     cal = calibration.load(runtime.resolve_weights(settings).scorer)
     if cal is None:

@@ -3,7 +3,7 @@
 ByteTrack (Zhang et al., 2022) as Ultralytics 8.4's ``BYTETracker`` runs it, the tracker track
 mode was measured with, written again here so that the track worker on exported models imports
 neither torch nor Ultralytics (importing Ultralytics' tracker loads torch: ~700 MiB resident).
-Same classes, attributes and steps, so ``stages/tracker.py`` drives either and its saved state
+Same classes, attributes and steps, so ``tracker.py`` drives either and its saved state
 (plain arrays) is one format for both; a test runs both on the same scenes and compares every
 track id.
 
@@ -13,7 +13,7 @@ with a cost limit), then the remaining followed tracks to the low-score detectio
 unconfirmed tracks (seen once) to what is left; new tracks start from unmatched high-score
 detections; lost tracks unseen for ``track_buffer`` frames are removed. The assignment with a
 cost limit is lapjv's with ``extend_cost``: the square problem in which every row and column
-may also go unmatched at half the limit (stages/lsap.py solves it).
+may also go unmatched at half the limit (lsap.py solves it).
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def _no_id() -> int:
 
 
 class BYTETracker:
-    """ByteTrack over frames of one source (``args``: stages/tracker.py's TrackerConfig)."""
+    """ByteTrack over frames of one source (``args``: tracker.py's TrackerConfig)."""
 
     def __init__(self, args: Any) -> None:
         self.tracked_stracks: list[STrack] = []
