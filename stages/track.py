@@ -40,7 +40,6 @@ from .tracking.source import (
 )
 from .tracking.tracker import ReuseConfig, TrackerConfig
 
-# --- the streaming stage ---------------------------------------------------------------------
 ANSWERS_KEPT = 1024  # answers kept beside a source's state, for frames delivered again
 
 

@@ -106,3 +106,18 @@ def test_the_application_lives_in_packages() -> None:
     assert len(folders) >= 5, "the application's packages were not found"
     bare = sorted(str(f.relative_to(ROOT)) for f in folders if not (f / "__init__.py").is_file())
     assert not bare, f"folders of modules without an __init__.py: {bare}"
+
+
+def test_every_package_is_installed() -> None:
+    """Each package folder is in pyproject.toml's packages list (spotline.common is common/,
+    ...), so a wheel holds every module the source tree has."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]
+    listed = set(config["setuptools"]["packages"])
+    found = set()
+    for top in ("spotline", *sorted(LAYERS)):
+        for init in (ROOT / top).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT).parts
+            found.add(".".join(parts if top == "spotline" else ("spotline", *parts)))
+    assert found - listed == set(), f"packages missing from pyproject.toml: {found - listed}"

@@ -91,7 +91,9 @@ def run_bench(settings: Settings, options: BenchOptions,
                                     options.timeout_s * 4, say, "real")
     if not options.quick:  # accuracy beside throughput: a fast wrong answer is no figure
         say("demo models: accuracy on held-out synthetic frames...")
-        report["demo"] = __import__("spotline.train.demo", fromlist=["x"]).bench_accuracy(settings)
+        from spotline.train.demo import bench_accuracy
+
+        report["demo"] = bench_accuracy(settings)
     report["targets"] = targets(report)
     report["machine"]["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
     report["elapsed_s"] = round(time.perf_counter() - t_start, 1)

@@ -84,7 +84,9 @@ def table(report: dict[str, Any]) -> str:
         f"({b['ratio_to_image_bytes']:.2f}x the image "
         f"bytes), {b['used_memory_after_delete'] / 2**20:.1f} MiB after delete; at high_water "
         f"{b['high_water']}: {b['bound_at_high_water_bytes'] / 2**20:.1f} MiB"]
-    lines += __import__("spotline.train.demo", fromlist=["x"]).bench_line(report.get("demo"))
+    from spotline.train.demo import bench_line
+
+    lines += bench_line(report.get("demo"))
     lines += ["", "targets:"]
     for t in report["targets"]:
         mark = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
