@@ -13,12 +13,12 @@ checked against Prometheus itself."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 import shutil
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -243,9 +243,8 @@ def test_every_dashboard_query_finds_its_series_in_a_real_prometheus(
                               if (title, ref) not in MAY_BE_EMPTY and not query(prom_url,
                                                                                 expr)]
                 return not missing
-            deadline = time.monotonic() + 40
-            while not all_found() and time.monotonic() < deadline:
-                time.sleep(1)
+            with contextlib.suppress(AssertionError):  # the assert below names what is missing
+                wait_for(all_found, 40, "every query's series", every=1.0)
             assert not missing, "no series for:\n" + "\n".join(missing)
             # the namespace filter filters: another namespace finds nothing
             assert query(prom_url, 'spotline_build_info{namespace="elsewhere"}') == []
