@@ -15,6 +15,7 @@ from spotline.pipeline.demo import DEMO_FRAMES, demo_images
 from spotline.pipeline.supervisor import LocalPipeline, pipeline_stages
 from spotline.producer.client import Client
 from tests.conftest import FAST
+from tests.faultlib import wait_for
 
 
 def free_port_block(n: int) -> int:
@@ -80,6 +81,14 @@ def test_each_worker_serves_metrics_that_move(redis_server: EmbeddedRedis,
         assert pipeline.supervisor is not None
         ports = {c.stage: c.metrics_port for c in pipeline.supervisor.children}
         scraped = {stage: scrape_refreshed(port, stage) for stage, port in ports.items()}
+        # The exporter's gauges refresh every 5 s: the refresh scraped above may predate a
+        # worker's first read, so await one that counts every stage's worker.
+        for stage, port in ports.items():
+            if total(scraped[stage], "spotline_pipeline_exporter") == 1:
+                wait_for(lambda p=port: all(total(scrape(p), "spotline_workers_alive",
+                                                  stage=st) >= 1 for st in stages),
+                         15, "the exporter counting every stage's worker", every=0.2)
+                scraped[stage] = scrape(port)
     n = len(frames)
     for stage in stages:
         m = scraped[stage]
