@@ -22,8 +22,9 @@ from tests.conftest import FAST
 from tests.faultlib import held_by, results, results_by_frame, settled, wait_for
 
 OUTAGE_S = 1.5  # how long Redis stays down: longer than the track worker takes for a batch
-# The track state's Redis calls (common/trackstore.py through common/transport.py)
-STORE_CALLS = ("hash get", "hash size", "track state save", "embedding cache put")
+# The track stage's Redis calls, all through common/transport.py: its state and embedding cache
+# (common/trackstore.py) and the source's memory for `spotline ask` (common/trackmemory.py)
+STORE_CALLS = ("hash get", "hash size", "track state save", "embedding cache put", "memory add")
 
 FRAMES = 24
 CAPTIONS = ("red bus", "a person")
