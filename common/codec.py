@@ -117,6 +117,19 @@ def decode_state(raw: bytes) -> dict[str, Any]:
     return obj
 
 
+def split_strings(raw: bytes) -> list[bytes]:
+    """bytes of a msgpack array of strings (a Redis script's ``cmsgpack.pack`` of a reply's
+    values, as common/trackmemory.py reads a memory in a few replies instead of one a record)
+    -> the strings as bytes; DecodeError for anything else."""
+    try:
+        obj = msgpack.unpackb(raw, raw=True, use_list=True)
+    except Exception as exc:
+        raise DecodeError(f"not a packed list: {type(exc).__name__}: {exc}", bytes(raw)) from None
+    if not isinstance(obj, list):
+        raise DecodeError(f"not a packed list: a {type(obj).__name__}", bytes(raw))
+    return [v for v in obj if isinstance(v, bytes)]
+
+
 def _build(obj: Any, raw: bytes) -> Envelope | Result:
     if not (isinstance(obj, tuple) and len(obj) == 2 and obj[0] in _KINDS
             and isinstance(obj[1], dict)):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from .codec import split_strings
 from .settings import Settings
 from .transport import Transport
 
@@ -60,13 +61,15 @@ redis.call('SADD', KEYS[4], ARGV[7])
 return dropped
 """
 
-# KEYS: records hash, order zset. ARGV: from time. The records since then, oldest first.
+# KEYS: records hash, order zset. ARGV: from time. The records since then, oldest first, as a
+# few msgpack arrays of up to 1,000 records each (cmsgpack, in C): one reply item a record made
+# the client parse 6,000 items for 10 minutes of a 10 frames/s source, most of a read's time.
 _READ = """
 local seqs = redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[1], '+inf')
 local out = {}
 for i = 1, #seqs, 1000 do
   local part = redis.call('HMGET', KEYS[1], unpack(seqs, i, math.min(i + 999, #seqs)))
-  for _, v in ipairs(part) do if v then out[#out + 1] = v end end
+  out[#out + 1] = cmsgpack.pack(part)
 end
 return out
 """
@@ -125,8 +128,9 @@ class MemoryStore:
 
     def since(self, source_id: str, t: float) -> list[bytes]:
         """The records of frames captured at ``t`` or later, oldest first."""
-        return list(self.t.run_script(self._read, self._keys(source_id)[:2], [repr(float(t))],
-                                      "memory read"))
+        parts = self.t.run_script(self._read, self._keys(source_id)[:2], [repr(float(t))],
+                                  "memory read")
+        return [r for part in parts for r in split_strings(part)]
 
     def sources(self) -> list[str]:
         """The sources that have a memory now."""

@@ -132,7 +132,7 @@ def accuracy(settings: Settings, clips_dir: str | Path, max_clips: int = 8,
              absent: int = 3) -> dict[str, Any]:
     """Per clip, each caption asked after the clip ended (see the module doc)."""
     from ..results.ask import Asker
-    from ..videobench import find_clips, load_clip
+    from .video import find_clips, load_clip
 
     asker = Asker(settings)
     clips = []
