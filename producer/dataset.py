@@ -36,6 +36,7 @@ class TilImage:
     width: int = 0
     height: int = 0
     line: int = 0
+    negatives: tuple[Box, ...] = ()  # boxes that no caption names (clutter, false detections)
 
     @property
     def captions(self) -> tuple[str, ...]:
@@ -145,7 +146,17 @@ def parse_record(line: bytes, where: str, root: Path, number: int = 0,
         raise BadRecord(where, "duplicate caption",
                         f"caption {repeated[0]!r} appears {counts[repeated[0]]} times in one image "
                         "(a caption must name exactly one object)")
-    return TilImage(image, parsed, width, height, number)
+    return TilImage(image, parsed, width, height, number, _negatives(row, where, width, height))
+
+
+def _negatives(row: dict[str, Any], where: str, width: int, height: int) -> tuple[Box, ...]:
+    """The line's optional ``negatives``: boxes that no caption names (hard negatives for
+    the scorer: clutter, the detector's false detections), checked like the annotations'."""
+    raw = row.get("negatives", [])
+    if not isinstance(raw, list):
+        raise BadRecord(where, "corrupt line", "'negatives' must be a list of boxes")
+    return tuple(_annotation({"caption": "(negative)", "bbox": b}, where, k, width, height)[1]
+                 for k, b in enumerate(raw))
 
 
 def _image_path(root: Path, name: str) -> Path | None:

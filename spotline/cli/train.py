@@ -60,10 +60,12 @@ def data() -> None:
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
 @click.option("--images", "n_images", default=100, show_default=True, type=click.IntRange(1))
-@click.option("--style", type=click.Choice(["classic", "heldout"]), default="classic",
-              show_default=True, help="classic: the scenes the demo models were trained on; "
-              "heldout: the second family, for evaluation only (training refuses it; its own "
-              "sizes, backgrounds, clutter...; --size/--objects/--sides/--sizes override).")
+@click.option("--style", type=click.Choice(["classic", "randomised", "heldout"]),
+              default="classic", show_default=True, help="classic: 384x256 scenes on four "
+              "grounds; randomised: the training renderer with every domain-randomisation "
+              "option on (eight grounds, 384-1920 px, clutter, faint, rotated, blurred, covered "
+              "objects: what the demo models are trained on); heldout: the second family, for "
+              "evaluation only (training refuses it). Options given override a style's preset.")
 @click.option("--size", default=None, help="Image size WxH.  [default: 384x256]")
 @click.option("--objects", default=None, help="Objects per image, LO-HI.  [default: 3-6]")
 @click.option("--sides", default=None, help="Object size in px, LO-HI.  [default: 10-80]")
@@ -104,8 +106,9 @@ def synth_cmd(out: str, seed: int, n_images: int, style: str, size: str | None,
              "rotate": rotate, "motion_blur": motion_blur}
     given = {k: v for k, v in given.items() if v is not None}
     try:
-        options = synth.heldout_options(seed, n_images, **given) if style == "heldout" else \
-            synth.SynthOptions(seed=seed, images=n_images, **given)
+        preset = {"heldout": synth.heldout_options, "randomised": synth.randomised_options,
+                  "classic": synth.SynthOptions}[style]
+        options = preset(seed=seed, images=n_images, **given)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     if video:
@@ -157,6 +160,34 @@ def _default_cap(settings: Any) -> int:
 
         return scorer_input_size(settings, settings.scorer_dir)
     return 384
+
+
+@data.command("mine")
+@click.argument("dataset", type=click.Path(exists=True))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--detector", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The detector (.pt) whose false detections to collect.")
+@click.option("--imgsz", default=None, type=int, help="Detector input size [default: the "
+              "settings' (0 follows the frame)].")
+def mine_cmd(dataset: str, out: str, detector: str, imgsz: int | None) -> None:
+    """Hard negatives for the scorer: run DETECTOR over DATASET with the detect stage's code
+    and write OUT, the same dataset (images linked) whose lines' "negatives" also hold every
+    detection that matches no object (IoU < 0.3)."""
+    from tqdm import tqdm
+
+    from spotline.common.errors import SpotlineError
+    from spotline.train.mine import mine
+
+    settings = _settings()
+    if imgsz is not None:
+        settings = settings.replace(imgsz=imgsz)
+    try:
+        with tqdm(unit="img", desc="mine") as bar:
+            report = mine(dataset, detector, out, settings, progress=bar.update)
+    except SpotlineError as exc:
+        raise _fail(exc) from None
+    click.echo(f"{report.images} images, {report.detections} detections, {report.negatives} "
+               f"false detections added as negatives -> {report.out}")
 
 
 @data.command("check")
@@ -213,6 +244,11 @@ def _queue_or_run(kind: str, run: Any, queue: str | None) -> bool:
 @click.option("--augment", "strength", default=0.25, show_default=True,
               help="Noise strength (1.0: the seed's GaussNoise variance 500-5000).")
 @click.option("--jitter", default=0.1, show_default=True, help="Box jitter (fraction).")
+@click.option("--background", default=0.1, show_default=True, type=click.FloatRange(0, 0.89),
+              help="Share of each batch that is crops no caption names.")
+@click.option("--hard-negatives", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="Of those, the share cut at the lines' \"negatives\" boxes (clutter, the "
+              "detector's false detections: `spotline data mine`) where a line has any.")
 @click.option("--image-size", default=32, show_default=True, help="From scratch: crop side.")
 @click.option("--upscaler", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Real-ESRGAN .pth: train on crops upscaled as the pipeline upscales them.")
@@ -227,9 +263,10 @@ def _queue_or_run(kind: str, run: Any, queue: str | None) -> bool:
 def finetune_scorer_cmd(train: str, out: str, val: str | None, base: str | None,
                         from_scratch: bool, epochs: int, batch: int, accum: int,
                         lr: float | None, weight_decay: float, beta2: float, strength: float,
-                        jitter: float, image_size: int, upscaler: str | None,
-                        resume: str | None, threads: int, seed: int, skip_bad: bool,
-                        queue: str | None, no_progress: bool) -> None:
+                        jitter: float, background: float, hard_negatives: float,
+                        image_size: int, upscaler: str | None, resume: str | None,
+                        threads: int, seed: int, skip_bad: bool, queue: str | None,
+                        no_progress: bool) -> None:
     """Fine-tune (or train from scratch) the scorer on TRAIN's caption/crop pairs; every
     epoch writes OUT/epoch_NNN (loadable by the score stage), the last also OUT/scorer."""
     from spotline.train.scorer import ScorerRun, check_run, finetune_scorer
@@ -239,6 +276,7 @@ def finetune_scorer_cmd(train: str, out: str, val: str | None, base: str | None,
                     base=str(Path(base).resolve()) if base else None,
                     from_scratch=from_scratch, epochs=epochs, batch=batch, accum=accum, lr=lr,
                     weight_decay=weight_decay, beta2=beta2, augment=strength, jitter=jitter,
+                    background=background, hard_negatives=hard_negatives,
                     image_size=image_size, upscaler=upscaler, resume=resume, threads=threads,
                     seed=seed, skip_bad=skip_bad, progress=not no_progress)
     check_run(run)

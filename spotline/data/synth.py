@@ -48,8 +48,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "ring")
 COLOUR_JITTER = 20
 BACKGROUNDS = ("sky", "sea", "fields", "noise")
-CLASSIC, HELDOUT = "classic", "heldout"
-STYLES = (CLASSIC, HELDOUT)
+# the training renderer's further grounds, for domain randomisation (never the held-out ones)
+TRAINING_BACKGROUNDS = (*BACKGROUNDS, "tinted_sky", "ground", "roofs", "dark_water")
+CLASSIC, HELDOUT, RANDOMISED = "classic", "heldout", "randomised"
+STYLES = (CLASSIC, HELDOUT, RANDOMISED)
 HELDOUT_BACKGROUNDS = ("pale_sky", "terrain", "water", "urban")
 ASPECTS = (1.0, 4 / 3, 3 / 2, 16 / 9, 1.75, 2.0)  # width / height with sizes; some portrait
 FAMILY_FILE = "synth.json"  # beside vlm.jsonl: the options a dataset was made with
@@ -109,7 +111,7 @@ class SynthOptions:
             raise ValueError(f"jpeg quality must be within 1..100, got {self.jpeg_quality}")
         if self.style not in STYLES:
             raise ValueError(f"style must be one of {STYLES}, got {self.style!r}")
-        allowed = HELDOUT_BACKGROUNDS if self.style == HELDOUT else BACKGROUNDS
+        allowed = HELDOUT_BACKGROUNDS if self.style == HELDOUT else TRAINING_BACKGROUNDS
         unknown = set(self.backgrounds) - set(allowed)
         if unknown or not self.backgrounds:
             raise ValueError(f"backgrounds of style {self.style} must be some of {allowed}, got "
@@ -125,6 +127,18 @@ class SynthOptions:
         """Any domain-randomisation option is on."""
         return bool(self.sizes or self.clutter or self.low_contrast or self.occlusion
                     or self.rotate or self.motion_blur)
+
+
+def randomised_options(seed: int = 0, images: int = 100, **changes: Any) -> SynthOptions:
+    """The training renderer with every domain-randomisation option on (``changes``
+    override single fields): the classic scenes' objects and degradations on all eight
+    training grounds, frames of 384–1920 px, objects of 8–120 px among clutter, faint,
+    rotated, motion-blurred and partly covered objects."""
+    preset: dict[str, Any] = dict(
+        style=RANDOMISED, backgrounds=TRAINING_BACKGROUNDS, sizes=(384, 1920), objects=(3, 7),
+        sides=(8, 120), clutter=6, low_contrast=0.15, occlusion=0.1, rotate=True,
+        motion_blur=0.15)
+    return SynthOptions(seed=seed, images=images, **{**preset, **changes})
 
 
 def heldout_options(seed: int = 0, images: int = 100, **changes: Any) -> SynthOptions:
@@ -267,6 +281,70 @@ def noise_background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return base * (0.7 + 0.4 * coarse) + (fine - 0.5) * 25.0
 
 
+# --- the training renderer's further grounds (domain randomisation) ---------------------------
+def tinted_sky(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A sky of any tint (blue, grey, dusk, pale) whose fractal clouds are stained in places
+    with the vocabulary's colours: ground the detector must learn is not an object."""
+    top = rng.uniform(60, 250, 3).astype(np.float32)
+    bottom = np.clip(top + rng.uniform(-40, 60, 3), 0, 255).astype(np.float32)
+    t = np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None, None]
+    img = top * (1 - t) + bottom * t + np.zeros((1, w, 1), np.float32)
+    names = list(COLOURS)
+    for _ in range(int(rng.integers(1, 7))):
+        stain = fractal_noise(rng, h, w, cell=rng.uniform(20, 120), octaves=3)
+        alpha = np.clip((stain - rng.uniform(0.55, 0.75)) / 0.15, 0, 1) * rng.uniform(0.2, 0.7)
+        colour = _jitter(rng, COLOURS[names[int(rng.integers(len(names)))]], 30)
+        img = img * (1 - alpha[..., None]) + colour * alpha[..., None]
+    return img
+
+
+def ground(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Bare or grown ground: two earth colours mixed by fractal noise, speckle and tracks."""
+    earth = [(120, 95, 65), (85, 110, 55), (170, 150, 110), (70, 70, 60), (150, 120, 90),
+             (200, 190, 160), (60, 90, 50)]
+    a = _jitter(rng, earth[int(rng.integers(len(earth)))], 15)
+    b = _jitter(rng, earth[int(rng.integers(len(earth)))], 15)
+    mix = fractal_noise(rng, h, w, cell=rng.uniform(30, 200), octaves=4)[..., None]
+    img = a * (1 - mix) + b * mix
+    img += (smooth_noise(rng, h, w, cell=rng.uniform(1.5, 4), channels=3) - 0.5) * 30.0
+    for _ in range(int(rng.integers(0, 4))):
+        pts = np.cumsum(rng.normal(0, 25, (8, 2)), axis=0) + rng.uniform(0, 1, 2) * (w, h)
+        cv2.polylines(img, [pts.astype(np.int32)], False,
+                      tuple(float(v) for v in _jitter(rng, (160, 140, 110), 30)),
+                      int(rng.integers(1, 5)), cv2.LINE_AA)
+    return img
+
+
+def roofs(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Built-up ground: rectangles of roof, yard and car colours (white, grey, black, red
+    tiles among them) scattered at random over asphalt, with thin lane marks."""
+    img = np.zeros((h, w, 3), np.float32) + _jitter(rng, (80, 80, 85), 15)
+    tones = [(235, 235, 230), (140, 140, 140), (40, 40, 45), (165, 80, 60), (110, 120, 130),
+             (190, 180, 150), (90, 110, 80)]
+    for _ in range(int(h * w / rng.uniform(900, 2500))):
+        rw = int(rng.integers(6, 60))  # oblong (at least 3:2), so no roof passes for a square
+        rh = max(3, int(rw / rng.uniform(1.5, 4.0)))
+        if rng.random() < 0.5:
+            rw, rh = rh, rw
+        x, y = int(rng.integers(-rw, w)), int(rng.integers(-rh, h))
+        colour = _jitter(rng, tones[int(rng.integers(len(tones)))], 15)
+        cv2.rectangle(img, (x, y), (x + rw, y + rh), tuple(float(v) for v in colour), -1)
+    for _ in range(int(rng.integers(0, 5))):
+        x = int(rng.integers(0, w))
+        cv2.line(img, (x, 0), (x + int(rng.integers(-w // 4, w // 4 + 1)), h - 1),
+                 (220.0, 220.0, 200.0), 1, cv2.LINE_AA)
+    return img * (0.9 + 0.2 * smooth_noise(rng, h, w, cell=rng.uniform(2, 6)))
+
+
+def dark_water(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Near-black water under a dull sky: low light where dark objects are hard to see."""
+    base = _jitter(rng, (20, 28, 38), 12)
+    swell = fractal_noise(rng, h, w, cell=rng.uniform(15, 80), octaves=3)[..., None]
+    img = base * (0.6 + 0.8 * swell)
+    specks = smooth_noise(rng, h, w, cell=2)[..., 0] > rng.uniform(0.93, 0.99)
+    return img + specks[..., None] * rng.uniform(20, 60)
+
+
 # --- the held-out family's backgrounds (another renderer's look) -------------------------------
 def _soft_blob(img: np.ndarray, rng: np.random.Generator, colour: np.ndarray,
                alpha: float) -> None:
@@ -347,6 +425,7 @@ def urban(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 BACKGROUND_FNS: dict[str, Callable[[np.random.Generator, int, int], np.ndarray]] = {
     "sky": sky, "sea": sea, "fields": fields, "noise": noise_background,
+    "tinted_sky": tinted_sky, "ground": ground, "roofs": roofs, "dark_water": dark_water,
     "pale_sky": pale_sky, "terrain": terrain, "water": water, "urban": urban}
 
 
@@ -651,9 +730,7 @@ def make_scene(options: SynthOptions, index: int) -> Scene:
     width, height = frame_size(options, rng)
     kind = options.backgrounds[int(rng.integers(len(options.backgrounds)))]
     canvas = np.clip(BACKGROUND_FNS[kind](rng, height, width), 0, 255).astype(np.float32)
-    if options.clutter:
-        for _ in range(int(rng.integers(0, options.clutter + 1))):
-            draw_clutter(canvas, rng)
+    negatives = scatter_clutter(canvas, rng, options)
     n = int(rng.integers(options.objects[0], options.objects[1] + 1))
     scene = Scene(canvas)
     boxes: list[tuple[int, int, int, int]] = []
@@ -690,7 +767,36 @@ def make_scene(options: SynthOptions, index: int) -> Scene:
     scene.quality = int(rng.integers(options.jpeg_quality[0], options.jpeg_quality[1] + 1))
     if options.style == HELDOUT or options.randomised:
         scene.meta = {"style": options.style, "background": kind}
+    negatives = [n for n in negatives  # the clutter's boxes clear of objects: hard negatives
+                 if all(_covered(tuple(n), b) <= 0.2 and _covered(b, tuple(n)) <= 0.2
+                        for b in boxes)]
+    if negatives:
+        scene.meta["negatives"] = negatives
     return scene
+
+
+def scatter_clutter(canvas: np.ndarray, rng: np.random.Generator,
+                    options: SynthOptions) -> list[list[int]]:
+    """Up to ``options.clutter`` marks on the canvas; in the randomised style their boxes
+    (the scorer's hard negatives), else []."""
+    negatives: list[list[int]] = []
+    for _ in range(int(rng.integers(0, options.clutter + 1)) if options.clutter else 0):
+        before = canvas.copy() if options.style == RANDOMISED else None
+        draw_clutter(canvas, rng)
+        if before is not None:
+            negatives += changed_box(before, canvas)
+    return negatives
+
+
+def changed_box(before: np.ndarray, after: np.ndarray) -> list[list[int]]:
+    """[[left, top, width, height]] of the pixels a mark changed (visibly: by more than 8 in
+    some channel), [] when it changed none or only a sliver (under 4 px either way)."""
+    ys, xs = np.nonzero(np.abs(after - before).max(axis=2) > 8)
+    if xs.size == 0:
+        return []
+    left, top = int(xs.min()), int(ys.min())
+    w, h = int(xs.max()) - left + 1, int(ys.max()) - top + 1
+    return [[left, top, w, h]] if min(w, h) >= 4 else []
 
 
 def heldout_degrade(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:

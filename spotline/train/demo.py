@@ -51,7 +51,8 @@ class DemoPlan:
 
     work: str = ".spotline/demo-train"
     out: str = str(DEMO_DIR)
-    size: tuple[int, int] = (384, 256)
+    style: str = "randomised"  # spotline data synth --style: every domain randomisation on
+    long_side: int = 384  # training frames' long side (each its own aspect ratio)
     train_seed: int = 1
     train_images: int = 1000
     val_seed: int = 2
@@ -59,12 +60,24 @@ class DemoPlan:
     test_seed: int = 3  # held out: never used for training or validation
     test_images: int = 300
     scorer_epochs: int = 40
-    detector_images: int = 600
-    detector_schedule: str = "384:20,448:4"  # (imgsz:epochs) phases, as the seed's 1280 -> 1600
-    detector_more: tuple[int, ...] = (4, 4)  # then phases of N epochs at 448 on all train images
+    detector_schedule: str = "448:12"  # (imgsz:epochs) phases, beside the scorer
+    detector_more: tuple[int, ...] = (8,)  # then phases of N epochs on both cores
+    mined_epochs: int = 6  # the scorer again on the detector's own false detections
+    mined_lr: float = 1e-4
     threads: int = 1  # per training process; the two run side by side
     calibration_absent: int = 1  # captions per val image naming nothing, for "not in view"
     calibration_precision: float = 0.9  # "not in view" threshold's abstention precision on val
+
+    def options(self, seed: int, images: int) -> Any:
+        """The synth options of one split: the plan's style at its training frame size (each
+        frame's long side ``long_side``, at one of synth's aspect ratios)."""
+        from spotline.data import synth
+
+        if self.style == synth.RANDOMISED:
+            return synth.randomised_options(seed=seed, images=images,
+                                            sizes=(self.long_side, self.long_side))
+        return synth.SynthOptions(seed=seed, images=images, style=self.style,
+                                  sizes=(self.long_side, self.long_side))
 
 
 def demo_dir() -> Path:
@@ -106,7 +119,7 @@ def apply_demo_models(settings: Settings, directory: Path | None = None) -> Sett
         # settings.toml's imgsz is the size the detector was trained at, on frames of the
         # plan's size: it runs at that scale on a frame of any size (the imgsz it names on
         # the training frames; --config settings.toml keeps the fixed size)
-        trained = changes.pop("imgsz") / max(DemoPlan().size)
+        trained = changes.pop("imgsz") / DemoPlan().long_side
         if settings.imgsz_scale == defaults["imgsz_scale"]:
             changes["imgsz_scale"] = trained
     return settings.replace(**changes)
@@ -154,18 +167,6 @@ def chance_accuracy(dataset: str | Path) -> float:
     return chance_of(read_dataset(dataset).records)
 
 
-def _subset(src: Path, dst: Path, n: int) -> Path:
-    """A dataset of the first ``n`` images of ``src`` (images linked, not copied)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    lines = [ln for ln in (src / "vlm.jsonl").read_text().splitlines() if ln.strip()][:n]
-    (dst / "vlm.jsonl").write_text("".join(line + "\n" for line in lines))
-    link = dst / "images"
-    if link.is_symlink() or link.exists():
-        link.unlink() if link.is_symlink() else shutil.rmtree(link)
-    link.symlink_to((src / "images").resolve(), target_is_directory=True)
-    return dst
-
-
 def make_data(plan: DemoPlan, say: Callable[[str], None]) -> dict[str, Path]:
     """The synthetic train, val and held-out test splits (seeds from the plan)."""
     from spotline.data import synth
@@ -176,11 +177,9 @@ def make_data(plan: DemoPlan, say: Callable[[str], None]) -> dict[str, Path]:
                           ("val", plan.val_seed, plan.val_images),
                           ("test", plan.test_seed, plan.test_images)):
         started = time.monotonic()
-        options = synth.SynthOptions(seed=seed, images=n, size=plan.size)
+        options = plan.options(seed, n)
         out[name] = synth.synthesize(work / "data", options, split=name)[name]
         say(f"synth {name}: {n} images (seed {seed}) in {time.monotonic() - started:.0f} s")
-    out["detector_train"] = _subset(out["train"], work / "data" / "train-detector",
-                                    plan.detector_images)
     return out
 
 
@@ -191,7 +190,7 @@ def train_both(plan: DemoPlan, data: dict[str, Path], say: Callable[[str], None]
     scorer_cmd = [*spotline, "finetune", "scorer", str(data["train"]), str(work / "scorer"),
                   "--val", str(data["val"]), "--from-scratch", "--epochs",
                   str(plan.scorer_epochs), "--threads", str(plan.threads), "--no-progress"]
-    detector_cmd = [*spotline, "finetune", "detector", str(data["detector_train"]),
+    detector_cmd = [*spotline, "finetune", "detector", str(data["train"]),
                     str(work / "detector"), "--val", str(data["val"]), "--model", "pico",
                     "--schedule", plan.detector_schedule, "--threads", str(plan.threads)]
     env = {**os.environ, "SPOTLINE_MODELS": "tiny"}
@@ -213,8 +212,37 @@ def train_both(plan: DemoPlan, data: dict[str, Path], say: Callable[[str], None]
     if failed:
         raise RuntimeError(f"training failed: {failed} (see {work}/<name>.log)")
     more = more_detector_phases(plan, data, spotline, env, say)
+    mined = mined_scorer_phase(plan, data, spotline, env, say)
     return {"seconds": round(time.monotonic() - started), "scorer_cmd": scorer_cmd[1:],
-            "detector_cmd": detector_cmd[1:], "detector_more": more}
+            "detector_cmd": detector_cmd[1:], "detector_more": more, "scorer_mined": mined}
+
+
+def mined_scorer_phase(plan: DemoPlan, data: dict[str, Path], spotline: list[str],
+                       env: dict[str, str], say: Callable[[str], None]) -> list[list[str]]:
+    """The trained detector's false detections on the training images become hard negatives
+    (`spotline data mine`), and the scorer trains on them for ``mined_epochs`` more; its
+    result replaces WORK/scorer/scorer. [] when ``mined_epochs`` is 0."""
+    if not plan.mined_epochs:
+        return []
+    work = Path(plan.work)
+    mined = work / "data" / "train-mined"
+    # the detector as the pipeline runs it on these frames: the demo settings' thresholds
+    run_env = {**env, "SPOTLINE_CONF": "0.1", "SPOTLINE_IOU": "0.5", "SPOTLINE_MAX_DET": "20"}
+    mine_cmd = [*spotline, "data", "mine", str(data["train"]), str(mined), "--detector",
+                str(work / "detector" / "detector.pt"), "--imgsz", str(detector_imgsz(plan))]
+    scorer_cmd = [*spotline, "finetune", "scorer", str(mined), str(work / "scorer-mined"),
+                  "--val", str(data["val"]), "--base", str(work / "scorer" / "scorer"),
+                  "--epochs", str(plan.mined_epochs), "--lr", str(plan.mined_lr),
+                  "--threads", str(2 * plan.threads), "--no-progress"]
+    for name, cmd in (("mine", mine_cmd), ("scorer-mined", scorer_cmd)):
+        say(f"{name}: {' '.join(cmd[3:6])} ...")
+        with open(work / f"{name}.log", "w") as log:
+            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env).returncode:
+                raise RuntimeError(f"{name} failed (see {work}/{name}.log)")
+    final = work / "scorer" / "scorer"
+    shutil.rmtree(final)
+    shutil.copytree(work / "scorer-mined" / "scorer", final)
+    return [mine_cmd[1:], scorer_cmd[1:]]
 
 
 def more_detector_phases(plan: DemoPlan, data: dict[str, Path], spotline: list[str],
@@ -314,7 +342,7 @@ def recalibrate(plan: DemoPlan, settings: Settings, say: Callable[[str], None]) 
 
     val = Path(plan.work) / "data" / "val"
     if not (val / "vlm.jsonl").is_file():
-        options = synth.SynthOptions(seed=plan.val_seed, images=plan.val_images, size=plan.size)
+        options = plan.options(plan.val_seed, plan.val_images)
         val = synth.synthesize(Path(plan.work) / "data", options, split="val")["val"]
         say(f"synth val: {plan.val_images} images (seed {plan.val_seed})")
     fitted = calibrate(plan, val, settings, say)
@@ -357,7 +385,7 @@ def bench_accuracy(settings: Settings, frames: int = 40) -> dict[str, Any] | Non
     demo = apply_demo_models(settings.replace(**{k: "" for k in WEIGHT_KEYS}, models="demo"))
     if not is_demo(demo):
         return None
-    options = synth.SynthOptions(seed=plan.test_seed, images=frames, size=plan.size)
+    options = plan.options(plan.test_seed, frames)
     scenes = [synth.make_scene(options, i) for i in range(frames)]
     images = [synth.encode_jpeg(s.image, s.quality) for s in scenes]
     captions = [[o.caption for o in s.objects] for s in scenes]

@@ -71,6 +71,7 @@ class ScorerRun:
     augment: float = 0.25  # noise strength (1.0: the seed's augv2 variance 500–5000)
     jitter: float = 0.1  # box sides move by up to this fraction of the box size
     background: float = 0.1  # share of each batch that is background crops
+    hard_negatives: float = 0.5  # of those, the share cut at a line's "negatives" when it has any
     image_size: int = 32  # from scratch: the crop side the new model sees (patch 8)
     upscaler: str | None = None  # Real-ESRGAN .pth: crops upscaled as the pipeline does
     resume: str | None = None  # an OUT/epoch_NNN directory
@@ -158,9 +159,14 @@ class CropSampler:
         return (x1, y1, x2 - x1, y2 - y1)
 
     def _background_box(self, record: TilImage) -> Box | None:
-        """A box of object size that overlaps no object much (a false detection)."""
+        """A crop that no caption names: with ``hard_negatives``' chance one of the line's
+        ``negatives`` (clutter, the detector's own false detections), jittered; else a box
+        of object size that overlaps no object much."""
         from spotline.eval import iou_ltwh
 
+        if record.negatives and self.rng.random() < self.run.hard_negatives:
+            box = record.negatives[int(self.rng.integers(len(record.negatives)))]
+            return self._jitter(box, record)
         sizes = [max(b[2], b[3]) for _, b in record.annotations] or [32.0]
         side = float(self.rng.choice(sizes)) * self.rng.uniform(0.7, 1.3)
         w = max(4.0, side * self.rng.uniform(0.8, 1.2))
@@ -186,6 +192,8 @@ def check_run(run: ScorerRun) -> None:
         raise InputError("epochs >= 1, batch >= 2 and accum >= 1 are needed")
     if not 0 <= run.background < 0.9:
         raise InputError(f"background share must be in [0, 0.9), got {run.background}")
+    if not 0 <= run.hard_negatives <= 1:
+        raise InputError(f"hard-negative share must be in [0, 1], got {run.hard_negatives}")
 
 
 def _records(path: str, skip_bad: bool, what: str) -> list[TilImage]:
