@@ -163,7 +163,7 @@ class Track(Stage):
         self.cache.put(env.source_id, fresh)
         remember(self, env, answer, fresh)  # its source's past, for `spotline ask`
         if not self.store.save(env.source_id, env.seq, {"source": state.to_state()},
-                               answer=(env.frame_id, answer)):
+                               answer=(env.frame_id, answer), ahead=state.ahead()):
             # another worker saved this frame (or a later one) first: its answer stands
             return self._replayed(env) or self._untracked(env)
         self.stats.alive[env.source_id] = state.alive()
