@@ -9,10 +9,11 @@ frame: the boxes at half precision, and the fresh embeddings (at most one per tr
 
 ``answer`` scores a caption's text embedding against every stored embedding of the window
 (one matrix product, the scorer's own formula), rates each track by the mean of its best
-``TOP_K`` scores, calibrates that with the scorer's calibration (stages/tracking/calibration.py) and
-keeps the tracks whose probability of being in view passes the "not in view" threshold, best
-first, each with its first and last time seen and its boxes over time. Nothing passing:
-"not seen".
+``TOP_K`` scores, calibrates that with the scorer's calibration (stages/tracking/calibration.py)
+and keeps the tracks whose probability of being in view passes the "not in view" threshold,
+each with its first and last time seen and its boxes over time. Nothing passing: "not seen".
+The tracks kept come best first by their evidence: the same mean with the embeddings a short
+track lacks of ``TOP_K`` counted at the window's median score (``track_scores``).
 """
 
 from __future__ import annotations
@@ -231,17 +232,24 @@ class Answer:
                 "searched": self.searched, "took_ms": round(self.took_ms, 2)}
 
 
-def track_scores(scores: np.ndarray, tids: np.ndarray) -> dict[int, float]:
-    """Each track's score: the mean of its best ``TOP_K`` embedding scores."""
-    out: dict[int, float] = {}
+def track_scores(scores: np.ndarray, tids: np.ndarray) -> dict[int, tuple[float, float]]:
+    """Each track's (score, evidence). Score: the mean of its best ``TOP_K`` embedding scores.
+    Evidence, which ranks the tracks: the same mean with a track of fewer than ``TOP_K`` kept
+    embeddings counting each one it lacks at the window's median score (the level of what the
+    source mostly saw), so that one lucky embedding of a track seen for a moment weighs less
+    than the same score held over several seconds."""
+    out: dict[int, tuple[float, float]] = {}
     if len(tids) == 0:
         return out
     order = np.lexsort((-scores, tids))
     s, t = scores[order], tids[order]
     starts = np.flatnonzero(np.r_[True, t[1:] != t[:-1]])
     ends = np.r_[starts[1:], len(t)]
+    level = float(np.median(scores))
     for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
-        out[int(t[a])] = float(s[a:min(b, a + TOP_K)].mean())
+        best = s[a:min(b, a + TOP_K)]
+        out[int(t[a])] = (float(best.mean()),
+                          float((best.sum() + (TOP_K - len(best)) * level) / TOP_K))
     return out
 
 
@@ -308,6 +316,21 @@ def chain(tid: int, after: Mapping[int, int], matches: Callable[[int], bool]) ->
     return out
 
 
+def lowest_passing(scores: Sequence[float], passes: Callable[[float], bool]) -> float:
+    """The lowest of ``scores`` that ``passes`` (inf when none does), for a test that passes
+    any score above one it passes (the calibration's probability of being in view rises with
+    the score): a bisection, a few calls of ``passes`` however many tracks there are."""
+    ordered = sorted(scores, reverse=True)
+    lo, hi = 0, len(ordered)  # ordered[:lo] pass, ordered[hi:] do not
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if passes(ordered[mid]):
+            lo = mid + 1
+        else:
+            hi = mid
+    return ordered[lo - 1] if lo else math.inf
+
+
 def answer(caption: str, windows: Sequence[Window], scorer: Scorer, calibration: Any = None,
            threshold: float | None = None, since: float = 0.0, limit: int = 5,
            max_points: int = MAX_POINTS, stitch: bool = True) -> Answer:
@@ -316,7 +339,7 @@ def answer(caption: str, windows: Sequence[Window], scorer: Scorer, calibration:
     from .tracking.assign import in_view
 
     started = time.perf_counter()
-    rated: list[tuple[float, Window, int]] = []
+    rated: list[tuple[float, float, Window, int]] = []  # evidence, score, window, track
     searched = {}
     per_source: dict[str, dict[int, float]] = {}
     for w in windows:
@@ -327,28 +350,29 @@ def answer(caption: str, windows: Sequence[Window], scorer: Scorer, calibration:
             raise ConfigError(f"source {w.source_id}: its kept {w.embeds.shape[1]}-d embeddings"
                               f" do not fit this scorer ({exc}): ask with the scorer its "
                               "track stage ran") from None
-        per_track = per_source[w.source_id] = track_scores(scores, w.emb_tid)
+        rates = track_scores(scores, w.emb_tid)
+        per_track = per_source[w.source_id] = {tid: r[0] for tid, r in rates.items()}
         searched[w.source_id] = {"frames": w.frames, "tracks": len(per_track),
                                  "embeddings": len(w.embeds)}
-        rated += [(s, w, tid) for tid, s in per_track.items()]
-    rated.sort(key=lambda r: -r[0])
+        rated += [(evidence, s, w, tid) for tid, (s, evidence) in rates.items()]
+    rated.sort(key=lambda r: (-r[0], -r[1]))
 
     def presence(s: float) -> tuple[float, float]:
         prob = math.nan if calibration is None else float(calibration.apply(np.array(s)))
         return prob, (float(in_view(calibration, np.array([[s]]), [caption])[0])
                       if calibration is not None else prob)
 
+    cut = -math.inf if threshold is None else lowest_passing(
+        [r[1] for r in rated], lambda s: presence(s)[1] >= threshold)
     matches: list[Match] = []
     used: set[tuple[str, int]] = set()
     links: dict[str, dict[int, int]] = {}
-    for s, w, tid in rated:
+    for _, s, w, tid in rated:
         if len(matches) >= limit:
             break
-        if (w.source_id, tid) in used:
-            continue  # part of a better track's match
+        if (w.source_id, tid) in used or not s >= cut:
+            continue  # part of a better track's match, or not in view
         prob, present = presence(s)
-        if threshold is not None and not present >= threshold:
-            break  # best first: nothing after passes either
         tids = [tid]
         if stitch:
             if w.source_id not in links:
@@ -356,7 +380,7 @@ def answer(caption: str, windows: Sequence[Window], scorer: Scorer, calibration:
             def matching(other: int, scores_of: dict[int, float] = per_source[w.source_id],
                          source: str = w.source_id) -> bool:
                 return other in scores_of and (source, other) not in used and (
-                    threshold is None or presence(scores_of[other])[1] >= threshold)
+                    scores_of[other] >= cut)
 
             tids = chain(tid, links[w.source_id], matching)
         used.update((w.source_id, t) for t in tids)

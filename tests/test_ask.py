@@ -106,6 +106,46 @@ def test_answer_ranks_tracks_and_abstains() -> None:
     assert not none.seen and none.as_json()["matches"] == []
 
 
+def test_a_track_seen_for_a_moment_ranks_after_one_held() -> None:
+    """One lucky embedding of a track seen for a moment (track 2: 0.9) ranks after a track
+    that held 0.8 over five embeddings (track 1): the embeddings a short track lacks of TOP_K
+    count at the window's median score. Its score stays its own, it still matches, and the
+    "not seen" test still reads the scores alone."""
+    dim = 16
+    text = unit(np.eye(dim)[None, 0])[0]
+
+    def at(cos: float, k: int) -> np.ndarray:  # a unit vector at ``cos`` to the text
+        return (cos * text + np.sqrt(1 - cos * cos) * np.eye(dim)[k]).astype(np.float32)
+
+    raws = []
+    for seq in range(1, 7):  # track 1 on every frame; background tracks 3-8 on three
+        embeds = {1: at(0.8, 1)}
+        if seq <= 3:
+            embeds.update({tid: at(0.1, tid) for tid in range(3, 9)})
+        if seq == 4:
+            embeds[2] = at(0.9, 2)
+        ids = np.array(sorted(embeds))
+        raws.append(memory.frame_record(seq, 100.0 + seq, np.tile([[0, 0, 9, 9]], (len(ids), 1)),
+                                        ids, embeds, "float16"))
+    w = memory.window("cam", raws)
+    ans = memory.answer("red", [w], lambda c, e: e @ text)
+    assert [m.track_id for m in ans.matches[:2]] == [1, 2]
+    assert ans.matches[1].score == pytest.approx(0.9, abs=2e-3)  # the score is unpadded
+    assert memory.track_scores(np.array([0.9, 0.1, 0.1]), np.array([2, 3, 3]))[2] == (
+        pytest.approx(0.9), pytest.approx((0.9 + 2 * 0.1) / 3))
+    # a threshold only the lucky embedding's score passes keeps that track alone
+    alone = memory.answer("red", [w], lambda c, e: e @ text, threshold=0.85,
+                          calibration=Identity())
+    assert [m.track_id for m in alone.matches] == [2]
+
+
+class Identity:
+    """A calibration that keeps the score (its probability of being in view is the score)."""
+
+    def apply(self, scores: np.ndarray) -> np.ndarray:
+        return np.asarray(scores, np.float64)
+
+
 def test_a_track_taken_up_again_is_one_match() -> None:
     """The tracker lost the object after frame 10 and took it up at frame 12 as track 8, near
     where track 5 ended: one match, both ids, every box; track 9, far away, stays apart."""
