@@ -202,7 +202,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fps", type=float, default=10.0)
     p.add_argument("--tracks", type=int, default=4)
     p.add_argument("--dims", default="demo,1024")
+    p.add_argument("--repeats", type=int, default=5, help="answers timed per size and precision")
     a = p.parse_args(argv)
+    from .probes import end_load, probe_cpu, probe_lines
+
+    probe = probe_cpu()
+    for line in probe_lines(probe):
+        print(line, flush=True)
     s = apply_demo_models(load_settings()).replace(tracking=True)
     from ..common.embedded import EmbeddedRedis
 
@@ -212,11 +218,12 @@ def main(argv: list[str] | None = None) -> None:
         for d in a.dims.split(","):
             for precision in ("int8", "float16"):
                 out["speed"].append(speed(s, None if d == "demo" else int(d), a.minutes, a.fps,
-                                          a.tracks, precision=precision))
+                                          a.tracks, a.repeats, precision=precision))
                 print(json.dumps(out["speed"][-1]), flush=True)
         if a.clips:
             out["accuracy"] = accuracy(s, a.clips, a.max_clips)
             print(json.dumps(out["accuracy"]), flush=True)
+    print(end_load(probe), flush=True)
 
 
 if __name__ == "__main__":
