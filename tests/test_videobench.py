@@ -23,8 +23,9 @@ from spotline.common.errors import InputError
 from spotline.common.settings import Settings
 
 
-def write_clip(folder: Path, seed: int, frames: int = 4) -> Path:
-    """Two coloured squares drifting over a grey background, in the synth --video layout."""
+def write_clip(folder: Path, seed: int, frames: int = 4, hidden_at: int = -1) -> Path:
+    """Two coloured squares drifting over a grey background, in the synth --video layout; in
+    frame ``hidden_at`` the red one is hidden (not drawn, "bbox": null, as --hide writes)."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
     writer = cv2.VideoWriter(str(folder / "clip.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 10.0,
@@ -37,6 +38,9 @@ def write_clip(folder: Path, seed: int, frames: int = 4) -> Path:
         anns = []
         for caption, bgr, x, y in objs:
             x, y = x + 2 * f, y + f
+            if f == hidden_at and caption == "red square":
+                anns.append({"caption": caption, "bbox": None})
+                continue
             cv2.rectangle(img, (x, y), (x + 40, y + 30), bgr, -1)
             anns.append({"caption": caption, "bbox": [x, y, 41, 31]})
         writer.write(img)
@@ -73,7 +77,7 @@ def test_video_bench_runs_both_modes(tmp_path, data_dir, redis_server):
     """Through the streaming pipeline (workers started as `spotline up` starts them, frames
     published by the client) and in process, on the same two clips."""
     for k in range(2):
-        write_clip(tmp_path / f"clip_{k:03d}", k, frames=3)
+        write_clip(tmp_path / f"clip_{k:03d}", k, frames=3, hidden_at=1 if k else -1)
     settings = Settings(data_dir=str(data_dir), imgsz=256, warmup=0, max_det=4, tta=False,
                         upscale=False, redis_url=redis_server.url)
     report = video_bench(settings, tmp_path, max_clips=2, max_frames=3, absent=1,
@@ -95,6 +99,9 @@ def test_video_bench_runs_both_modes(tmp_path, data_dir, redis_server):
         assert r["frames_per_s"] > 0 and 0.0 <= r["accuracy"] <= 1.0
         assert r["flips_per_100_frames"] >= 0 and "abstain_recall" in r
     assert pf["abstain_recall"] == 0.0  # per-frame mode answers every caption with a box
+    # the red square hidden in one frame: a caption not in view, counted on its own too
+    assert pf["hidden"] == tr["hidden"] == 1 and pf["hidden_no_box"] == 0
+    assert 0 <= tr["hidden_no_box"] <= 1
     local = report["in_process"]
     lpf, ltr, joint = local["per_frame"], local["track"], local["per_frame_joint"]
     assert lpf["frames"] == ltr["frames"] == joint["frames"] == 6
@@ -106,3 +113,4 @@ def test_video_bench_runs_both_modes(tmp_path, data_dir, redis_server):
     text = table(report)
     assert text.index("through the streaming pipeline") < text.index("in-process")
     assert "track mode:" in text and "in-process track mode:" in text
+    assert "hidden: no box" in text and "0 of 1" in text

@@ -1,7 +1,8 @@
 """`spotline bench video`: per-frame mode against track mode on the same clips, in one run.
 
 Clips are folders with ``clip.mp4`` and a per-frame ``vlm.jsonl`` (``{"frame": k, "image":
-"clip.mp4", "annotations": [{"caption", "bbox": [l, t, w, h]}]}``), as ``spotline data synth
+"clip.mp4", "annotations": [{"caption", "bbox": [l, t, w, h]}]}``; ``"bbox": null``: the
+caption's object is hidden in that frame, as ``--hide`` makes them), as ``spotline data synth
 --video`` writes them. Each frame is JPEG-encoded (as a producer publishes it); each clip is a
 source.
 
@@ -17,10 +18,12 @@ caption's box against the truth at IoU > 0.5), and caption flips per 100 frames 
 box changing from one annotated object to another, or to or from a box that is none of them,
 between consecutive frames; summed over captions). With ``absent`` > 0, every frame also asks
 for captions that name objects not in the clip: precision and recall of the "no box"
-answers. In process, per-frame mode also reports joint assignment ("one box per caption") on
-the same scores, and "not in view" is judged with the scorer's own calibration
-(calibration.json beside it, with its threshold) on every clip; a scorer without one gets a
-calibration fitted on the first half of the clips' per-frame scores, judged on the second half.
+answers; a target while hidden counts there too (its right answer is no box as well), and on
+its own as "hidden answered no box". In process, per-frame mode also reports joint assignment
+("one box per caption") on the same scores, and "not in view" is judged with the scorer's own
+calibration (calibration.json beside it, with its threshold) on every clip; a scorer without one
+gets a calibration fitted on the first half of the clips' per-frame scores, judged on the second
+half.
 """
 
 from __future__ import annotations
@@ -60,11 +63,14 @@ TARGET_FPS_RATIO = 2.0
 
 @dataclass(frozen=True)
 class VideoFrame:
-    """One frame of a clip: JPEG bytes, captions, and each caption's true box (None: absent)."""
+    """One frame of a clip: JPEG bytes, captions, and each caption's true box (None: not in
+    view: a caption naming nothing in the clip, or, where ``hidden`` says so, its object
+    hidden in this frame)."""
 
     image: bytes
     captions: tuple[str, ...]
     truth: tuple[BoxLTWH | None, ...]
+    hidden: tuple[bool, ...] = ()  # per caption: its object is in the clip, hidden here
 
 
 def load_clip(folder: str | Path, max_frames: int | None = None) -> list[VideoFrame]:
@@ -90,9 +96,11 @@ def load_clip(folder: str | Path, max_frames: int | None = None) -> list[VideoFr
                 raise InputError(f"{folder / name}: no frame {row['frame']}")
             ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
             anns = row["annotations"]
-            frames.append(VideoFrame(buf.tobytes(), tuple(str(a["caption"]) for a in anns),
-                                     tuple(tuple(float(v) for v in a["bbox"])  # type: ignore
-                                           for a in anns)))
+            frames.append(VideoFrame(
+                buf.tobytes(), tuple(str(a["caption"]) for a in anns),
+                tuple(None if a["bbox"] is None else tuple(float(v) for v in a["bbox"])
+                      for a in anns),  # type: ignore[misc]
+                tuple(a["bbox"] is None for a in anns)))
     finally:
         for cap in videos.values():
             cap.release()
@@ -119,8 +127,12 @@ def with_absent(frames: list[VideoFrame], vocabulary: Sequence[str], count: int,
     pool = sorted(set(vocabulary) - present)
     rng = np.random.default_rng(seed)
     extra = tuple(str(c) for c in rng.choice(pool, size=min(count, len(pool)), replace=False))
-    return [VideoFrame(f.image, f.captions + extra, f.truth + (None,) * len(extra))
-            for f in frames]
+    return [VideoFrame(f.image, f.captions + extra, f.truth + (None,) * len(extra),
+                       _hidden_flags(f) + (False,) * len(extra)) for f in frames]
+
+
+def _hidden_flags(frame: VideoFrame) -> tuple[bool, ...]:
+    return frame.hidden or (False,) * len(frame.captions)
 
 
 def iou_or_zero(a: BoxLTWH | None, b: BoxLTWH | None) -> float:
@@ -140,25 +152,33 @@ class Tally:
     hits: int = 0
     asked: int = 0  # (frame, caption) pairs whose object is in view
     flips: int = 0
-    abstained_right: int = 0  # absent caption, no box
+    abstained_right: int = 0  # absent caption or hidden object, no box
     abstained_wrong: int = 0  # object in view, no box
-    absent: int = 0
+    absent: int = 0  # captions not in view: naming nothing in the clip, or hidden objects
+    hidden: int = 0  # of those, objects of the clip hidden in the frame
+    hidden_no_box: int = 0  # ... answered with no box
 
     def add(self, frame: VideoFrame, boxes: Sequence[BoxLTWH | None],
-            previous: list[int] | None) -> list[int]:
+            previous: list[int | None] | None) -> list[int | None]:
         """Count one frame's answers; returns the object each caption's box is (see
-        ``identity``), for the flips of the next frame."""
-        ids = []
+        ``identity``; None where the caption's object is not in view), for the flips of the
+        next frame (a caption flips between two frames where its object is in view: no box
+        while it is hidden, then its box again, is no flip)."""
+        ids: list[int | None] = []
+        hidden = _hidden_flags(frame)
         for k, (truth, box) in enumerate(zip(frame.truth, boxes, strict=True)):
             if truth is None:
                 self.absent += 1
                 self.abstained_right += box is None
+                self.hidden += hidden[k]
+                self.hidden_no_box += hidden[k] and box is None
             else:
                 self.asked += 1
                 self.hits += iou_or_zero(box, truth) > IOU_HIT
                 self.abstained_wrong += box is None
-            ids.append(identity(box, frame))
-            if previous is not None and truth is not None and previous[k] != ids[k]:
+            ids.append(None if truth is None else identity(box, frame))
+            if previous is not None and None not in (previous[k], ids[k]) \
+                    and previous[k] != ids[k]:
                 self.flips += 1
         return ids
 
@@ -173,6 +193,9 @@ class Tally:
             abstained = self.abstained_right + self.abstained_wrong
             out["abstain_precision"] = _div(self.abstained_right, abstained)
             out["abstain_recall"] = _div(self.abstained_right, self.absent)
+        if self.hidden:
+            out["hidden"] = self.hidden
+            out["hidden_no_box"] = self.hidden_no_box
         return out
 
 
@@ -200,7 +223,7 @@ def run_modes(clips: list[tuple[str, list[VideoFrame]]],
         if isinstance(runner, PerFrame):
             tallies[name + "+joint"] = Tally()
     for clip, frames in clips:
-        prev: dict[str, list[int] | None] = {name: None for name in tallies}
+        prev: dict[str, list[int | None] | None] = {name: None for name in tallies}
         for seq, frame in enumerate(frames):
             for name, runner in runners.items():
                 fid = f"{clip}-{name}-{seq}"
@@ -220,7 +243,7 @@ def run_modes(clips: list[tuple[str, list[VideoFrame]]],
 
 
 def _count(tally: Tally, frame: VideoFrame, boxes: Sequence[BoxLTWH | None],
-           answer: FrameAnswer, prev: list[int] | None) -> list[int]:
+           answer: FrameAnswer, prev: list[int | None] | None) -> list[int | None]:
     tally.frames += 1
     tally.detections += answer.detected
     tally.crops += answer.crops_embedded
@@ -481,7 +504,8 @@ def table(report: dict[str, Any]) -> str:
     ones (labelled so)."""
     lines = [f"video bench: {len(report['clips'])} clips, {report['frames']} frames per mode"]
     header = (f"{'mode':<28}{'frames/s':>10}{'crops/frame':>13}{'accuracy':>10}"
-              f"{'flips/100':>11}{'detector runs/frame':>21}{'abstain P/R':>14}")
+              f"{'flips/100':>11}{'detector runs/frame':>21}{'abstain P/R':>14}"
+              f"{'hidden: no box':>16}")
     pipe = report.get("pipeline")
     if pipe:
         lines += ["through the streaming pipeline (spotline up's workers, frames published by "
@@ -512,9 +536,10 @@ def _row(name: str, r: dict[str, Any]) -> str:
     fps = f"{r['frames_per_s']:.2f}" if r.get("frames_per_s") else "—"
     nv = (f"{r['abstain_precision']:.2f}/{r['abstain_recall']:.2f}"
           if "abstain_recall" in r else "—")
+    hidden = f"{r['hidden_no_box']} of {r['hidden']}" if r.get("hidden") else "—"
     return (f"{name:<28}{fps:>10}{r['crops_per_frame']:>13.2f}{r['accuracy']:>10.3f}"
             f"{r['flips_per_100_frames']:>11.1f}{r.get('detections_per_frame', 1.0):>21.2f}"
-            f"{nv:>14}")
+            f"{nv:>14}{hidden:>16}")
 
 
 def _ratios(what: str, r: dict[str, Any]) -> str:

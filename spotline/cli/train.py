@@ -87,11 +87,14 @@ def data() -> None:
               "with a per-frame vlm.jsonl.")
 @click.option("--clips", default=2, show_default=True, help="With --video: clips.")
 @click.option("--frames", default=48, show_default=True, help="With --video: frames per clip.")
+@click.option("--hide", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="With --video: chance each object is hidden once for 3-6 frames (its "
+              "truth there: \"bbox\": null; 0: the clips of earlier versions, byte for byte).")
 def synth_cmd(out: str, seed: int, n_images: int, style: str, size: str | None,
               objects: str | None, sides: str | None, sizes: str | None, clutter: int | None,
               low_contrast: float | None, occlusion: float | None, rotate: bool | None,
               motion_blur: float | None, split: str | None, ratios: str | None, video: bool,
-              clips: int, frames: int) -> None:
+              clips: int, frames: int, hide: float) -> None:
     """Write a synthetic aerial dataset of coloured shapes to OUT (captions "{colour} {shape}",
     each naming exactly one object of its image; see docs in spotline/data/synth.py)."""
     from tqdm import tqdm
@@ -114,7 +117,7 @@ def synth_cmd(out: str, seed: int, n_images: int, style: str, size: str | None,
     if video:
         from spotline.data.video import write_clips
 
-        for path in write_clips(Path(out), options, clips, frames):
+        for path in write_clips(Path(out), options, clips, frames, hide):
             click.echo(f"wrote {path}")
         return
     with tqdm(total=n_images, unit="img", desc="synth") as bar:
