@@ -178,7 +178,9 @@ def window(source_id: str, raws: Sequence[bytes]) -> Window:
         tids.append(np.frombuffer(b"".join(r["e"] for r in group), "<i4").astype(np.int64))
         eseq.append(np.repeat([r["s"] for r in group], n))
         et.append(np.repeat([r["t"] for r in group], n))
-    if vecs and len({v.shape[1] for v in vecs}) == 1:  # one scorer's embeddings
+    if len(vecs) == 1:  # one precision and size: no copy of the embeddings
+        w.embeds, w.emb_tid, w.emb_seq, w.emb_t = vecs[0], tids[0], eseq[0], et[0]
+    elif vecs and len({v.shape[1] for v in vecs}) == 1:  # one scorer's embeddings
         w.embeds, w.emb_tid = np.concatenate(vecs), np.concatenate(tids)
         w.emb_seq, w.emb_t = np.concatenate(eseq).astype(np.int64), np.concatenate(et)
     elif vecs:  # the scorer changed within the window: the newest embeddings' size only
