@@ -59,6 +59,22 @@ def test_byte_cap_keeps_the_newest(transport: Transport) -> None:
     assert store.stats("cam")["bytes"] == sum(len(r) + OVERHEAD for r in raw)
 
 
+def test_a_long_window_reads_back_whole_and_in_order(transport: Transport) -> None:
+    """More records than one packed part of the read holds (1,000): every record back, byte
+    for byte, oldest first, from where the window starts."""
+    store = MemoryStore(transport, retention_s=3600.0, max_bytes=1 << 30)
+    written = [memory.frame_record(seq, 1000.0 + seq / 10, np.array([[seq, 0, seq + 5, 5]]),
+                                   np.array([seq % 7]), {}, "int8", frame_id=f"f{seq}")
+               for seq in range(1, 2502)]
+    for seq, rec in enumerate(written, start=1):
+        store.add("long", seq, 1000.0 + seq / 10, rec)
+    assert store.since("long", 0.0) == written
+    assert store.since("long", 1000.0 + 1001 / 10) == written[1000:]
+    assert store.since("long", 2000.0) == [] and store.since("none", 0.0) == []
+    w = memory.window("long", store.since("long", 0.0))
+    assert w.frames == 2501 and w.box_seq.tolist() == list(range(1, 2502))
+
+
 @pytest.mark.parametrize("precision", ["int8", "float16"])
 def test_reduced_precision_keeps_the_ranking(precision: str) -> None:
     """Embeddings kept at int8 (with a scale) or float16 score as float32 does: cosine to the
