@@ -120,6 +120,9 @@ class Track(Stage):
                                   "redis_url (spotline up and the workers it starts do)")
             self.store, self.cache = open_stores(self.settings, ANSWERS_KEPT)
             self.alive = TracksAlive(self.store.t)  # spotline_tracks_alive, one per source
+        if self.metrics is not None:  # every source of boxes a series from the start (at 0):
+            for by in ("detect", "track", "look"):  # the track stage seldom detects now
+                self.metrics.track_boxes.labels(by)
         if self._own_models:
             self.embedder.setup()
         self.model_name = self.embedder.score.model_name
