@@ -88,7 +88,8 @@ def one_at_a_time(frames: Sequence[Frame], rounds: int,
     latencies = [lat for lat, _ in best]
     return {"latency": percentiles(latencies), "latencies_s": [round(v, 4) for v in latencies],
             "overheads_s": [round(lat - model_time(r), 5) for lat, r in best],
-            "stages": trace_breakdown([r for _, r in best])}
+            "stages": trace_breakdown([r for _, r in best]),
+            "boxes": [[list(b) for b in r.boxes] for _, r in best]}
 
 
 def run_reference(settings: Settings, frames: Sequence[Frame], batched: bool = True,

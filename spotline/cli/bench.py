@@ -212,6 +212,36 @@ def video(clips: str, n_clips: int, frames: int, absent: int, in_process: bool,
     video_bench(current().settings, clips, n_clips, frames, absent, json_path, in_process)
 
 
-for _command in (stream, real, backends, soak, video):
+@bench.command()
+@click.option("--size", default="960x544", show_default=True,
+              help="Frame size WxH of the held-out scenes published.")
+@click.option("--frames", "n_frames", type=click.IntRange(1), default=20, show_default=True,
+              help="Frames, each sent alone at light load, then all at once.")
+@click.option("--rounds", type=click.IntRange(1), default=2, show_default=True,
+              help="Light-load rounds; each frame keeps its best (a shared machine only adds "
+              "time).")
+@_json_option
+def demo(size: str, n_frames: int, rounds: int, json_path: str | None) -> None:
+    """The demo models through the streaming pipeline on held-out scenes of SIZE (workers as
+    `spotline up` starts them, frames from the client): light-load latency p50/p95 with each
+    stage's share, the accuracy of those answers (IoU > 0.5), then a burst's frames/s."""
+    from spotline.bench.demo import bench_demo, lines
+
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"size must be WxH, got {size!r}") from None
+    try:
+        report = bench_demo(current().settings, (w, h), n_frames, rounds,
+                            say=lambda m: click.echo(m, err=True))
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo("\n".join(lines(report)))
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2, default=str))
+        click.echo(f"wrote {json_path}")
+
+
+for _command in (stream, real, backends, soak, video, demo):
     add_probe(_command)  # the probe first, the load average last (gpu: its first section)
 bench.add_command(bench_gpu)
