@@ -201,6 +201,24 @@ def test_torch_boxes_use_the_letterbox_really_applied(h: int, w: int, imgsz: int
     np.testing.assert_allclose(rescale_ultralytics(theirs, h, w, imgsz), exact, atol=1e-3)
 
 
+def _clipped_short(boxes: np.ndarray, ref: np.ndarray, off: np.ndarray, frame: np.ndarray,
+                   settings: object) -> bool:
+    """The one way torch and the export may still differ by more than 1 px: a box reaching the
+    frame's far edge. Ultralytics clips to the extent it infers, up to one input pixel short of
+    the far edge, before ``rescale_ultralytics`` corrects the mapping; the export clips at the
+    edge itself. So a differing coordinate is a right or bottom edge, torch's within one input
+    pixel (frame / imgsz) of the frame's edge and the export's nearer to it."""
+    h, w = frame.shape[:2]
+    fixed, scale = settings.imgsz, settings.imgsz_scale  # type: ignore[attr-defined]
+    pixel = max(h, w) / fixed if fixed else 1.0 / scale  # following the frame: at its scale
+    rows, cols = np.nonzero(off)
+    for r, c in zip(rows, cols, strict=True):
+        edge = w if c == 2 else h if c == 3 else None
+        if edge is None or not (edge - pixel <= ref[r, c] < boxes[r, c] <= edge):
+            return False
+    return True
+
+
 @pytest.fixture(scope="module")
 def demo_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo detector exported (OpenVINO and ONNX, fp32) beside a copy of it."""
@@ -232,8 +250,10 @@ def test_demo_detector_exports_give_torchs_boxes_at_any_frame_shape(demo_export:
         assert sum(len(b) for b, _ in reference) >= 5
         for engine in ("openvino", "onnx"):
             model = backends.load_detector(demo_export, engine)
-            for (boxes, scores), (ref, ref_scores) in zip(
-                    detect_frames(model, frames, settings), reference, strict=True):
+            for (boxes, scores), (ref, ref_scores), frame in zip(
+                    detect_frames(model, frames, settings), reference, frames, strict=True):
                 assert boxes.shape == ref.shape, (engine, settings.imgsz)
-                assert np.abs(boxes - ref).max(initial=0) <= 1.0, (engine, settings.imgsz)
+                off = np.abs(boxes - ref) > 1.0
+                assert not off.any() or _clipped_short(boxes, ref, off, frame, settings), \
+                    (engine, settings.imgsz, boxes[off.any(axis=1)], ref[off.any(axis=1)])
                 assert np.abs(scores - ref_scores).max(initial=0) <= 1e-3

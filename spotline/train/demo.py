@@ -68,7 +68,7 @@ class DemoPlan:
     mined_lr: float = 1e-4
     threads: int = 1  # per training process; the two run side by side
     calibration_absent: int = 1  # captions per val image naming nothing, for "not in view"
-    calibration_precision: float = 0.9  # "not in view" threshold's abstention precision on val
+    calibration_precision: float = 0.8  # "not in view" threshold's abstention precision on val
 
     def options(self, seed: int, images: int) -> Any:
         """The synth options of one split: the plan's style at its training frame size (each
