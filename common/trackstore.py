@@ -43,8 +43,7 @@ end
 """
 
 # KEYS[1] state hash, KEYS[2] answers hash, KEYS[3] answers order zset; ARGV: seq, state
-# bytes, ttl ms, answers kept, the save's token, the forecast (frames that will need the
-# detector, comma-separated), then frame id and answer bytes (or nothing).
+# bytes, ttl ms, answers kept, the save's token, then frame id and answer bytes (or nothing).
 # The state and the frame's answer are written together or not at all: 1 saved (or saved
 # already by this very save, retried after its reply was lost: same seq, same token), 0 a state
 # of this or a later frame is there from another save.
@@ -54,11 +53,11 @@ if cur[1] and tonumber(cur[1]) >= tonumber(ARGV[1]) then
   if tonumber(cur[1]) == tonumber(ARGV[1]) and cur[2] == ARGV[5] then return 1 end
   return 0
 end
-redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'state', ARGV[2], 'by', ARGV[5], 'ahead', ARGV[6])
+redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'state', ARGV[2], 'by', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-if #ARGV >= 8 then
-  redis.call('HSET', KEYS[2], ARGV[7], ARGV[8])
-  redis.call('ZADD', KEYS[3], ARGV[1], ARGV[7])
+if #ARGV >= 7 then
+  redis.call('HSET', KEYS[2], ARGV[6], ARGV[7])
+  redis.call('ZADD', KEYS[3], ARGV[1], ARGV[6])
   cap(KEYS[2], KEYS[3], ARGV[4])
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
   redis.call('PEXPIRE', KEYS[3], ARGV[3])
@@ -102,12 +101,10 @@ class TrackStore:
 
     def save(self, source_id: str, seq: int, state: dict[str, Any],
              answer: tuple[str, dict[str, Any]] | None = None, *,
-             ahead: Iterable[int] = (), token: str | None = None) -> bool:
+             token: str | None = None) -> bool:
         """Store the state after frame ``seq`` and, in the same step, that frame's answer
-        (frame id, answer; the last ``answers_kept`` are kept) and its forecast (``ahead``:
-        the source's next frames that will need the detector, read by the detect stage with
-        ``ahead``); False (nothing written) if another save of that or a later frame is
-        already stored.
+        (frame id, answer; the last ``answers_kept`` are kept); False (nothing written) if
+        another save of that or a later frame is already stored.
 
         ``token`` names this save (a fresh one by default): the transport runs the script
         again after a reconnect, and a save whose reply was lost then finds its own token and
@@ -116,19 +113,10 @@ class TrackStore:
         keys = [k.track_state(source_id), k.track_answers(source_id),
                 k.track_answers_order(source_id)]
         args: list[Any] = [int(seq), encode_state(state), self.ttl_ms, self.answers_kept,
-                           token or uuid.uuid4().hex, ",".join(str(int(s)) for s in ahead)]
+                           token or uuid.uuid4().hex]
         if answer is not None:
             args += [answer[0], encode_state(answer[1])]
         return bool(self.t.run_script(self._save, keys, args, "track state save"))
-
-    def ahead(self, source_id: str) -> frozenset[int] | None:
-        """The forecast saved with the source's state: its frames that will need the
-        detector (None: no state saved, a new source)."""
-        (raw,) = self.t.hash_get(self.keys.track_state(source_id), ["ahead"])
-        if raw is None:
-            return None
-        text = raw.decode() if isinstance(raw, bytes) else str(raw)
-        return frozenset(int(s) for s in text.split(",") if s)
 
     def answer(self, source_id: str, frame_id: str) -> dict[str, Any] | None:
         """The answer saved with the state for a frame (None: none kept)."""

@@ -4,9 +4,8 @@ the crops and fan them out in parts of at most ``crops_per_part``."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -17,14 +16,11 @@ from ..common.images import crop_boxes, decode_bgr8, swap_rb
 from ..common.limits import check_captions
 from ..common.settings import Settings
 from ..common.topology import COLLECT, TRACK, next_stage
-from ..common.trackstore import TrackStore
-from ..common.transport import Transport
 from . import backends, runtime
 from .backends import tiling
 from .backends.detector import rescale_ultralytics
 from .base import Routed, Stage
 from .libs import offline_env, undo_ultralytics_pil_patch
-from .tracking.source import SourceState, TrackOptions
 
 # The seed warmed up on a blank frame of the competition's size.
 WARMUP_SIZE = (1520, 870)  # width, height
@@ -41,7 +37,6 @@ class Detect(Stage):
         self.device = "cpu"
         self.half = False
         self.crop_cap = 0
-        self.forecasts: TrackStore | None = None  # the track stage's, in track mode
 
     def setup(self) -> None:
         """Load the YOLO weights (.pt or architecture .yaml), or their export (settings
@@ -84,9 +79,7 @@ class Detect(Stage):
         for env in batch:
             check_input(env, self.settings)
         images = [decode_frame(env, self.settings) for env in batch]
-        ahead = self._ahead(batch)
-        todo = [i for i, env in enumerate(batch)
-                if not left_to_track(env, self.settings, ahead.get(env.source_id))]
+        todo = [i for i, env in enumerate(batch) if not left_to_track(env, self.settings)]
         found = dict(zip(todo, detect_frames(self.model, [images[i] for i in todo],
                                              self.settings, self.device, self.half),
                          strict=True))
@@ -100,17 +93,6 @@ class Detect(Stage):
             crops = crop_boxes(swap_rb(image), boxes, self.crop_cap)
             out += split_parts(env, boxes, scores, crops, self.settings)
         return out
-
-    def _ahead(self, batch: list[Envelope]) -> dict[str, frozenset[int] | None]:
-        """In track mode, the track stage's forecast (``SourceState.ahead``, saved with each
-        source's state) for each source with a frame between keyframes in the batch: one
-        read of its state hash each (through the Transport), none without Redis."""
-        sources = {env.source_id for env in batch if between_keyframes(env, self.settings)}
-        if not sources or not self.settings.redis_url:
-            return {}
-        if self.forecasts is None:
-            self.forecasts = TrackStore(Transport(self.settings))
-        return {source: self.forecasts.ahead(source) for source in sorted(sources)}
 
     def find(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
         """One BGR frame's boxes (xyxy), scores and crops, as ``process`` finds them."""
@@ -239,33 +221,14 @@ def _precision(half: bool) -> dict[str, Any]:
     return {"quantize": 16} if "quantize" in DEFAULT_CFG_DICT else {"half": True}
 
 
-def between_keyframes(env: Envelope, settings: Settings) -> bool:
-    """Track mode with ``track_detect_every`` N > 1, and a numbered frame whose number is not
-    a multiple of N."""
+def left_to_track(env: Envelope, settings: Settings) -> bool:
+    """Track mode with ``track_detect_every`` N > 1: a numbered frame whose number is not a
+    multiple of N goes to the track stage undetected; the tracks' Kalman predictions give
+    its boxes there (or the track stage detects it, when they cannot: see
+    ``SourceState.needs_detection``)."""
     every = settings.track_detect_every
     return (every > 1 and env.seq >= 0 and env.seq % every != 0
             and next_stage(Detect.name, settings) == TRACK)
-
-
-def left_to_track(env: Envelope, settings: Settings,
-                  ahead: Collection[int] | None = None) -> bool:
-    """Whether the frame goes to the track stage undetected: a frame between keyframes that
-    its source's forecast ``ahead`` does not name (the frames its tracks will need detected,
-    ``SourceState.ahead``, saved by the track stage with the state; None: no state saved, a
-    new source, whose first frames are named). The tracks' looks or Kalman predictions give
-    its boxes there, or the track stage detects it when they cannot (a forecast that came
-    late or missed it: ``SourceState.needs_detection``)."""
-    if not between_keyframes(env, settings):
-        return False
-    if ahead is None:
-        ahead = _new_source_ahead(settings.track_detect_every, settings.track_settle)
-    return env.seq not in ahead
-
-
-@functools.lru_cache(maxsize=8)
-def _new_source_ahead(every: int, settle: int) -> frozenset[int]:
-    """The forecast of a source the track stage has not seen: its first frames."""
-    return frozenset(SourceState(TrackOptions(detect_every=every, settle=settle)).ahead())
 
 
 def check_input(env: Envelope, settings: Settings) -> None:

@@ -120,8 +120,8 @@ class Track(Stage):
                                   "redis_url (spotline up and the workers it starts do)")
             self.store, self.cache = open_stores(self.settings, ANSWERS_KEPT)
             self.alive = TracksAlive(self.store.t)  # spotline_tracks_alive, one per source
-        if self.metrics is not None:  # every source of boxes a series from the start (at 0):
-            for by in ("detect", "track", "look"):  # the track stage seldom detects now
+        if self.metrics is not None:  # every source of boxes a series from the start (at 0),
+            for by in ("detect", "track", "look"):  # for the dashboard's ratios of each
                 self.metrics.track_boxes.labels(by)
         if self._own_models:
             self.embedder.setup()
@@ -166,7 +166,7 @@ class Track(Stage):
         self.cache.put(env.source_id, fresh)
         remember(self, env, answer, fresh)  # its source's past, for `spotline ask`
         if not self.store.save(env.source_id, env.seq, {"source": state.to_state()},
-                               answer=(env.frame_id, answer), ahead=state.ahead()):
+                               answer=(env.frame_id, answer)):
             # another worker saved this frame (or a later one) first: its answer stands
             return self._replayed(env) or self._untracked(env)
         self.stats.alive[env.source_id] = state.alive()

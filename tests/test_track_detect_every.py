@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from spotline.common.collector import Collector
-from spotline.common.envelope import Envelope
 from spotline.common.trackstore import TrackStore
 from spotline.common.transport import Transport
 from spotline.common.worker import Worker
@@ -93,59 +92,6 @@ def test_when_the_detector_runs():
     assert len(boxes) == 2 and len(gone) == 0
 
 
-def test_the_forecast_names_the_frames_detected_between_keyframes():
-    """``ahead`` after each frame names the frames between keyframes that the state will
-    detect: a new source's first ones, and the frame after the keyframe that confirms a track
-    first seen at the keyframe before (foreseen from that one on: 4 frames ahead here)."""
-    state = SourceState(TrackOptions(detect_every=3, settle=2, motion=0.0))
-    clip = steady(16)
-    third = np.array([[300, 200, 340, 240]], np.float32)
-
-    def frame(seq: int) -> tuple[np.ndarray, np.ndarray]:
-        boxes, scores = clip[seq]
-        if seq < 6:
-            return boxes, scores
-        return (np.vstack([boxes, third + seq]),
-                np.append(scores, np.float32(0.9)).astype(np.float32))
-
-    forecasts = {0: state.ahead()}
-    detected = []
-    for seq in range(1, 16):
-        if state.needs_detection(seq):
-            detected.append(seq)
-            state.plan(seq, *frame(seq))
-        else:
-            state.propagate(seq, (400, 300))
-        forecasts[seq] = state.ahead()
-    assert detected == [1, 2, 3, 6, 9, 10, 12, 15]
-    assert forecasts[0] == (1, 2) and forecasts[6] == forecasts[9] == (10,)
-    assert set().union(*forecasts.values()) == {s for s in detected if s % 3}
-    assert SourceState(TrackOptions()).ahead() == ()  # detect_every 1: detect does them all
-
-
-def test_detect_detects_the_frames_the_track_stage_foresees(redis_server, settings):
-    """The track stage saves its forecast with the state; the detect stage reads it through
-    the Transport and detects the frames it names (they come to track with boxes); a source
-    without a saved state has its first frames detected."""
-    s = settings.replace(redis_url=redis_server.url, tracking=True, imgsz=256, warmup=0,
-                         max_det=4, tta=False, upscale=False, track_detect_every=7)
-    t = Transport(s, url=redis_server.url)
-    store = TrackStore(t, ttl_s=60)
-    assert store.ahead("cam") is None
-    assert store.save("cam", 8, {"v": 8}, ahead=[10, 12])
-    assert store.ahead("cam") == {10, 12} and store.load("cam") == (8, {"v": 8})
-    image = still_frame()
-    frames = [Envelope(frame_id=f"{src}-{seq}", source_id=src, seq=seq, captions=CAPTIONS,
-                       image=image) for src, seq in
-              [("cam", 9), ("cam", 10), ("cam", 11), ("cam", 12), ("new", 1), ("new", 4)]]
-    detect = Detect(s)
-    out = {env.frame_id: env for _, env in detect.process(frames)}
-    assert {f for f, env in out.items() if env.boxes is not None} == {
-        "cam-10", "cam-12", "new-1"}
-    assert all(env.image is not None for f, env in out.items() if env.boxes is None)
-    t.close()
-
-
 def test_small_fast_objects_are_detected_every_frame():
     """A 12 px object moving 4 px a frame outruns its prediction (a third of its size a frame):
     with ``motion`` on, nearly every frame is detected (the Kalman speed needs a few
@@ -192,16 +138,15 @@ def test_workers_skip_the_detector_between_keyframes(redis_server, settings):
     assert len(got) == len(ids) and set(results) == set(ids), "one answer per frame"
     answers = [results[f] for f in ids]
     assert all(r.error is None and len(r.boxes) == 2 for r in answers)
-    # Producers number frames from 1: detect finds the boxes of the keyframes 3 and 6, and of
-    # 1 and 2 (a new source's first frames: its tracks are young, SourceState.ahead), so the
-    # track stage detects none itself; 4, 5 and 7 are found by their look (track_match) in a
-    # still scene: the detector's boxes, to within what matching a large box's downscaled
-    # patch allows (1% of its size).
-    assert track.stats.predicted == 3 and track.stats.detected_here == 0
+    # Producers number frames from 1: detect finds the boxes of 3 and 6 only. The track
+    # stage detects 1 (a new source) and 2 (its tracks are young: no detection matched yet);
+    # 4, 5 and 7 are found by their look (track_match) in a still scene: the detector's boxes,
+    # to within what matching a large box's downscaled patch allows (1% of its size).
+    assert track.stats.predicted == 3 and track.stats.detected_here == 2
     # the same on the dashboard's series: where each tracked frame's boxes came from
     metric = track_worker.metrics.registry.get_sample_value
     assert {b: metric("spotline_track_boxes_total", {"by": b})
-            for b in ("detect", "track", "look")} == {"detect": 4, "track": 0, "look": 3}
+            for b in ("detect", "track", "look")} == {"detect": 2, "track": 2, "look": 3}
     assert len({r.track_ids for r in answers}) == 1 and min(answers[0].track_ids) > 0
     first = np.array(answers[0].boxes)
     for r in answers[1:]:
@@ -210,14 +155,11 @@ def test_workers_skip_the_detector_between_keyframes(redis_server, settings):
 
 
 def test_detect_leaves_frames_to_track_only_in_track_mode(settings):
+    from spotline.common.envelope import Envelope
+
     every = settings.replace(tracking=True, track_detect_every=3)
-    assert [left_to_track(Envelope(frame_id="f", seq=k), every, ()) for k in (-1, 1, 3, 4)
-            ] == [False, True, False, True]
-    # a source without a forecast (new): its first frames are detected
-    assert [left_to_track(Envelope(frame_id="f", seq=k), every) for k in (1, 2, 4)] == [
-        False, False, True]
-    assert left_to_track(Envelope(frame_id="f", seq=5), every, {7}) and not left_to_track(
-        Envelope(frame_id="f", seq=5), every, {5})
+    assert [left_to_track(Envelope(frame_id="f", seq=k), every) for k in (-1, 1, 3, 4)] == [
+        False, True, False, True]
     assert not left_to_track(Envelope(frame_id="f", seq=1),
                              settings.replace(track_detect_every=3))  # per-frame mode
     assert not left_to_track(Envelope(frame_id="f", seq=1),

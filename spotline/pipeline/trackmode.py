@@ -130,8 +130,7 @@ class LocalTrackStore:
         return (seq, decode_state(raw)) if raw else (-1, None)
 
     def save(self, source_id: str, seq: int, state: dict[str, Any],
-             answer: tuple[str, dict[str, Any]] | None = None,
-             ahead: Iterable[int] = ()) -> bool:  # no detect stage here reads the forecast
+             answer: tuple[str, dict[str, Any]] | None = None) -> bool:
         if self.states.get(source_id, (-1, b""))[0] >= seq:
             return False
         self.states[source_id] = (seq, encode_state(state))

@@ -113,32 +113,6 @@ class SourceState:
         return self.tracker.young(opts.settle) or (
             opts.motion > 0 and self.tracker.outrun(opts.motion, seq - self.seq, measured))
 
-    def ahead(self) -> tuple[int, ...]:
-        """The frames after this state's that will need the detector's boxes, as far as it can
-        tell now (keyframes left out: the detect stage detects those anyway). The track stage
-        saves them with the state and the detect stage detects them too, so the detections
-        ``needs_detection`` asks for run there, in parallel with this stage, and seldom here
-        (needs_detection still has the last word: a frame the forecast missed, or that came
-        to the detect stage before its forecast, is detected here).
-
-        A new source: its first frame and the ``settle`` after it (its tracks are young). A
-        young track: the frames until it has matched ``settle`` detections; no track followed:
-        every frame until the next keyframe. A track seen once (unconfirmed): the next
-        keyframe's detection confirms it, so the ``settle`` - 1 frames after that keyframe.
-        A track not found by its look cannot be foreseen."""
-        opts = self.options
-        every = opts.detect_every
-        if every <= 1:
-            return ()
-        if self.seq < 0:
-            return tuple(s for s in range(1, opts.settle + 2) if s % every)
-        key = (self.seq // every + 1) * every  # the next keyframe
-        need = self.tracker.settling(opts.settle)
-        out = list(range(self.seq + 1, key if need is None else min(key, self.seq + 1 + need)))
-        if self.tracker.unconfirmed():
-            out += range(key + 1, key + opts.settle)
-        return tuple(s for s in out if s % every)
-
     def propagate(self, seq: int, size: tuple[int, int], image: np.ndarray | None = None
                   ) -> tuple[Plan, np.ndarray, np.ndarray] | None:
         """The plan for a new frame the detector did not see (see ``needs_detection``): the

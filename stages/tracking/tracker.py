@@ -184,18 +184,6 @@ class SourceTracker:
         confirmed = [t for t in self.tracker.tracked_stracks if t.is_activated]
         return not confirmed or any(int(t.tracklet_len) < frames for t in confirmed)
 
-    def settling(self, frames: int) -> int | None:
-        """How many more detections until no confirmed track is ``young(frames)``: 0 when
-        none is; None when no confirmed track is followed (young until one is)."""
-        confirmed = [t for t in self.tracker.tracked_stracks if t.is_activated]
-        if not confirmed:
-            return None
-        return max(0, *(frames - int(t.tracklet_len) for t in confirmed))
-
-    def unconfirmed(self) -> bool:
-        """Whether a track seen once waits for a detection to confirm it."""
-        return any(not t.is_activated for t in self.tracker.tracked_stracks)
-
     def outrun(self, ratio: float, ahead: int = 1, ignore: frozenset[int] = frozenset()) -> bool:
         """True when a followed track would have moved, ``ahead`` frames from now, more than
         ``ratio`` times its smaller side since its last detection (Kalman speed × frames):
