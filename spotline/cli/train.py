@@ -334,8 +334,10 @@ def finetune_detector_cmd(train: str, out: str, val: str | None, val_fraction: f
 
 # --- spotline models demo ----------------------------------------------------------------------
 @click.command("demo")
-@click.option("--retrain", is_flag=True, help="Make them again from nothing: synthetic data, "
-              "both trainings side by side, held-out accuracy (about 45-60 minutes on 2 cores).")
+@click.option("--retrain", is_flag=True, help="Make them again from nothing: domain-randomised "
+              "synthetic scenes, both trainings side by side, the detector's false detections "
+              "as the scorer's hard negatives, both accuracy figures (about 40 minutes on 2 "
+              "cores).")
 @click.option("--calibrate", is_flag=True, help="Only fit the scorer's calibration and \"not in "
               "view\" threshold again on the val split (about a minute), as --retrain does.")
 @click.option("--measure", is_flag=True, help="Only measure the installed models again on the "

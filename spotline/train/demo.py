@@ -41,7 +41,8 @@ WEIGHT_KEYS = ("detector_weights", "upscaler_weights", "scorer_dir")
 NOTE = ("NOTE: these are the demo models: small models (a 0.35 M-parameter YOLOv8 and a "
         "1.5 M-parameter SigLIP) trained here on synthetic scenes of coloured shapes "
         "(`spotline models demo --retrain`). They find \"{colour} {shape}\" objects such as "
-        "\"red star\" and nothing else; set SPOTLINE_DETECTOR_WEIGHTS / _SCORER_DIR for "
+        "\"red star\" and nothing else, and on scenes of a renderer they never saw about 3 "
+        "captions in 4 (docs/training.md); set SPOTLINE_DETECTOR_WEIGHTS / _SCORER_DIR for "
         "real weights.")
 
 
@@ -352,6 +353,7 @@ def recalibrate(plan: DemoPlan, settings: Settings, say: Callable[[str], None]) 
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         manifest["calibration"] = fitted
+        manifest.setdefault("plan", {})["calibration_precision"] = plan.calibration_precision
         manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
     return fitted
 
