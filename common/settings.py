@@ -136,6 +136,13 @@ class Settings:
         "help": "log-odds lead another track needs to take a caption"})
     track_switch_frames: int = field(default=1, metadata={
         "help": "consecutive frames of lead before a caption switches track"})
+    track_hold: int = field(default=8, metadata={
+        "help": "with \"not in view\" on: frames a caption answers no box while its track is "
+                "lost and every track of the frame trails it by more than track_hold_margin "
+                "(a hidden target, not a look-alike's box); 0: the best track takes over"})
+    track_hold_margin: float = field(default=1.0, metadata={
+        "help": "log-odds within which a track of the frame takes a caption whose track is "
+                "lost (the object back under a new id)"})
     track_buffer: int = field(default=30, metadata={"help": "frames a lost track is kept"})
     track_detect_every: int = field(default=7, metadata={
         "help": "run the detector on every Nth frame of a source; between, boxes follow the "
@@ -296,7 +303,8 @@ def _validate_tracking(s: Settings) -> None:
     if s.track_settle < 0 or s.track_redetect_motion < 0:
         raise ConfigError("track_settle and track_redetect_motion must be >= 0, got "
                           f"{s.track_settle!r} and {s.track_redetect_motion!r}")
-    for key in ("track_margin", "track_max_size_change", "track_reorder_ms"):
+    for key in ("track_margin", "track_max_size_change", "track_reorder_ms", "track_hold",
+                "track_hold_margin"):
         if getattr(s, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(s, key)!r}")
     if s.ask_retention_min <= 0 or s.ask_max_bytes_per_source <= 0 or s.ask_embed_every_s < 0:

@@ -53,7 +53,8 @@ def options_from(settings: Any) -> TrackOptions:
                           contend_margin=(settings.track_contend_margin
                                           if settings.track_contend_margin >= 0 else None)),
         evidence=EvidenceConfig(decay=settings.track_decay, margin=settings.track_margin,
-                                switch_frames=settings.track_switch_frames),
+                                switch_frames=settings.track_switch_frames,
+                                hold=settings.track_hold, hold_margin=settings.track_hold_margin),
         joint=settings.joint_assign,
         # not in view: resolved in setup, from the scorer's calibration (when there is one)
         abstain_below=None,

@@ -123,3 +123,40 @@ def test_bad_config_and_state_are_refused():
         Evidence.from_state({"v": 7, "captions": []})
     with pytest.raises(ValueError, match="track ids"):
         Evidence().update(0, "a", {-1: 0.5})
+
+
+HOLD = EvidenceConfig(decay=0.8, margin=0.5, switch_frames=3, hold=4, hold_margin=1.0)
+
+
+def test_a_lost_track_is_waited_for_rather_than_a_look_alike_taken():
+    """The target (track 1) hides for 3 frames: the look-alike (track 2) trails it by far more
+    than hold_margin, so the caption answers no track (held) and comes back to track 1."""
+    ev = Evidence(HOLD)
+    seen = [{1: 0.9, 2: 0.3}] * 6
+    hidden = [{2: 0.3}] * 3
+    decisions = [ev.update(seq, "red star", s) for seq, s in enumerate(seen + hidden + seen)]
+    assert [d.track for d in decisions] == [1] * 6 + [None] * 3 + [1] * 6
+    assert [d.held for d in decisions] == [False] * 6 + [True] * 3 + [False] * 6
+    assert ev.flips("red star") == 0
+
+
+def test_the_hold_ends_and_a_close_track_takes_over_at_once():
+    ev = Evidence(HOLD)
+    for seq in range(6):
+        ev.update(seq, "red star", {1: 0.9, 2: 0.3})
+    # lost for longer than hold frames: the best present track takes over after the 4th
+    late = [ev.update(6 + k, "red star", {2: 0.3}).track for k in range(6)]
+    assert late == [None] * 4 + [2, 2]
+    # the object back under a new id, as likely as before: within hold_margin, it takes over
+    ev2 = Evidence(HOLD)
+    for seq in range(6):
+        ev2.update(seq, "red star", {1: 0.9, 2: 0.3})
+    back = ev2.update(6, "red star", {3: 0.85, 2: 0.3})
+    assert back.track == 3 and not back.held
+
+
+def test_without_hold_the_best_present_track_takes_over_at_once():
+    ev = Evidence(CONFIG)
+    for seq in range(6):
+        ev.update(seq, "red star", {1: 0.9, 2: 0.3})
+    assert ev.update(6, "red star", {2: 0.3}).track == 2

@@ -76,3 +76,22 @@ def test_a_caption_naming_nothing_does_not_take_a_box_from_one_in_view():
     ev = Evidence()
     both = np.array([[0.9, 0.6], [0.97, 0.2]])
     assert [g.track_id for g in ground_frame(ev, 0, CAPS, both, np.array([1, 2]))] == [2, 1]
+
+
+def test_a_held_caption_is_not_in_view_only_when_abstaining():
+    """A caption waiting for its lost track answers no box when "not in view" is on, and
+    keeps the look-alike's box when it is off (false always gives a box)."""
+    cal = Calibration("temperature", temperature=1.0, bias=0.0)  # identity
+    config = EvidenceConfig(hold=4, hold_margin=1.0)
+    seen, hidden = np.array([[0.95, 0.3]]), np.array([[0.3]])
+    for abstain, expect in ((0.05, None), (None, 0)):
+        ev = Evidence(config)
+        for seq in range(5):
+            ground_frame(ev, seq, CAPS[:1], seen, np.array([1, 2]), calibration=cal,
+                         abstain_below=abstain)
+        got = ground_frame(ev, 5, CAPS[:1], hidden, np.array([2]), calibration=cal,
+                           abstain_below=abstain)[0]
+        assert got.box == expect
+        back = ground_frame(ev, 6, CAPS[:1], seen, np.array([1, 2]), calibration=cal,
+                            abstain_below=abstain)[0]
+        assert back.track_id == 1

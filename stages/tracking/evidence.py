@@ -16,7 +16,11 @@ A caption's box is the track with the highest posterior among the tracks of the 
 frame, with hysteresis: the incumbent track keeps the caption until another track of the
 frame leads it by ``margin`` (log-odds) in ``switch_frames`` consecutive frames of the
 caption. One outlier frame never flips it. If the incumbent is not in the frame, the best
-track of the frame takes over at once (there is nothing to hold on to).
+track of the frame takes over at once (there is nothing to hold on to), unless ``hold`` is set:
+then, for up to ``hold`` frames after the incumbent was last scored, a frame whose best track
+trails the incumbent's posterior by more than ``hold_margin`` gives the caption no track
+(``Decision.held``): the object it named is probably hidden, and the best of the rest a
+look-alike. A track within ``hold_margin`` (the object back under a new id) takes over.
 
 The whole state is plain numbers (``to_state``/``from_state``), so it lives in Redis between
 frames and any worker can continue a source.
@@ -43,14 +47,16 @@ class EvidenceConfig:
     max_age: int = 300  # pairs unseen for more frames are forgotten
     max_captions: int = 64  # captions remembered per source (least recently used go)
     scores_are_logits: bool = False  # CLIP-style raw logits instead of sigmoid scores
+    hold: int = 0  # frames a caption waits for its lost track (0: the best present takes over)
+    hold_margin: float = 1.0  # log-odds within which a present track takes over while holding
 
     def __post_init__(self) -> None:
         if not 0.0 < self.decay <= 1.0:
             raise ValueError(f"decay must be in (0, 1], got {self.decay}")
         if self.margin < 0 or self.switch_frames < 1 or self.max_age < 1 \
-                or self.max_captions < 1:
-            raise ValueError("margin >= 0, switch_frames >= 1, max_age >= 1 and "
-                             "max_captions >= 1 are required")
+                or self.max_captions < 1 or self.hold < 0 or self.hold_margin < 0:
+            raise ValueError("margin >= 0, switch_frames >= 1, max_age >= 1, "
+                             "max_captions >= 1, hold >= 0 and hold_margin >= 0 are required")
 
 
 @dataclass
@@ -91,6 +97,7 @@ class Decision:
     track: int | None
     posterior: float
     switched: bool = False
+    held: bool = False  # no track: the caption waits for its lost track (``hold``)
 
 
 class Evidence:
@@ -134,6 +141,9 @@ class Evidence:
             return Decision(None, -math.inf)
         best = max(scored, key=lambda t: (cap.pairs[t].posterior, -t))
         if cap.chosen is None or cap.chosen not in scored:
+            if self._holds(cap, best):
+                return Decision(None, cap.pairs[cap.chosen].posterior,  # type: ignore[index]
+                                held=True)
             switched = cap.chosen is not None and cap.chosen != best
             return self._switch(cap, best, switched)
         incumbent = cap.pairs[cap.chosen].posterior
@@ -145,6 +155,13 @@ class Evidence:
         if cap.streak >= self.config.switch_frames:
             return self._switch(cap, best, True)
         return Decision(cap.chosen, incumbent)
+
+    def _holds(self, cap: _Caption, best: int) -> bool:
+        """The caption's lost incumbent is recent and clearly better than ``best``."""
+        lost = cap.pairs.get(cap.chosen) if cap.chosen is not None else None
+        return (bool(self.config.hold) and lost is not None
+                and cap.seq - lost.seq <= self.config.hold
+                and cap.pairs[best].posterior < lost.posterior - self.config.hold_margin)
 
     @staticmethod
     def _switch(cap: _Caption, track: int, switched: bool) -> Decision:

@@ -52,14 +52,17 @@ class Grounded:
 
 
 def posterior_matrix(evidence: Evidence, seq: int, captions: Sequence[str], scores: np.ndarray,
-                     track_ids: np.ndarray) -> tuple[np.ndarray, list[int | None], list[bool]]:
+                     track_ids: np.ndarray
+                     ) -> tuple[np.ndarray, list[int | None], list[bool], list[bool]]:
     """Update the evidence with a frame; (captions × boxes posterior log-odds, the box each
-    caption's hysteresis chose, whether it switched track)."""
+    caption's hysteresis chose, whether it switched track, whether it waits for its lost
+    track)."""
     scores = np.asarray(scores, dtype=np.float64)
     track_ids = np.asarray(track_ids, dtype=np.int64)
     post = np.empty_like(scores)
     chosen: list[int | None] = []
     switched: list[bool] = []
+    held: list[bool] = []
     tracked = [int(b) for b in np.flatnonzero(track_ids >= 0)]
     for row, caption in enumerate(captions):
         decision = evidence.update(seq, caption,
@@ -72,7 +75,8 @@ def posterior_matrix(evidence: Evidence, seq: int, captions: Sequence[str], scor
                else int(np.flatnonzero(track_ids == decision.track)[0]))
         chosen.append(box)
         switched.append(decision.switched)
-    return post, chosen, switched
+        held.append(decision.held)
+    return post, chosen, switched, held
 
 
 def ground_frame(evidence: Evidence, seq: int, captions: Sequence[str], scores: np.ndarray,
@@ -89,11 +93,13 @@ def ground_frame(evidence: Evidence, seq: int, captions: Sequence[str], scores: 
         for caption in captions:
             evidence.update(seq, caption, {})
         return [Grounded(None, NO_TRACK, math.nan, 0.0) for _ in captions]
-    post, chosen, switched = posterior_matrix(evidence, seq, captions, scores, track_ids)
+    post, chosen, switched, held = posterior_matrix(evidence, seq, captions, scores, track_ids)
     probs = _calibrated(post, calibration, evidence)
     present = (in_view(calibration, _as_scores(post, evidence), captions)
                if calibration is not None and abstain_below is not None else None)
-    kept = [r for r in range(len(captions)) if present is None or present[r] >= abstain_below]
+    # not in view: improbable, or (when abstaining at all) waiting for its lost track
+    kept = [r for r in range(len(captions))
+            if present is None or (present[r] >= abstain_below and not held[r])]
     weighted = post.copy() if evidence.config.scores_are_logits else np.maximum(post, JOINT_FLOOR)
     weighted[:, track_ids < 0] += HOLD  # untracked boxes have no history: always eligible
     for row, box in enumerate(chosen):
