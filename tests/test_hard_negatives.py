@@ -58,8 +58,8 @@ def test_clutter_boxes_are_negatives_clear_of_every_object() -> None:
             assert 0 <= left and 0 <= top and left + bw <= w and top + bh <= h
             assert min(bw, bh) >= 4
             for obj in scene.objects:
-                assert synth._covered(tuple(neg), obj.box) <= 0.2
-                assert synth._covered(obj.box, tuple(neg)) <= 0.2
+                assert synth.covered(tuple(neg), obj.box) <= 0.2
+                assert synth.covered(obj.box, tuple(neg)) <= 0.2
     assert found >= 20  # about three marks an image survive
 
 

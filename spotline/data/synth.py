@@ -564,7 +564,7 @@ def choose_objects(rng: np.random.Generator, n: int, hard_negative: float) -> li
     return chosen
 
 
-def _covered(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+def covered(a: Sequence[float], b: Sequence[float]) -> float:
     """The fraction of box ``a`` (l, t, w, h) that box ``b`` covers."""
     iw = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
     ih = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
@@ -585,7 +585,7 @@ def place(rng: np.random.Generator, mask: np.ndarray, width: int, height: int,
         left = int(rng.integers(0, width - bw + 1))
         top = int(rng.integers(0, height - bh + 1))
         box = (left, top, bw, bh)
-        if all(_covered(o, box) <= max_overlap and _covered(box, o) <= max_overlap
+        if all(covered(o, box) <= max_overlap and covered(box, o) <= max_overlap
                for o in boxes):
             return left - bx, top - by, box
     return None
@@ -711,8 +711,8 @@ def _spot(options: SynthOptions, rng: np.random.Generator, mask: np.ndarray, wid
     without covering others), else anywhere (``place``)."""
     if centres and rng.random() < 0.6:
         spot = _near_cluster(rng, centres, width, height, mask)
-        if spot is not None and all(_covered(o, spot[2]) <= options.max_overlap
-                                    and _covered(spot[2], o) <= options.max_overlap
+        if spot is not None and all(covered(o, spot[2]) <= options.max_overlap
+                                    and covered(spot[2], o) <= options.max_overlap
                                     for o in boxes):
             return spot
     return place(rng, mask, width, height, boxes, options.max_overlap)
@@ -768,7 +768,7 @@ def make_scene(options: SynthOptions, index: int) -> Scene:
     if options.style == HELDOUT or options.randomised:
         scene.meta = {"style": options.style, "background": kind}
     negatives = [n for n in negatives  # the clutter's boxes clear of objects: hard negatives
-                 if all(_covered(tuple(n), b) <= 0.2 and _covered(b, tuple(n)) <= 0.2
+                 if all(covered(tuple(n), b) <= 0.2 and covered(b, tuple(n)) <= 0.2
                         for b in boxes)]
     if negatives:
         scene.meta["negatives"] = negatives

@@ -37,6 +37,8 @@ DEMO_DIR = REPO / "models" / "demo"
 SETTINGS_FILE = "settings.toml"
 MANIFEST_FILE = "manifest.json"
 WEIGHT_KEYS = ("detector_weights", "upscaler_weights", "scorer_dir")
+# the detector's thresholds the demo models run at (settings.toml), also when mining with it
+THRESHOLDS: dict[str, Any] = {"conf": 0.1, "iou": 0.5, "max_det": 20}
 
 NOTE = ("NOTE: these are the demo models: small models (a 0.35 M-parameter YOLOv8 and a "
         "1.5 M-parameter SigLIP) trained here on synthetic scenes of coloured shapes "
@@ -230,7 +232,7 @@ def mined_scorer_phase(plan: DemoPlan, data: dict[str, Path], spotline: list[str
     work = Path(plan.work)
     mined = work / "data" / "train-mined"
     # the detector as the pipeline runs it on these frames: the demo settings' thresholds
-    run_env = {**env, "SPOTLINE_CONF": "0.1", "SPOTLINE_IOU": "0.5", "SPOTLINE_MAX_DET": "20"}
+    run_env = {**env, **{f"SPOTLINE_{k.upper()}": str(v) for k, v in THRESHOLDS.items()}}
     mine_cmd = [*spotline, "data", "mine", str(data["train"]), str(mined), "--detector",
                 str(work / "detector" / "detector.pt"), "--imgsz", str(detector_imgsz(plan))]
     scorer_cmd = [*spotline, "finetune", "scorer", str(mined), str(work / "scorer-mined"),
@@ -363,7 +365,7 @@ def retrain(plan: DemoPlan, settings: Settings, say: Callable[[str], None]) -> d
     started = time.monotonic()
     data = make_data(plan, say)
     trained = train_both(plan, data, say)
-    install(plan, {"conf": 0.1, "iou": 0.5, "max_det": 20})
+    install(plan, THRESHOLDS)
     calibration = calibrate(plan, data["val"], settings, say)
     manifest = {"plan": dataclasses.asdict(plan), "training": trained,
                 **measure_both(plan, settings, say), "calibration": calibration,

@@ -21,7 +21,7 @@ import numpy as np
 
 from spotline.common.errors import InputError
 from spotline.common.settings import Settings
-from spotline.data.synth import DATASET_FILE, IMAGES_DIR, refuse_heldout
+from spotline.data.synth import DATASET_FILE, IMAGES_DIR, covered, refuse_heldout
 from spotline.eval import iou_ltwh
 from spotline.producer.dataset import TilImage, read_dataset
 
@@ -42,18 +42,11 @@ def false_detections(found: np.ndarray, record: TilImage, iou_max: float = 0.3,
         box = (x1, y1, x2 - x1, y2 - y1)
         if box[2] < 2 or box[3] < 2:
             continue
-        if any(iou_ltwh(box, gt) >= iou_max or _covers(box, gt) > cover_max
+        if any(iou_ltwh(box, gt) >= iou_max or covered(gt, box) > cover_max
                for gt in record.boxes):
             continue
         out.append([int(round(v)) for v in box])
     return out
-
-
-def _covers(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    """The fraction of box ``b`` (l, t, w, h) inside box ``a``."""
-    iw = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    return iw * ih / max(1e-9, b[2] * b[3])
 
 
 def mine(dataset: str | Path, detector: str | Path, out: str | Path, settings: Settings,
