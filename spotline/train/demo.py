@@ -66,7 +66,7 @@ class DemoPlan:
     family_images: int = 60
     scorer_epochs: int = 40
     detector_schedule: str = "448:12"  # (imgsz:epochs) phases, beside the scorer
-    detector_more: tuple[int, ...] = (8,)  # then phases of N epochs on both cores
+    detector_more: tuple[int, ...] = (20,)  # then phases of N epochs on both cores
     mined_epochs: int = 6  # the scorer again on the detector's own false detections
     mined_lr: float = 1e-4
     threads: int = 1  # per training process; the two run side by side
