@@ -64,7 +64,7 @@ class DemoPlan:
     test_images: int = 300
     family_seed: int = 31  # the held-out family (another renderer, 384-1920 px): never trained on
     family_images: int = 60
-    scorer_epochs: int = 40
+    scorer_epochs: int = 70  # beside the detector's first phase, which takes longer anyway
     detector_schedule: str = "448:12"  # (imgsz:epochs) phases, beside the scorer
     detector_more: tuple[int, ...] = (20,)  # then phases of N epochs on both cores
     mined_epochs: int = 6  # the scorer again on the detector's own false detections
