@@ -183,7 +183,8 @@ class Settings:
                 "(the track stage refuses to start without one), false (always a box)"})
     not_in_view_threshold: float = field(default=0.0, metadata={
         "help": "with not_in_view: abstain under this probability of being in view; 0: the "
-                "threshold fitted with the calibration"})
+                "threshold fitted with the calibration (track mode: the one it fitted on "
+                "clips, where it has one)"})
     # --- batching (dynamic: max entries or max wait, whichever first)
     batch_detect: int = field(default=4, metadata={"help": "max frames per YOLO call"})
     batch_upscale: int = field(default=8, metadata={"help": "max entries per upscale batch"})

@@ -137,7 +137,8 @@ class Track(Stage):
                 raise ConfigError(f"not_in_view needs {calibration.calibration_path(scorer_dir)}"
                                   ": fit it with `spotline eval DATASET --calibrate`")
             self.options = dataclasses.replace(self.options, abstain_below=calibration.
-                                               abstain_threshold(self.settings, self.calibration))
+                                               abstain_threshold(self.settings, self.calibration,
+                                                                  tracked=True))
         self._ready = True
 
     def process(self, batch: list[Envelope]) -> list[Routed]:

@@ -51,7 +51,8 @@ def test_models_demo_calibrate_fits_on_val_and_records_it(tmp_path, data_dir):
     models = FrameModels(settings.replace(detector_weights=str(tiny["detector"]),
                                           scorer_dir=str(out / "scorer")))
     val_split(tmp_path / "work" / "data" / "val", models)
-    plan = demo.DemoPlan(work=str(tmp_path / "work"), out=str(out))
+    plan = demo.DemoPlan(work=str(tmp_path / "work"), out=str(out), val_clips=1,
+                         val_clip_frames=6, val_clip_size=(256, 160))
     said: list[str] = []
     fitted = demo.recalibrate(plan, settings, said.append)
     cal = calibration.load(out / "scorer")
@@ -61,6 +62,12 @@ def test_models_demo_calibrate_fits_on_val_and_records_it(tmp_path, data_dir):
     manifest = json.loads((out / demo.MANIFEST_FILE).read_text())
     assert manifest["calibration"] == fitted and manifest["test"] == {"accuracy": 0.5}
     assert any("not in view under" in line for line in said)
+    # track mode's own threshold, on val clips made at the val seed and run through track mode
+    assert cal.track_threshold is not None and fitted["track"]["threshold"] == round(
+        cal.track_threshold, 4)
+    assert cal.track_threshold_fit["frames"] == 6 and fitted["track"]["target_precision"] == 0.9
+    assert (tmp_path / "work" / "data" / "val-clips" / "clip_000" / "vlm.jsonl").is_file()
+    assert manifest["plan"]["track_calibration_precision"] == 0.9
 
 
 def test_the_committed_demo_calibration_loads_with_its_threshold():
@@ -70,3 +77,8 @@ def test_the_committed_demo_calibration_loads_with_its_threshold():
     assert cal.threshold_fit["target_precision"] == demo.DemoPlan().calibration_precision
     manifest = json.loads((demo.DEMO_DIR / demo.MANIFEST_FILE).read_text())
     assert manifest["calibration"]["threshold"] == round(cal.threshold, 4)
+    # track mode abstains at its own threshold, fitted on val clips
+    assert cal.track_threshold is not None and 0.0 < cal.track_threshold < 1.0
+    assert cal.track_threshold_fit["target_precision"] == \
+        demo.DemoPlan().track_calibration_precision
+    assert manifest["calibration"]["track"]["threshold"] == round(cal.track_threshold, 4)

@@ -195,3 +195,34 @@ def test_the_threshold_comes_from_the_settings_or_the_calibration(monkeypatch):
     monkeypatch.setenv("SPOTLINE_NOT_IN_VIEW_THRESHOLD", "1.5")
     with pytest.raises(ConfigError, match="not_in_view_threshold"):
         load_settings()
+
+
+def test_track_mode_takes_its_own_threshold_where_the_calibration_has_one():
+    both = Calibration("temperature", presence_single=(1.0, 0.0),
+                       presence_multi=(1.0, 1.0, 0.0), threshold=0.5, track_threshold=0.3)
+    fitted = SimpleNamespace(not_in_view="auto", not_in_view_threshold=0.0)
+    assert abstain_threshold(fitted, both) == 0.5  # stills (eval --grounding, ask)
+    assert abstain_threshold(fitted, both, tracked=True) == 0.3
+    assert abstain_threshold(fitted, HAND, tracked=True) == 0.5  # none fitted on clips
+    explicit = SimpleNamespace(not_in_view="auto", not_in_view_threshold=0.2)
+    assert abstain_threshold(explicit, both, tracked=True) == 0.2  # the setting wins
+    with pytest.raises(ValueError, match="track_threshold must be in"):
+        Calibration("temperature", track_threshold=-0.1)
+
+
+def test_track_threshold_counts_held_captions_as_abstaining_at_any_threshold():
+    # eight caption-frames: presence, held back (waiting for a lost track), object in view
+    presence = np.array([0.05, 0.10, 0.20, 0.30, 0.60, 0.70, 0.80, 0.95])
+    held = np.array([False, False, False, False, True, False, False, False])
+    present = np.array([False, False, True, False, False, True, True, True])
+    threshold, how = calibration.choose_track_threshold(presence, held, present, 0.75)
+    # abstaining on the held one and presence < 0.25 catches 3 of 4 absent with 1 wrong;
+    # going on to 0.30 catches all 4 at 4/5 = 0.8 precision; the next (0.70) drops to 4/6
+    assert 0.30 < threshold < 0.60
+    assert how["held"] == 1
+    assert how["precision"] == pytest.approx(4 / 5) and how["recall"] == 1.0
+    strict, how = calibration.choose_track_threshold(presence, held, present, 0.99)
+    # only the held one and the two lowest are sure: precision 1.0 on them
+    assert 0.10 < strict <= 0.20 and how["precision"] == 1.0 and how["recall"] == 0.75
+    with pytest.raises(ValueError, match="one shape"):
+        calibration.choose_track_threshold(presence, held[:3], present)

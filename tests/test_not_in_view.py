@@ -62,15 +62,17 @@ def test_true_without_what_it_needs_is_an_error():
 
 
 def test_the_demo_scorer_abstains_by_default(redis_server, settings):
-    """The demo scorer ships calibration.json with a fitted threshold: the track stage
-    abstains with the default settings, and not with not_in_view false."""
+    """The demo scorer ships calibration.json with fitted thresholds: the track stage
+    abstains at the one fitted on clips with the default settings, and not with not_in_view
+    false."""
     shipped = calibration.load(DEMO_SCORER)
-    assert shipped is not None and shipped.threshold is not None
+    assert shipped is not None and shipped.track_threshold is not None
     demo = settings.replace(redis_url=redis_server.url, tracking=True, upscale=False,
                             scorer_dir=str(DEMO_SCORER), warmup=0)
     stage = Track(demo)
     stage.setup()
-    assert stage.calibration == shipped and stage.options.abstain_below == shipped.threshold
+    assert stage.calibration == shipped
+    assert stage.options.abstain_below == shipped.track_threshold
     off = Track(demo.replace(not_in_view=False))
     off.setup()
     assert off.calibration is None and off.options.abstain_below is None
@@ -86,3 +88,42 @@ def test_a_scorer_without_calibration_answers_every_caption_by_default(redis_ser
     assert stage.calibration is None and stage.options.abstain_below is None
     with pytest.raises(ConfigError, match="calibration.json"):
         Track(tiny.replace(not_in_view=True)).setup()
+
+
+def test_track_mode_fits_its_own_threshold_on_clips_and_uses_it(redis_server, settings, tmp_path):
+    """fit_track_threshold runs track mode (the stage's own step, in this process) over clips
+    with a hidden target and a caption naming nothing, and writes track_threshold beside the
+    stills' threshold; the track stage then abstains at it."""
+    import json
+    import shutil
+
+    from spotline.bench.video import fit_track_threshold
+    from spotline.data import synth
+    from spotline.data.video import write_clips
+    from spotline.train.demo import apply_demo_models
+
+    scorer = tmp_path / "scorer"
+    shutil.copytree(DEMO_SCORER, scorer)
+    stills = calibration.load(scorer)
+    assert stills is not None
+    # the shipped one may carry a track threshold already: start from the stills' alone
+    calibration.save(Calibration(**{**stills.__dict__, "track_threshold": None,
+                                    "track_threshold_fit": {}}), scorer)
+    clips = write_clips(tmp_path / "clips", synth.SynthOptions(seed=5, size=(384, 256)),
+                        clips=1, frames=12, hide=1.0)
+    assert any(a["bbox"] is None for line in (clips[0] / "vlm.jsonl").read_text().splitlines()
+               for a in json.loads(line)["annotations"])  # a target hidden
+    demo = apply_demo_models(settings.replace(models="demo", torch_threads=1)).replace(
+        scorer_dir=str(scorer))
+    cal, path = fit_track_threshold(demo, tmp_path / "clips", absent=1,
+                                    vocabulary=synth.all_captions())
+    assert path == scorer / "calibration.json"
+    loaded = calibration.load(scorer)
+    assert loaded == cal and loaded.threshold == stills.threshold  # the stills' one kept
+    assert loaded.track_threshold is not None and 0.0 <= loaded.track_threshold <= 1.0
+    how = loaded.track_threshold_fit
+    assert (how["clips"], how["frames"], how["absent_per_frame"]) == (1, 12, 1)
+    assert how["absent"] >= 12  # the caption naming nothing on each frame, and the hidden ones
+    stage = Track(demo.replace(redis_url=redis_server.url, tracking=True, warmup=0))
+    stage.setup()
+    assert stage.options.abstain_below == loaded.track_threshold

@@ -302,6 +302,52 @@ def fit_on_clips(models: FrameModels,
     return cal
 
 
+def track_presence(models: FrameModels, clips: list[tuple[str, list[VideoFrame]]],
+                   options: TrackOptions, calibration: calib.Calibration
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Track mode over the clips (the track stage's own step): each caption's presence (P in
+    view, of its posteriors) on every frame, whether track mode held it back there whatever the
+    threshold (waiting for its lost track, or no box at all), and whether its object was in
+    view. Two runs alike but for abstaining: in the first every caption abstains, so that its
+    answer carries its presence; in the second only the held ones do. Abstaining changes no
+    tracking, embedding or evidence, only which captions share the joint assignment."""
+    answers = {}
+    for name, below in (("presence", math.inf), ("held", 0.0)):
+        tracked = Tracked(models, dataclasses.replace(options, abstain_below=below),
+                          calibration=calibration)
+        answers[name] = [tracked.frame(clip, seq, f"{clip}-{name}-{seq}", f.image, f.captions)
+                         for clip, frames in clips for seq, f in enumerate(frames)]
+    presence, held, present = [], [], []
+    flat = [f for _, frames in clips for f in frames]
+    for frame, every, some in zip(flat, answers["presence"], answers["held"], strict=True):
+        presence += [0.0 if math.isnan(p) else p for p in every.scores]
+        held += [box is None for box in some.boxes]
+        present += [t is not None for t in frame.truth]
+    return np.asarray(presence), np.asarray(held), np.asarray(present)
+
+
+def fit_track_threshold(settings: Settings, clips_dir: str | Path, absent: int = 1,
+                        target_precision: float = calib.TARGET_PRECISION,
+                        vocabulary: Sequence[str] = ()) -> tuple[calib.Calibration, Path]:
+    """Track mode's "not in view" threshold fitted on the clips under ``clips_dir`` (with
+    ``absent`` captions a frame naming nothing in the clip, and any hidden targets) and written
+    into the scorer's calibration.json, whose presence model it uses."""
+    scorer_dir = runtime.resolve_weights(settings).scorer
+    cal = calib.load(scorer_dir)
+    if cal is None or not cal.has_presence:
+        raise InputError(f"{scorer_dir}: no calibration with a presence model to fit track "
+                         "mode's threshold on (`spotline calibrate DATASET --absent 1` first)")
+    clips = [(f.name, with_absent(load_clip(f), vocabulary, absent, seed=i))
+             for i, f in enumerate(find_clips(clips_dir))]
+    models = FrameModels(settings)
+    presence, held, present = track_presence(models, clips, options_from(settings), cal)
+    threshold, how = calib.choose_track_threshold(presence, held, present, target_precision)
+    cal = dataclasses.replace(cal, track_threshold=threshold, track_threshold_fit={
+        **how, "clips": len(clips), "frames": sum(len(f) for _, f in clips),
+        "absent_per_frame": absent})
+    return cal, calib.save(cal, scorer_dir)
+
+
 def video_bench(settings: Settings, clips_dir: str | Path, max_clips: int = 4,
                 max_frames: int = 60, options: TrackOptions | None = None, absent: int = 0,
                 abstain_below: float | None = None, vocabulary: Sequence[str] = (),
@@ -391,7 +437,8 @@ def _not_in_view(models: FrameModels, clips: list[tuple[str, list[VideoFrame]]],
             cal = fit_on_clips(models, clips[:half])
         except ValueError as exc:  # e.g. no right box at all among the fitting clips
             return {**out, "threshold": threshold, "error": f"cannot fit a calibration: {exc}"}
-    threshold = threshold if threshold is not None else cal.threshold
+    if threshold is None:  # track mode's own threshold where the calibration has one
+        threshold = cal.track_threshold if cal.track_threshold is not None else cal.threshold
     if threshold is None:
         return {**out, "threshold": None, "error": "the calibration has no threshold"}
     abstaining = dataclasses.replace(options, abstain_below=threshold)

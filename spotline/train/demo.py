@@ -72,6 +72,13 @@ class DemoPlan:
     threads: int = 1  # per training process; the two run side by side
     calibration_absent: int = 1  # captions per val image naming nothing, for "not in view"
     calibration_precision: float = 0.8  # "not in view" threshold's abstention precision on val
+    # track mode's own threshold, on val clips (the val seed's moving shapes, targets hidden for
+    # a few frames, a caption a frame naming nothing) run through track mode
+    val_clips: int = 4
+    val_clip_frames: int = 48
+    val_clip_size: tuple[int, int] = (960, 544)
+    val_clip_hide: float = 0.5
+    track_calibration_precision: float = 0.9
 
     def options(self, seed: int, images: int) -> Any:
         """The synth options of one split: the plan's style at its training frame size (each
@@ -319,7 +326,10 @@ def measure(plan: DemoPlan, dataset: Path, settings: Settings) -> dict[str, Any]
 def calibrate(plan: DemoPlan, val: Path, settings: Settings,
               say: Callable[[str], None]) -> dict[str, Any]:
     """Fit the installed demo scorer's calibration and "not in view" model on the val split
-    (never the test split) and write calibration.json beside it; what was fitted."""
+    (never the test split), then track mode's own threshold on val clips, and write
+    calibration.json beside it; what was fitted."""
+    from spotline.bench.video import fit_track_threshold
+    from spotline.data.synth import all_captions
     from spotline.eval.grounding import fit_calibration
     from spotline.producer.dataset import load_til
 
@@ -332,12 +342,45 @@ def calibrate(plan: DemoPlan, val: Path, settings: Settings,
         f"under P(in view) {cal.threshold:.3f} (val abstentions precision "
         f"{fit.get('precision', float('nan')):.3f}, recall {fit.get('recall', 0.0):.3f}): "
         f"{path}")
+    clips = val_clips(plan, say)
+    say("track mode's threshold on the val clips (track mode in-process, twice)...")
+    cal, path = fit_track_threshold(demo, clips, absent=plan.calibration_absent,
+                                    target_precision=plan.track_calibration_precision,
+                                    vocabulary=all_captions())
+    track = cal.track_threshold_fit
+    say(f"track mode: not in view under P(in view) {cal.track_threshold:.3f} (val clips' "
+        f"abstentions precision {track['precision']:.3f}, recall {track['recall']:.3f})")
     return {"file": f"scorer/{path.name}", "split": "val", "seed": plan.val_seed,
             "images": plan.val_images, "absent_per_image": plan.calibration_absent,
             "threshold": round(float(cal.threshold or 0.0), 4),
             "val_precision": round(float(fit.get("precision", float("nan"))), 4),
             "val_recall": round(float(fit.get("recall", 0.0)), 4),
-            "target_precision": plan.calibration_precision}
+            "target_precision": plan.calibration_precision,
+            "track": {"clips": plan.val_clips, "frames": plan.val_clip_frames,
+                      "size": list(plan.val_clip_size), "hide": plan.val_clip_hide,
+                      "threshold": round(float(cal.track_threshold or 0.0), 4),
+                      "val_precision": _rounded(track["precision"]),
+                      "val_recall": _rounded(track["recall"]),
+                      "target_precision": plan.track_calibration_precision}}
+
+
+def _rounded(value: float) -> float | None:
+    """A figure for the manifest (JSON has no NaN: None where nothing was abstained on)."""
+    return None if value != value else round(float(value), 4)
+
+
+def val_clips(plan: DemoPlan, say: Callable[[str], None]) -> Path:
+    """The val clips (`spotline data synth --video` at the val seed), made when missing."""
+    from spotline.data import synth
+    from spotline.data.video import write_clips
+
+    out = Path(plan.work) / "data" / "val-clips"
+    if len(sorted(out.glob("*/vlm.jsonl"))) < plan.val_clips:
+        options = synth.SynthOptions(seed=plan.val_seed, size=plan.val_clip_size)
+        write_clips(out, options, plan.val_clips, plan.val_clip_frames, plan.val_clip_hide)
+        say(f"synth val clips: {plan.val_clips} x {plan.val_clip_frames} frames (seed "
+            f"{plan.val_seed})")
+    return out
 
 
 def recalibrate(plan: DemoPlan, settings: Settings, say: Callable[[str], None]) -> dict[str, Any]:
@@ -355,7 +398,9 @@ def recalibrate(plan: DemoPlan, settings: Settings, say: Callable[[str], None]) 
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         manifest["calibration"] = fitted
-        manifest.setdefault("plan", {})["calibration_precision"] = plan.calibration_precision
+        manifest.setdefault("plan", {}).update(
+            {k: v for k, v in dataclasses.asdict(plan).items()
+             if k.startswith(("calibration_", "val_clip", "track_calibration"))})
         manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
     return fitted
 

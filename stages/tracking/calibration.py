@@ -23,6 +23,14 @@ the frame on that box (another caption that claims the box more strongly says th
 probably absent). A frame with one distinct caption has no margin: a second regression on the
 best logit alone answers it. The threshold is chosen on the same split: the lowest probability
 whose abstentions reach a target precision there (``choose_threshold``), stored with the model.
+
+Track mode asks the presence model about a caption's *posteriors*, its evidence over frames,
+not one frame's scores, and a caption that persists over frames separates from one naming
+nothing far better than on a still. So a calibration may carry a second threshold,
+``track_threshold``, chosen the same way on clips that track mode ran through
+(``choose_track_threshold``: each caption's presence on every frame, with the frames where it
+waits for its lost track abstaining whatever the threshold). Track mode uses it where it exists,
+and the stills' ``threshold`` otherwise.
 """
 
 from __future__ import annotations
@@ -83,6 +91,10 @@ class Calibration:
     presence_multi: tuple[float, ...] = ()
     threshold: float | None = None  # "not in view" under this presence probability
     threshold_fit: dict[str, Any] = field(default_factory=dict)  # how it was chosen
+    # track mode's "not in view" threshold on the same presence model of posteriors, chosen on
+    # clips (None: track mode uses ``threshold``)
+    track_threshold: float | None = None
+    track_threshold_fit: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -97,8 +109,10 @@ class Calibration:
         if (len(self.presence_single), len(self.presence_multi)) not in ((0, 0), (2, 3)):
             raise ValueError("a presence model needs 2 single-caption and 3 multi-caption "
                              "weights")
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        for name in ("threshold", "track_threshold"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
 
     def apply(self, scores: np.ndarray) -> np.ndarray:
         """Calibrated probabilities, same shape as ``scores`` (nan stays nan)."""
@@ -329,6 +343,31 @@ def choose_threshold(probs: np.ndarray, present: np.ndarray,
                        "recall": float(hits[i] / max(1, absent.sum()))}
 
 
+def choose_track_threshold(presence: np.ndarray, held: np.ndarray, present: np.ndarray,
+                           target_precision: float = TARGET_PRECISION
+                           ) -> tuple[float, dict[str, Any]]:
+    """Track mode's threshold, from each caption's presence on every frame of some clips, whether
+    track mode held it back that frame (waiting for its lost track: it abstains whatever the
+    threshold) and whether its object was in view: the threshold whose abstentions (held, or
+    presence under it) catch the most captions not in view at ``target_precision`` (0.0 when
+    only the held ones can); with the precision and recall the held and the threshold give
+    together."""
+    presence = np.asarray(presence, dtype=np.float64)
+    held = np.asarray(held, dtype=bool)
+    present = np.asarray(present, dtype=bool)
+    if not presence.shape == held.shape == present.shape:
+        raise ValueError("presence, held and present must have one shape")
+    # held captions abstain at any threshold: they come first in the order of abstaining
+    threshold, how = choose_threshold(np.where(held, -1.0, presence), present, target_precision)
+    threshold = max(0.0, threshold)
+    abstain = held | (presence < threshold)
+    absent = ~present
+    caught = int((abstain & absent).sum())
+    return threshold, {**how, "held": int(held.sum()),
+                       "precision": caught / int(abstain.sum()) if abstain.any() else math.nan,
+                       "recall": caught / max(1, int(absent.sum()))}
+
+
 def fit(scores: np.ndarray, correct: np.ndarray, method: str = "temperature") -> Calibration:
     """Fit a calibration of ``method`` (temperature or isotonic)."""
     if method == "temperature":
@@ -338,13 +377,15 @@ def fit(scores: np.ndarray, correct: np.ndarray, method: str = "temperature") ->
     raise ValueError(f"calibration method {method!r}: choose from {METHODS}")
 
 
-def abstain_threshold(settings: Any, calibration: Calibration | None) -> float | None:
+def abstain_threshold(settings: Any, calibration: Calibration | None,
+                      tracked: bool = False) -> float | None:
     """The "not in view" threshold the settings ask for, None for always a box.
 
     ``not_in_view`` false: None. Auto: with a calibration beside the scorer, the explicit
-    not_in_view_threshold when set, else the one fitted with the calibration; None without a
-    calibration, or with one fitted without captions that name nothing. True: the same, but
-    what auto would answer None for is an error."""
+    not_in_view_threshold when set, else the one fitted with the calibration (for track mode,
+    ``tracked``, its clips' ``track_threshold`` where it has one); None without a calibration,
+    or with one fitted without captions that name nothing. True: the same, but what auto would
+    answer None for is an error."""
     mode = not_in_view_mode(settings.not_in_view)
     if mode == "false":
         return None
@@ -355,6 +396,8 @@ def abstain_threshold(settings: Any, calibration: Calibration | None) -> float |
                           "`spotline eval DATASET --calibrate`")
     if settings.not_in_view_threshold > 0:
         return float(settings.not_in_view_threshold)
+    if tracked and calibration.track_threshold is not None:
+        return calibration.track_threshold
     if calibration.threshold is None and mode == "true":
         raise ConfigError("not_in_view needs a threshold: refit the calibration with captions "
                           "that name nothing (`spotline eval DATASET --calibrate --absent 1`) "
