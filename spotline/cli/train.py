@@ -336,7 +336,7 @@ def finetune_detector_cmd(train: str, out: str, val: str | None, val_fraction: f
 @click.command("demo")
 @click.option("--retrain", is_flag=True, help="Make them again from nothing: domain-randomised "
               "synthetic scenes, both trainings side by side, the detector's false detections "
-              "as the scorer's hard negatives, both accuracy figures (about 65 minutes on 2 "
+              "as the scorer's hard negatives, both accuracy figures (about 40 minutes on 2 "
               "cores).")
 @click.option("--calibrate", is_flag=True, help="Only fit the scorer's calibration and \"not in "
               "view\" threshold again on the val split (about a minute), as --retrain does.")
