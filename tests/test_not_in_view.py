@@ -94,6 +94,7 @@ def test_track_mode_fits_its_own_threshold_on_clips_and_uses_it(redis_server, se
     """fit_track_threshold runs track mode (the stage's own step, in this process) over clips
     with a hidden target and a caption naming nothing, and writes track_threshold beside the
     stills' threshold; the track stage then abstains at it."""
+    import dataclasses
     import json
     import shutil
 
@@ -107,8 +108,8 @@ def test_track_mode_fits_its_own_threshold_on_clips_and_uses_it(redis_server, se
     stills = calibration.load(scorer)
     assert stills is not None
     # the shipped one may carry a track threshold already: start from the stills' alone
-    calibration.save(Calibration(**{**stills.__dict__, "track_threshold": None,
-                                    "track_threshold_fit": {}}), scorer)
+    calibration.save(dataclasses.replace(stills, track_threshold=None, track_threshold_fit={}),
+                     scorer)
     clips = write_clips(tmp_path / "clips", synth.SynthOptions(seed=5, size=(384, 256)),
                         clips=1, frames=12, hide=1.0)
     assert any(a["bbox"] is None for line in (clips[0] / "vlm.jsonl").read_text().splitlines()

@@ -437,8 +437,8 @@ def _not_in_view(models: FrameModels, clips: list[tuple[str, list[VideoFrame]]],
             cal = fit_on_clips(models, clips[:half])
         except ValueError as exc:  # e.g. no right box at all among the fitting clips
             return {**out, "threshold": threshold, "error": f"cannot fit a calibration: {exc}"}
-    if threshold is None:  # track mode's own threshold where the calibration has one
-        threshold = cal.track_threshold if cal.track_threshold is not None else cal.threshold
+    if threshold is None:
+        threshold = cal.tracked_threshold
     if threshold is None:
         return {**out, "threshold": None, "error": "the calibration has no threshold"}
     abstaining = dataclasses.replace(options, abstain_below=threshold)

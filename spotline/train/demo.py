@@ -375,7 +375,7 @@ def val_clips(plan: DemoPlan, say: Callable[[str], None]) -> Path:
     from spotline.data.video import write_clips
 
     out = Path(plan.work) / "data" / "val-clips"
-    if len(sorted(out.glob("*/vlm.jsonl"))) < plan.val_clips:
+    if len(list(out.glob("*/vlm.jsonl"))) < plan.val_clips:
         options = synth.SynthOptions(seed=plan.val_seed, size=plan.val_clip_size)
         write_clips(out, options, plan.val_clips, plan.val_clip_frames, plan.val_clip_hide)
         say(f"synth val clips: {plan.val_clips} x {plan.val_clip_frames} frames (seed "

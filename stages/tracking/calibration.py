@@ -126,6 +126,11 @@ class Calibration:
     def has_presence(self) -> bool:
         return bool(self.presence_multi)
 
+    @property
+    def tracked_threshold(self) -> float | None:
+        """Track mode's threshold: the one fitted on clips, else the stills' one."""
+        return self.track_threshold if self.track_threshold is not None else self.threshold
+
     def presence(self, scores: np.ndarray, captions: Sequence[str] | None = None) -> np.ndarray:
         """P(in view) of each caption (row) of a captions × boxes score matrix: the presence
         model's, or without one the best box's calibrated probability; 0 without boxes."""
@@ -396,13 +401,12 @@ def abstain_threshold(settings: Any, calibration: Calibration | None,
                           "`spotline eval DATASET --calibrate`")
     if settings.not_in_view_threshold > 0:
         return float(settings.not_in_view_threshold)
-    if tracked and calibration.track_threshold is not None:
-        return calibration.track_threshold
-    if calibration.threshold is None and mode == "true":
+    fitted = calibration.tracked_threshold if tracked else calibration.threshold
+    if fitted is None and mode == "true":
         raise ConfigError("not_in_view needs a threshold: refit the calibration with captions "
                           "that name nothing (`spotline eval DATASET --calibrate --absent 1`) "
                           "or set not_in_view_threshold")
-    return calibration.threshold
+    return fitted
 
 
 def not_in_view_mode(value: Any) -> str:
