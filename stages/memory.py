@@ -291,16 +291,24 @@ def continuations(w: Window) -> dict[int, int]:
     side = np.maximum(w.boxes[:, 2] - w.boxes[:, 0], w.boxes[:, 3] - w.boxes[:, 1])
     c_first, c_last = centre(first), centre(last)
     t_first, t_last = w.box_t[first], w.box_t[last]
+    # Only tracks that ended in the STITCH_GAP_S before a track's start can be continued by it:
+    # found by bisection in the tracks ordered by their end, so that a window of thousands of
+    # tracks (a busy source's half hour) costs T log T, not T².
+    by_end = np.argsort(t_last, kind="stable")
+    ends = t_last[by_end]
     out: dict[int, int] = {}
     taken: set[int] = set()
     for b in np.argsort(t_first, kind="stable").tolist():
-        gap = t_first[b] - t_last
-        reach = STITCH_REACH * np.maximum(side[last], side[first[b]])
-        near = np.linalg.norm(c_last - c_first[b], axis=1) <= reach
-        ok = np.flatnonzero((gap > 0) & (gap <= STITCH_GAP_S) & near)
-        ok = [a for a in ok.tolist() if a != b and int(ids[a]) not in taken]
+        lo, hi = np.searchsorted(ends, [t_first[b] - 2 * STITCH_GAP_S, t_first[b]], side="left")
+        cand = np.sort(by_end[lo:hi])
+        gap = t_first[b] - t_last[cand]
+        dist = np.linalg.norm(c_last[cand] - c_first[b], axis=1)
+        reach = STITCH_REACH * np.maximum(side[last[cand]], side[first[b]])
+        keep = (gap > 0) & (gap <= STITCH_GAP_S) & (dist <= reach)
+        ok = [(float(d), a) for a, d in zip(cand[keep].tolist(), dist[keep].tolist(), strict=True)
+              if a != b and int(ids[a]) not in taken]
         if ok:
-            a = min(ok, key=lambda k: float(np.linalg.norm(c_last[k] - c_first[b])))
+            a = min(ok, key=lambda da: da[0])[1]  # the nearest; the first of equals
             out[int(ids[a])] = int(ids[b])
             taken.add(int(ids[a]))
     return out

@@ -162,6 +162,56 @@ class Identity:
         return np.asarray(scores, np.float64)
 
 
+def continuations_by_every_pair(w: memory.Window) -> dict[int, int]:
+    """What ``continuations`` means, pair by pair: for each track in the order they start, the
+    nearest track not yet continued that ended at most STITCH_GAP_S before it, within
+    STITCH_REACH of the larger box's larger side."""
+    spans = {}
+    for i, tid in enumerate(w.box_tid.tolist()):
+        first, _ = spans.get(tid, (i, i))
+        spans[tid] = (first, i)
+    side = np.maximum(w.boxes[:, 2] - w.boxes[:, 0], w.boxes[:, 3] - w.boxes[:, 1])
+    centre = (w.boxes[:, :2] + w.boxes[:, 2:]) / 2
+    out: dict[int, int] = {}
+    for b, (fb, _) in sorted(spans.items(), key=lambda kv: w.box_t[kv[1][0]]):
+        best = None
+        for a, (_, la) in sorted(spans.items()):
+            gap = w.box_t[fb] - w.box_t[la]
+            d = float(np.linalg.norm(centre[la] - centre[fb]))
+            if a == b or a in out or not 0 < gap <= memory.STITCH_GAP_S \
+                    or d > memory.STITCH_REACH * max(side[la], side[fb]):
+                continue
+            if best is None or d < best[0]:
+                best = (d, a)
+        if best is not None:
+            out[best[1]] = b
+    return out
+
+
+def test_continuations_of_a_busy_window_are_those_of_every_pair() -> None:
+    """Hundreds of short tracks (a busy source: the tracker starting a new id every few frames,
+    some near where others ended, some far): the stitching found by bisection over the tracks'
+    ends is the one every pair gives."""
+    raws = []
+    tracks = []  # (id, first seq, frames, x, y): pairs, the second starting near and soon
+    for j in range(150):  # after the first ended (every seventh too far away to continue it)
+        s0, n, x, y = 3 * j, 2 + j % 4, (j * 37) % 300, (j * 53) % 200
+        tracks.append((2 * j + 1, s0, n, x, y))
+        tracks.append((2 * j + 2, s0 + n + j % 3, 3, x + n + j % 5 + (50 if j % 7 == 0 else 0),
+                       y))
+    for seq in range(0, 460):
+        live = [(k, x + (seq - s0), y) for k, s0, n, x, y in tracks if s0 <= seq < s0 + n]
+        if not live:
+            continue
+        boxes = np.array([[x, y, x + 10 + k % 3, y + 10] for k, x, y in live], np.float32)
+        ids = np.array([k for k, _, _ in live])
+        raws.append(memory.frame_record(seq, 100.0 + seq / 10, boxes, ids, {}, "int8"))
+    w = memory.window("busy", raws)
+    expected = continuations_by_every_pair(w)
+    assert len(expected) > 20, "the window has continuations to find"
+    assert memory.continuations(w) == expected
+
+
 def test_a_track_taken_up_again_is_one_match() -> None:
     """The tracker lost the object after frame 10 and took it up at frame 12 as track 8, near
     where track 5 ended: one match, both ids, every box; track 9, far away, stays apart."""
