@@ -5,6 +5,12 @@ the slope of each after the warm-up (least squares over samples every ``sample_s
 ``used_memory`` at the same three points, and whether every frame got exactly one result
 (results == frames). Target, for a pipeline meant to run for weeks: after the warm-up no
 process grows by more than 20 MiB, and nothing is lost.
+
+With ``clips`` (``spotline data synth --video`` folders) it publishes their frames in order,
+looping, with their captions, as one source: in track mode (``tracking=true``) the track stage
+then keeps that source's memory for `spotline ask`, and the report adds the memory as it grew
+(records, bytes against the cap, minutes kept), its bytes per source-minute, and the time of
+one answer over the whole window by the product's ``Asker`` (docs/ask.md).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from spotline.common.errors import InputError
 from spotline.common.settings import Settings
 from spotline.common.transport import FRAME_FIELD, Transport
 
@@ -27,6 +34,7 @@ log = logging.getLogger(__name__)
 
 GROWTH_LIMIT_MIB = 20.0
 CAPTIONS = ("grey missile", "yellow helicopter")
+SOURCE = "soak"
 
 
 def soak_frame(seed: int, width: int = 640, height: int = 480) -> bytes:
@@ -74,6 +82,7 @@ class SoakReport:
     errors: int = 0
     rss: dict[str, dict[str, float]] = field(default_factory=dict)
     redis_used_memory: dict[str, int] = field(default_factory=dict)
+    memory: dict[str, Any] | None = None  # the ask memory of the source (track mode)
 
     @property
     def lossless(self) -> bool:
@@ -102,6 +111,8 @@ class SoakReport:
         verdict_growth = "met" if growth <= GROWTH_LIMIT_MIB else "MISSED"
         out.append(f"largest growth after warm-up: {growth:+.1f} MiB (target <= "
                    f"{GROWTH_LIMIT_MIB:.0f} MiB: {verdict_growth})")
+        if self.memory is not None:
+            out.extend(memory_lines(self.memory))
         return out
 
     def as_json(self) -> dict[str, Any]:
@@ -109,23 +120,94 @@ class SoakReport:
                 "frames": self.frames, "results": self.results, "errors": self.errors,
                 "duplicates": self.duplicates, "rss": self.rss,
                 "redis_used_memory": self.redis_used_memory,
-                "worst_growth_mib": self.worst_growth_mib(), "lossless": self.lossless}
+                "worst_growth_mib": self.worst_growth_mib(), "lossless": self.lossless,
+                "memory": self.memory}
+
+
+def memory_lines(m: dict[str, Any]) -> list[str]:
+    """The ask memory's part of the report."""
+    if not m["samples"]:
+        return ["ask memory: none kept (is track mode on, SPOTLINE_TRACKING=true?)"]
+    peak = max(b for _, _, b, _ in m["samples"])
+    verdict = "within" if peak <= m["cap_bytes"] else "OVER"
+    out = [f"ask memory of source {m['source']!r}: cap {m['cap_bytes']:,} bytes, retention "
+           f"{m['retention_min']:g} min, embeddings {m['precision']}",
+           f"{'minute':>7} {'records':>8} {'bytes':>11} {'kept (min)':>11}"]
+    step = max(1, len(m["samples"]) // 12)
+    shown = m["samples"][::step] + ([m["samples"][-1]] if (len(m["samples"]) - 1) % step
+                                    else [])
+    for t, n, b, kept in shown:
+        out.append(f"{t / 60:>7.1f} {n:>8} {b:>11,} {kept:>11.2f}")
+    out.append(f"peak {peak:,} bytes: {verdict} the cap; {m['bytes_per_minute'] / 1000:.0f} KB "
+               f"per source-minute (the last sample's bytes over the minutes it keeps)")
+    if m.get("answer_ms"):
+        out.append(f"an answer over the whole window ({m['answer_records']} records, caption "
+                   f"{m['answer_caption']!r}): first {m['answer_ms'][0]:.0f} ms (text tower "
+                   f"loaded), then {', '.join(f'{v:.0f}' for v in m['answer_ms'][1:])} ms; "
+                   f"best track p={m['answer_p']}")
+    return out
+
+
+class _Memory:
+    """The source's ask memory (the stage's own store), sampled beside the RSS."""
+
+    def __init__(self, settings: Settings, transport: Transport) -> None:
+        from spotline.common.trackmemory import MemoryStore
+
+        self.store = MemoryStore.for_settings(settings, transport)
+        self.t0 = time.monotonic()
+        self.samples: list[tuple[float, int, int, float]] = []  # t, records, bytes, minutes
+
+    def sample(self) -> None:
+        st = self.store.stats(SOURCE)
+        if st["records"]:
+            self.samples.append((time.monotonic() - self.t0, int(st["records"]),
+                                 int(st["bytes"]), (st["newest"] - st["oldest"]) / 60.0))
+
+    def report(self, settings: Settings) -> dict[str, Any]:
+        last = self.samples[-1] if self.samples else (0.0, 0, 0, 0.0)
+        return {"source": SOURCE, "cap_bytes": self.store.max_bytes,
+                "retention_min": self.store.retention_s / 60.0,
+                "precision": settings.ask_precision, "samples": self.samples,
+                "bytes_per_minute": last[2] / last[3] if last[3] > 0 else 0.0}
+
+    def ask(self, settings: Settings, transport: Transport, caption: str, seconds: float,
+            repeats: int = 3) -> dict[str, Any]:
+        """One caption asked over the whole window ``repeats`` times by the product's Asker."""
+        from spotline.results.ask import Asker
+
+        asker = Asker(settings, transport)
+        times = []
+        answer = None
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            answer = asker.ask(caption, [SOURCE], since_s=seconds + 60.0)
+            times.append((time.perf_counter() - t0) * 1000.0)
+        assert answer is not None
+        best = answer.matches[0].probability if answer.matches else float("nan")
+        return {"answer_ms": times, "answer_caption": caption,
+                "answer_records": self.store.stats(SOURCE)["records"],
+                "answer_p": None if np.isnan(best) else round(float(best), 3)}
 
 
 class _Meter:
     """RSS of named processes and Redis' used_memory, sampled on demand."""
 
-    def __init__(self, pids: dict[str, int], transport: Transport) -> None:
+    def __init__(self, pids: dict[str, int], transport: Transport,
+                 memory: _Memory | None = None) -> None:
         import psutil
 
         self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
         self.series = {name: Series() for name in pids}
         self.t = transport
         self.t0 = time.monotonic()
+        self.memory = memory
 
     def sample(self) -> None:
         import psutil
 
+        if self.memory is not None:
+            self.memory.sample()
         t = time.monotonic() - self.t0
         for name, proc in self.procs.items():
             try:
@@ -142,9 +224,18 @@ class _Meter:
                 s.at_warm = s.samples[-1][1]
 
 
+def clip_frames(clips: str | os.PathLike[str]) -> list[tuple[bytes, tuple[str, ...]]]:
+    """Every frame of the clips under ``clips`` (a clip folder or a folder of them), in order,
+    with its captions."""
+    from spotline.bench.video import find_clips, load_clip
+
+    return [(f.image, f.captions) for folder in find_clips(clips) for f in load_clip(folder)]
+
+
 def run_soak(settings: Settings, seconds: float, rate: float = 1.0,
              warmup_s: float | None = None, sample_s: float = 10.0,
-             echo: Callable[[str], None] = print) -> SoakReport:
+             echo: Callable[[str], None] = print,
+             clips: str | os.PathLike[str] | None = None) -> SoakReport:
     """Run the pipeline locally, publish ``rate`` frames/s for ``seconds``, and measure."""
     from spotline.pipeline.supervisor import LocalPipeline
     from spotline.producer.client import Client
@@ -152,7 +243,10 @@ def run_soak(settings: Settings, seconds: float, rate: float = 1.0,
     warmup_s = min(120.0, seconds / 5) if warmup_s is None else warmup_s
     s = settings.replace(namespace=f"soak{uuid.uuid4().hex[:8]}")
     report = SoakReport(seconds=seconds, rate=rate, warmup_s=warmup_s)
-    frames = [soak_frame(i) for i in range(8)]
+    frames = (clip_frames(clips) if clips is not None
+              else [(soak_frame(i), CAPTIONS) for i in range(8)])
+    if not frames:
+        raise InputError(f"{clips}: no frames")
     pipe = LocalPipeline(s, ready_timeout=600)
     with pipe as url:
         client = Client.connect(url, s)
@@ -161,7 +255,8 @@ def run_soak(settings: Settings, seconds: float, rate: float = 1.0,
         if pipe.server is not None and pipe.server.proc is not None:
             pids["redis-server"] = pipe.server.proc.pid
         pids["soak (client)"] = os.getpid()
-        meter = _Meter(pids, client.t)
+        mem = _Memory(s, client.t) if s.tracking and s.ask_memory else None
+        meter = _Meter(pids, client.t, mem)
         meter.sample()
         report.redis_used_memory["start"] = meter.used_memory()
         echo(f"soak: pipeline ready ({', '.join(pids)}); publishing {rate:g} frames/s for "
@@ -174,6 +269,10 @@ def run_soak(settings: Settings, seconds: float, rate: float = 1.0,
         report.results = len(results)
         report.errors = sum(1 for r in results.values() if r.error)
         report.duplicates = _duplicates(client, set(ids))
+        if mem is not None:
+            report.memory = mem.report(s)
+            if mem.samples:
+                report.memory |= mem.ask(s, client.t, frames[0][1][0], seconds)
         client.close()
     for name, series in meter.series.items():
         if not series.samples:
@@ -185,8 +284,8 @@ def run_soak(settings: Settings, seconds: float, rate: float = 1.0,
     return report
 
 
-def _publish(client: Any, frames: list[bytes], seconds: float, rate: float, warmup_s: float,
-             sample_s: float, meter: _Meter, report: SoakReport,
+def _publish(client: Any, frames: list[tuple[bytes, tuple[str, ...]]], seconds: float,
+             rate: float, warmup_s: float, sample_s: float, meter: _Meter, report: SoakReport,
              echo: Callable[[str], None]) -> list[str]:
     """Publish at a fixed rate (a schedule, not a sleep after each: no drift)."""
     ids: list[str] = []
@@ -211,7 +310,8 @@ def _publish(client: Any, frames: list[bytes], seconds: float, rate: float, warm
         if now < due:
             time.sleep(min(due - now, 0.5))
             continue
-        ids.append(client.publish(frames[n % len(frames)], CAPTIONS, source_id="soak"))
+        image, captions = frames[n % len(frames)]
+        ids.append(client.publish(image, captions, source_id=SOURCE))
         n += 1
     if not warm_marked:
         meter.mark_warm()

@@ -168,19 +168,23 @@ def backends(ctx: Ctx, real: bool, runs: int | None, part: str, pipeline_frames:
               show_default=True, help="Frames/s published.")
 @click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=None,
               hidden=True)  # tests: a soak of a few seconds
+@click.option("--clips", "clips", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Publish these clips' frames (`spotline data synth --video`), looping, as "
+                   "one source; in track mode the report adds its ask memory and an answer.")
 @_json_option
 @pass_ctx
 def soak(ctx: Ctx, minutes: float | None, rate: float, seconds: float | None,
-         json_path: str | None) -> None:
+         clips: str | None, json_path: str | None) -> None:
     """Run a local pipeline and publish at --rate for MINUTES; print each process's RSS at
     start, after warm-up and at the end, the slope in MiB/min, Redis used_memory, and whether
-    results == frames (status 1 when not)."""
+    results == frames (status 1 when not). With --clips and SPOTLINE_TRACKING=true, also the
+    source's ask memory against its cap as it grew, and an answer over all of it."""
     from spotline.bench.soak import run_soak
 
     if minutes is None and seconds is None:
         raise click.UsageError("give MINUTES")
     report = run_soak(ctx.settings, seconds if seconds is not None else minutes * 60,
-                      rate=rate, echo=lambda m: click.echo(m, err=True))
+                      rate=rate, echo=lambda m: click.echo(m, err=True), clips=clips)
     click.echo("\n".join(report.lines()))
     if json_path:
         Path(json_path).write_text(json.dumps(report.as_json(), indent=2))
@@ -200,8 +204,13 @@ def soak(ctx: Ctx, minutes: float | None, rate: float, seconds: float | None,
 @click.option("--in-process", is_flag=True,
               help="Also both modes in this process (the same stage code, no Redis hops; joint "
               "assignment; \"not in view\" with and without), labelled in-process.")
+@click.option("--real", is_flag=True,
+              help="The real-size random architectures (YOLOv9c, SRVGG, SigLIP-large; written "
+              "once under the data dir) at the seed's settings instead of the configured "
+              "models: what reuse saves where SigLIP-large dominates. Accuracy means nothing "
+              "with random weights.")
 @_json_option
-def video(clips: str, n_clips: int, frames: int, absent: int, in_process: bool,
+def video(clips: str, n_clips: int, frames: int, absent: int, in_process: bool, real: bool,
           json_path: str | None) -> None:
     """Per-frame mode against track mode on the clips under CLIPS (`spotline data synth
     --video`), through the streaming pipeline (workers as `spotline up` starts them, frames
@@ -209,7 +218,12 @@ def video(clips: str, n_clips: int, frames: int, absent: int, in_process: bool,
     caption flips per 100 frames, "not in view" precision and recall with --absent."""
     from spotline.cli.track import video_bench
 
-    video_bench(current().settings, clips, n_clips, frames, absent, json_path, in_process)
+    settings = current().settings
+    if real:
+        from spotline.bench.runs import real_settings
+
+        settings = real_settings(settings)
+    video_bench(settings, clips, n_clips, frames, absent, json_path, in_process, real=real)
 
 
 @bench.command()
