@@ -248,10 +248,12 @@ def track_scores(scores: np.ndarray, tids: np.ndarray) -> dict[int, tuple[float,
     starts = np.flatnonzero(np.r_[True, t[1:] != t[:-1]])
     ends = np.r_[starts[1:], len(t)]
     level = float(np.median(scores))
-    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
-        best = s[a:min(b, a + TOP_K)]
-        out[int(t[a])] = (float(best.mean()),
-                          float((best.sum() + (TOP_K - len(best)) * level) / TOP_K))
+    # each track's best TOP_K scores summed at once (its scores come best first)
+    rank = np.arange(len(t)) - np.repeat(starts, ends - starts)
+    sums = np.add.reduceat(np.where(rank < TOP_K, s, 0.0), starts)
+    counts = np.minimum(ends - starts, TOP_K)
+    for tid, total, n in zip(t[starts].tolist(), sums.tolist(), counts.tolist(), strict=True):
+        out[int(tid)] = (total / n, (total + (TOP_K - n) * level) / TOP_K)
     return out
 
 
@@ -293,24 +295,27 @@ def continuations(w: Window) -> dict[int, int]:
     t_first, t_last = w.box_t[first], w.box_t[last]
     # Only tracks that ended in the STITCH_GAP_S before a track's start can be continued by it:
     # found by bisection in the tracks ordered by their end, so that a window of thousands of
-    # tracks (a busy source's half hour) costs T log T, not T².
+    # tracks (a busy source's half hour) costs T log T, not T², and the few candidates each
+    # are weighed as plain floats.
     by_end = np.argsort(t_last, kind="stable")
-    ends = t_last[by_end]
+    los = np.searchsorted(t_last[by_end], t_first - 2 * STITCH_GAP_S, side="left").tolist()
+    his = np.searchsorted(t_last[by_end], t_first, side="left").tolist()
+    order, tf, tl = by_end.tolist(), t_first.tolist(), t_last.tolist()
+    cf, cl = c_first.tolist(), c_last.tolist()
+    sf, sl, tid = side[first].tolist(), side[last].tolist(), ids.tolist()
     out: dict[int, int] = {}
     taken: set[int] = set()
     for b in np.argsort(t_first, kind="stable").tolist():
-        lo, hi = np.searchsorted(ends, [t_first[b] - 2 * STITCH_GAP_S, t_first[b]], side="left")
-        cand = np.sort(by_end[lo:hi])
-        gap = t_first[b] - t_last[cand]
-        dist = np.linalg.norm(c_last[cand] - c_first[b], axis=1)
-        reach = STITCH_REACH * np.maximum(side[last[cand]], side[first[b]])
-        keep = (gap > 0) & (gap <= STITCH_GAP_S) & (dist <= reach)
-        ok = [(float(d), a) for a, d in zip(cand[keep].tolist(), dist[keep].tolist(), strict=True)
-              if a != b and int(ids[a]) not in taken]
-        if ok:
-            a = min(ok, key=lambda da: da[0])[1]  # the nearest; the first of equals
-            out[int(ids[a])] = int(ids[b])
-            taken.add(int(ids[a]))
+        best: tuple[float, int] | None = None
+        for a in sorted(order[los[b]:his[b]]):
+            if a == b or tid[a] in taken or not 0 < tf[b] - tl[a] <= STITCH_GAP_S:
+                continue
+            d = math.hypot(cl[a][0] - cf[b][0], cl[a][1] - cf[b][1])
+            if d <= STITCH_REACH * max(sl[a], sf[b]) and (best is None or d < best[0]):
+                best = (d, a)  # the nearest; the first of equals
+        if best is not None:
+            out[tid[best[1]]] = tid[b]
+            taken.add(tid[best[1]])
     return out
 
 
