@@ -550,6 +550,10 @@ def table(report: dict[str, Any]) -> str:
     """The report as a few readable lines: the pipeline's figures first, then the in-process
     ones (labelled so)."""
     lines = [f"video bench: {len(report['clips'])} clips, {report['frames']} frames per mode"]
+    if report.get("real_size"):
+        lines.append("real-size random architectures at the seed's settings: frames/s and "
+                     "crops/frame are what the modes cost; accuracy, flips and abstention "
+                     "mean nothing with random weights")
     header = (f"{'mode':<28}{'frames/s':>10}{'crops/frame':>13}{'accuracy':>10}"
               f"{'flips/100':>11}{'detector runs/frame':>21}{'abstain P/R':>14}"
               f"{'hidden: no box':>16}")

@@ -15,9 +15,11 @@ from spotline.common.settings import Settings
 
 
 def video_bench(settings: Settings, clips: str, max_clips: int, frames: int, absent: int,
-                json_path: str | None, in_process: bool = False) -> dict[str, Any]:
+                json_path: str | None, in_process: bool = False,
+                real: bool = False) -> dict[str, Any]:
     """`spotline bench video`: both modes on the same clips through the streaming pipeline
-    (and in this process with ``in_process``); prints the table."""
+    (and in this process with ``in_process``); prints the table. ``real``: the settings carry
+    the real-size random architectures, and the report says so."""
     from spotline.bench import video as videobench
     from spotline.data.synth import all_captions
 
@@ -25,6 +27,7 @@ def video_bench(settings: Settings, clips: str, max_clips: int, frames: int, abs
                                     absent=absent,
                                     abstain_below=settings.not_in_view_threshold or None,
                                     vocabulary=all_captions(), in_process=in_process)
+    report["real_size"] = real
     click.echo(videobench.table(report))
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=1) + "\n")
