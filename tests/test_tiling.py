@@ -257,3 +257,26 @@ def test_demo_detector_exports_give_torchs_boxes_at_any_frame_shape(demo_export:
                 assert not off.any() or _clipped_short(boxes, ref, off, frame, settings), \
                     (engine, settings.imgsz, boxes[off.any(axis=1)], ref[off.any(axis=1)])
                 assert np.abs(scores - ref_scores).max(initial=0) <= 1e-3
+
+
+def test_the_exported_detectors_nms_is_torchvisions_zero_area_boxes_too() -> None:
+    """The NMS the exported detector runs keeps what torchvision.ops.nms keeps, in its order,
+    on overlapping boxes, a duplicate, and zero-area boxes (a random detector's raw output has
+    them: 0/0 overlaps, which torchvision keeps), and warns of nothing."""
+    import warnings
+
+    import torch
+    import torchvision
+
+    from spotline.stages.backends.detector import nms
+
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 10],
+                      [5, 5, 5, 5], [5, 5, 5, 5], [40, 40, 40, 50], [25, 22, 33, 31]],
+                     np.float32)
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.3], np.float32)
+    for iou in (0.1, 0.5, 0.7):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ours = nms(boxes, scores, iou)
+        theirs = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), iou)
+        assert ours.tolist() == theirs.tolist(), iou

@@ -122,7 +122,9 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
         w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
         h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
         inter = w * h
-        overlap = inter / (areas[i] + areas[rest] - inter)
+        union = areas[i] + areas[rest] - inter
+        # two zero-area boxes overlap by nothing (torchvision's 0/0 is NaN, which keeps both too)
+        overlap = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
         order = rest[~(overlap > iou)]
     return np.asarray(keep, dtype=np.int64)
 
