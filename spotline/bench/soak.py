@@ -10,7 +10,8 @@ With ``clips`` (``spotline data synth --video`` folders) it publishes their fram
 looping, with their captions, as one source: in track mode (``tracking=true``) the track stage
 then keeps that source's memory for `spotline ask`, and the report adds the memory as it grew
 (records, bytes against the cap, minutes kept), its bytes per source-minute, and the time of
-one answer over the whole window by the product's ``Asker`` (docs/ask.md).
+an answer over the whole window by the product's ``Asker`` (the first loads the text tower,
+then five more; docs/ask.md).
 """
 
 from __future__ import annotations
@@ -141,10 +142,11 @@ def memory_lines(m: dict[str, Any]) -> list[str]:
     out.append(f"peak {peak:,} bytes: {verdict} the cap; {m['bytes_per_minute'] / 1000:.0f} KB "
                f"per source-minute (the last sample's bytes over the minutes it keeps)")
     if m.get("answer_ms"):
+        after = m["answer_ms"][1:]
         out.append(f"an answer over the whole window ({m['answer_records']} records, caption "
                    f"{m['answer_caption']!r}): first {m['answer_ms'][0]:.0f} ms (text tower "
-                   f"loaded), then {', '.join(f'{v:.0f}' for v in m['answer_ms'][1:])} ms; "
-                   f"best track p={m['answer_p']}")
+                   f"loaded), then median {float(np.median(after)):.0f} ms "
+                   f"({', '.join(f'{v:.0f}' for v in after)}); best track p={m['answer_p']}")
     return out
 
 
@@ -172,7 +174,7 @@ class _Memory:
                 "bytes_per_minute": last[2] / last[3] if last[3] > 0 else 0.0}
 
     def ask(self, settings: Settings, transport: Transport, caption: str, seconds: float,
-            repeats: int = 3) -> dict[str, Any]:
+            repeats: int = 6) -> dict[str, Any]:
         """One caption asked over the whole window ``repeats`` times by the product's Asker."""
         from spotline.results.ask import Asker
 

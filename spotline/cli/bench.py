@@ -207,8 +207,9 @@ def soak(ctx: Ctx, minutes: float | None, rate: float, seconds: float | None,
 @click.option("--real", is_flag=True,
               help="The real-size random architectures (YOLOv9c, SRVGG, SigLIP-large; written "
               "once under the data dir) at the seed's settings instead of the configured "
-              "models: what reuse saves where SigLIP-large dominates. Accuracy means nothing "
-              "with random weights.")
+              "models: what each mode costs at real size. A random detector's boxes do not "
+              "persist from frame to frame, so track mode reuses little, and accuracy means "
+              "nothing (docs/track-mode.md).")
 @_json_option
 def video(clips: str, n_clips: int, frames: int, absent: int, in_process: bool, real: bool,
           json_path: str | None) -> None:
