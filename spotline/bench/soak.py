@@ -156,6 +156,8 @@ class _Memory:
     def __init__(self, settings: Settings, transport: Transport) -> None:
         from spotline.common.trackmemory import MemoryStore
 
+        self.settings = settings
+        self.transport = transport
         self.store = MemoryStore.for_settings(settings, transport)
         self.t0 = time.monotonic()
         self.samples: list[tuple[float, int, int, float]] = []  # t, records, bytes, minutes
@@ -166,19 +168,18 @@ class _Memory:
             self.samples.append((time.monotonic() - self.t0, int(st["records"]),
                                  int(st["bytes"]), (st["newest"] - st["oldest"]) / 60.0))
 
-    def report(self, settings: Settings) -> dict[str, Any]:
+    def report(self) -> dict[str, Any]:
         last = self.samples[-1] if self.samples else (0.0, 0, 0, 0.0)
         return {"source": SOURCE, "cap_bytes": self.store.max_bytes,
                 "retention_min": self.store.retention_s / 60.0,
-                "precision": settings.ask_precision, "samples": self.samples,
+                "precision": self.settings.ask_precision, "samples": self.samples,
                 "bytes_per_minute": last[2] / last[3] if last[3] > 0 else 0.0}
 
-    def ask(self, settings: Settings, transport: Transport, caption: str, seconds: float,
-            repeats: int = 6) -> dict[str, Any]:
+    def ask(self, caption: str, seconds: float, repeats: int = 6) -> dict[str, Any]:
         """One caption asked over the whole window ``repeats`` times by the product's Asker."""
         from spotline.results.ask import Asker
 
-        asker = Asker(settings, transport)
+        asker = Asker(self.settings, self.transport)
         times = []
         answer = None
         for _ in range(repeats):
@@ -272,9 +273,9 @@ def run_soak(settings: Settings, seconds: float, rate: float = 1.0,
         report.errors = sum(1 for r in results.values() if r.error)
         report.duplicates = _duplicates(client, set(ids))
         if mem is not None:
-            report.memory = mem.report(s)
+            report.memory = mem.report()
             if mem.samples:
-                report.memory |= mem.ask(s, client.t, frames[0][1][0], seconds)
+                report.memory |= mem.ask(frames[0][1][0], seconds)
         client.close()
     for name, series in meter.series.items():
         if not series.samples:
